@@ -1,0 +1,143 @@
+"""Settings from the environment, read and validated once per process.
+
+A bad value raises ConfigError with one line naming the variable; the CLI and
+the WSGI entry point print that line and exit, without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+# The Stripe API version this code is written against; pinned so a change on
+# the account's default version cannot change the shapes we parse.
+DEFAULT_STRIPE_API_VERSION = "2026-10-28.endive"
+
+# Development-only credentials: they let the embedded stack run without a
+# Stripe account. Production refuses to start without real ones.
+DEV_STRIPE_API_KEY = "sk_test_recovery_development"
+DEV_WEBHOOK_SECRET = "whsec_recovery_development"
+
+ENVIRONMENTS = ("development", "production")
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """One environment variable has a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str
+    database_url: str
+    broker_url: str
+    stripe_api_key: str
+    stripe_webhook_secrets: tuple[str, ...] = field(repr=False)
+    stripe_api_base: str | None
+    stripe_api_version: str
+    public_base_url: str
+    sentry_dsn: str | None = field(repr=False)
+    log_format: str
+    log_level: str
+    webhook_tolerance_seconds: int
+    event_max_attempts: int
+    relay_batch_size: int
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def stripe_livemode(self) -> bool:
+        """Whether the configured key acts on live data (events must match)."""
+        return "_live_" in self.stripe_api_key
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(name, "").strip() or default
+    normalised = value.upper() if choices is LOG_LEVELS else value.lower()
+    if normalised not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+    return normalised
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={value} is out of range ({minimum}..{maximum})")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    parts = urlsplit(raw)
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in schemes or not (parts.netloc or parts.path):
+        raise ConfigError(f"{name} must be a URL starting with one of: {', '.join(schemes)}")
+    return raw.rstrip("/") if scheme in ("http", "https") else raw
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from a mapping (the process environment by default)."""
+    env = os.environ if env is None else env
+    environment = _choice(env, "RECOVERY_ENV", ENVIRONMENTS, "development")
+    production = environment == "production"
+
+    api_key = env.get("STRIPE_API_KEY", "").strip()
+    if not api_key:
+        if production:
+            raise ConfigError("STRIPE_API_KEY is required when RECOVERY_ENV=production")
+        api_key = DEV_STRIPE_API_KEY
+    elif not api_key.startswith(("sk_test_", "sk_live_", "rk_test_", "rk_live_")):
+        raise ConfigError("STRIPE_API_KEY must be a secret or restricted key (sk_… or rk_…)")
+
+    secrets_raw = env.get("STRIPE_WEBHOOK_SECRET", "").strip()
+    secrets = tuple(s.strip() for s in secrets_raw.split(",") if s.strip())
+    if not secrets:
+        if production:
+            raise ConfigError("STRIPE_WEBHOOK_SECRET is required when RECOVERY_ENV=production")
+        secrets = (DEV_WEBHOOK_SECRET,)
+    if any(not s.startswith("whsec_") for s in secrets):
+        raise ConfigError("STRIPE_WEBHOOK_SECRET must hold whsec_… values, comma-separated")
+
+    return Settings(
+        env=environment,
+        database_url=_url(
+            env, "DATABASE_URL", "sqlite:///var/recovery.sqlite3", ("sqlite", "postgresql")
+        ),
+        broker_url=_url(
+            env, "BROKER_URL", "sqla+sqlite:///var/broker.sqlite3", ("redis", "rediss", "amqp",
+                                                                    "sqla", "memory")
+        ),
+        stripe_api_key=api_key,
+        stripe_webhook_secrets=secrets,
+        stripe_api_base=_url(env, "STRIPE_API_BASE", None, ("http", "https")),
+        stripe_api_version=env.get("STRIPE_API_VERSION", "").strip() or DEFAULT_STRIPE_API_VERSION,
+        public_base_url=_url(
+            env, "PUBLIC_BASE_URL", "http://127.0.0.1:8000", ("http", "https")
+        ),
+        sentry_dsn=_url(env, "SENTRY_DSN", None, ("http", "https")),
+        log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, "json" if production else "console"),
+        log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "INFO"),
+        webhook_tolerance_seconds=_int(env, "WEBHOOK_TOLERANCE_SECONDS", 300, 1, 3600),
+        event_max_attempts=_int(env, "EVENT_MAX_ATTEMPTS", 8, 1, 100),
+        relay_batch_size=_int(env, "RELAY_BATCH_SIZE", 200, 1, 10_000),
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests call get_settings.cache_clear() to reload."""
+    return load_settings()
