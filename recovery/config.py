@@ -118,16 +118,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "DATABASE_URL", "sqlite:///var/recovery.sqlite3", ("sqlite", "postgresql")
         ),
         broker_url=_url(
-            env, "BROKER_URL", "sqla+sqlite:///var/broker.sqlite3", ("redis", "rediss", "amqp",
-                                                                    "sqla", "memory")
+            env,
+            "BROKER_URL",
+            "sqla+sqlite:///var/broker.sqlite3",
+            ("redis", "rediss", "amqp", "sqla", "memory"),
         ),
         stripe_api_key=api_key,
         stripe_webhook_secrets=secrets,
         stripe_api_base=_url(env, "STRIPE_API_BASE", None, ("http", "https")),
         stripe_api_version=env.get("STRIPE_API_VERSION", "").strip() or DEFAULT_STRIPE_API_VERSION,
-        public_base_url=_url(
-            env, "PUBLIC_BASE_URL", "http://127.0.0.1:8000", ("http", "https")
-        ),
+        public_base_url=_url(env, "PUBLIC_BASE_URL", "http://127.0.0.1:8000", ("http", "https")),
         sentry_dsn=_url(env, "SENTRY_DSN", None, ("http", "https")),
         log_format=_choice(env, "LOG_FORMAT", LOG_FORMATS, "json" if production else "console"),
         log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS, "INFO"),

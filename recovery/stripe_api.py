@@ -1,0 +1,221 @@
+"""The only module that talks to Stripe.
+
+It owns the client (API key, pinned version, optional Stripe-compatible base
+address), puts an explicit idempotency key on every call that has an effect,
+and turns the SDK's exceptions into this small tree:
+
+    StripeFailure
+    ├── StripeUnavailable        network error, 5xx: try again later
+    │   └── StripeRateLimited    429
+    ├── CardDeclined             402: the card said no (codes attached)
+    └── StripeRequestRejected    4xx we caused: do not retry as is
+        ├── StripeNotFound       404 resource_missing
+        └── IdempotencyConflict  same key, other parameters
+
+Every function returns plain dicts, so no SDK object leaks into the flow code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import stripe
+
+from recovery.config import Settings, get_settings
+
+REQUEST_TIMEOUT_SECONDS = 20
+
+
+class StripeFailure(Exception):
+    def __init__(self, message: str, *, http_status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.http_status = http_status
+        self.code = code
+
+
+class StripeUnavailable(StripeFailure):
+    pass
+
+
+class StripeRateLimited(StripeUnavailable):
+    pass
+
+
+class StripeRequestRejected(StripeFailure):
+    pass
+
+
+class StripeNotFound(StripeRequestRejected):
+    pass
+
+
+class IdempotencyConflict(StripeRequestRejected):
+    pass
+
+
+@dataclass
+class Decline:
+    """The codes Stripe attaches to a card error."""
+
+    code: str | None
+    decline_code: str | None
+    advice_code: str | None
+    network_advice_code: str | None
+    network_decline_code: str | None
+    charge_id: str | None
+    payment_intent_id: str | None
+
+
+class CardDeclined(StripeFailure):
+    def __init__(self, message: str, decline: Decline):
+        super().__init__(message, http_status=402, code=decline.code)
+        self.decline = decline
+
+
+def _decline_from(error: stripe.CardError) -> Decline:
+    body = error.json_body.get("error", {}) if isinstance(error.json_body, dict) else {}
+    intent = body.get("payment_intent")
+    return Decline(
+        code=body.get("code"),
+        decline_code=body.get("decline_code"),
+        advice_code=body.get("advice_code"),
+        network_advice_code=body.get("network_advice_code"),
+        network_decline_code=body.get("network_decline_code"),
+        charge_id=body.get("charge"),
+        payment_intent_id=intent.get("id") if isinstance(intent, dict) else intent,
+    )
+
+
+def _mapped(error: stripe.StripeError) -> StripeFailure:
+    # Stripe's messages name objects and codes, never the cardholder; keep
+    # them, but never the request body.
+    message = getattr(error, "user_message", None) or error._message or type(error).__name__
+    status, code = error.http_status, error.code
+    if isinstance(error, stripe.CardError):
+        return CardDeclined(message, _decline_from(error))
+    if isinstance(error, stripe.RateLimitError):
+        return StripeRateLimited(message, http_status=status, code=code)
+    if isinstance(error, stripe.APIConnectionError) or (status or 0) >= 500:
+        return StripeUnavailable(message, http_status=status, code=code)
+    if isinstance(error, stripe.IdempotencyError):
+        return IdempotencyConflict(message, http_status=status, code=code)
+    if status == 404 or code == "resource_missing":
+        return StripeNotFound(message, http_status=status, code=code)
+    return StripeRequestRejected(message, http_status=status, code=code)
+
+
+def make_client(settings: Settings) -> stripe.StripeClient:
+    base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+    return stripe.StripeClient(
+        settings.stripe_api_key,
+        stripe_version=settings.stripe_api_version,
+        base_addresses=base,
+        # We retry at our level with our own idempotency keys and backoff.
+        max_network_retries=0,
+        http_client=stripe.RequestsClient(timeout=REQUEST_TIMEOUT_SECONDS),
+    )
+
+
+@lru_cache(maxsize=1)
+def client() -> stripe.StripeClient:
+    return make_client(get_settings())
+
+
+def _call(fn, *args, **kwargs) -> dict[str, Any]:
+    try:
+        result = fn(*args, **kwargs)
+    except stripe.StripeError as exc:
+        raise _mapped(exc) from exc
+    return result.to_dict(recursive=True)
+
+
+def _effect(key: str) -> dict[str, str]:
+    if not key:
+        raise ValueError("an idempotency key is required for a call with an effect")
+    return {"idempotency_key": key}
+
+
+def retrieve_invoice(invoice_id: str) -> dict[str, Any]:
+    return _call(client().v1.invoices.retrieve, invoice_id)
+
+
+def list_invoices(**params: Any) -> dict[str, Any]:
+    return _call(client().v1.invoices.list, params)
+
+
+def pay_invoice(invoice_id: str, idempotency_key: str, **params: Any) -> dict[str, Any]:
+    """Attempt payment now; CardDeclined carries the decline codes."""
+    return _call(
+        client().v1.invoices.pay,
+        invoice_id,
+        {"off_session": True, **params},
+        _effect(idempotency_key),
+    )
+
+
+def list_invoice_payments(invoice_id: str) -> dict[str, Any]:
+    return _call(client().v1.invoice_payments.list, {"invoice": invoice_id})
+
+
+def retrieve_charge(charge_id: str) -> dict[str, Any]:
+    return _call(client().v1.charges.retrieve, charge_id)
+
+
+def retrieve_payment_intent(payment_intent_id: str) -> dict[str, Any]:
+    return _call(
+        client().v1.payment_intents.retrieve,
+        payment_intent_id,
+        {"expand": ["latest_charge", "payment_method"]},
+    )
+
+
+def retrieve_customer(customer_id: str) -> dict[str, Any]:
+    return _call(client().v1.customers.retrieve, customer_id)
+
+
+def retrieve_payment_method(payment_method_id: str) -> dict[str, Any]:
+    return _call(client().v1.payment_methods.retrieve, payment_method_id)
+
+
+def retrieve_subscription(subscription_id: str) -> dict[str, Any]:
+    return _call(client().v1.subscriptions.retrieve, subscription_id)
+
+
+def update_subscription(subscription_id: str, idempotency_key: str, **params: Any):
+    return _call(
+        client().v1.subscriptions.update, subscription_id, params, _effect(idempotency_key)
+    )
+
+
+def cancel_subscription(subscription_id: str, idempotency_key: str) -> dict[str, Any]:
+    return _call(client().v1.subscriptions.cancel, subscription_id, None, _effect(idempotency_key))
+
+
+def create_setup_checkout_session(
+    customer_id: str, success_url: str, cancel_url: str, idempotency_key: str
+) -> dict[str, Any]:
+    """A Stripe-hosted page where the customer saves a new card."""
+    params = {
+        "mode": "setup",
+        "customer": customer_id,
+        "payment_method_types": ["card"],
+        "success_url": success_url,
+        "cancel_url": cancel_url,
+    }
+    return _call(client().v1.checkout.sessions.create, params, _effect(idempotency_key))
+
+
+def create_billing_portal_session(
+    customer_id: str, return_url: str, idempotency_key: str
+) -> dict[str, Any]:
+    return _call(
+        client().v1.billing_portal.sessions.create,
+        {"customer": customer_id, "return_url": return_url},
+        _effect(idempotency_key),
+    )
+
+
+def list_events(**params: Any) -> dict[str, Any]:
+    return _call(client().v1.events.list, params)

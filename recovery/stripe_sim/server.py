@@ -1,0 +1,743 @@
+"""A Stripe-compatible HTTP server for tests, the demo and trying the product.
+
+It speaks Stripe's wire format to the real `stripe` SDK: form-encoded
+requests, Bearer keys, JSON objects shaped from Stripe's examples, error bodies
+(402 card_error with decline codes, 404 resource_missing, 429, 500), and
+Idempotency-Key replay/mismatch. It signs and delivers webhook events.
+
+Routes under /_sim/ (JSON in, JSON out) steer it: create customers, cards and
+invoices, say how a card behaves, inject faults, move its clock.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import queue
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from recovery.config import DEFAULT_STRIPE_API_VERSION
+from recovery.stripe_sim import objects
+from recovery.webhooks import signature_header
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]):
+        super().__init__(body.get("message"))
+        self.status = status
+        self.body = body
+
+
+def _not_found(kind: str, object_id: str) -> ApiError:
+    return ApiError(
+        404,
+        {
+            "type": "invalid_request_error",
+            "code": "resource_missing",
+            "message": f"No such {kind}: '{object_id}'",
+            "param": "id",
+        },
+    )
+
+
+def _invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, {"type": "invalid_request_error", "message": message, "param": param})
+
+
+_KEY = re.compile(r"([^\[\]]+)|\[([^\]]*)\]")
+
+
+def decode_form(raw: str) -> dict[str, Any]:
+    """Stripe's bracket encoding (`a[b][0]=x`) back into nested dicts and lists."""
+    root: dict[str, Any] = {}
+    for key, value in parse_qsl(raw, keep_blank_values=True):
+        parts = [a or b for a, b in _KEY.findall(key)]
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def listify(node):
+        if isinstance(node, dict):
+            node = {k: listify(v) for k, v in node.items()}
+            if node and all(k.isdigit() for k in node):
+                return [node[k] for k in sorted(node, key=int)]
+        return node
+
+    return listify(root)
+
+
+@dataclass
+class CardBehavior:
+    """How the simulated issuer answers a charge on one card."""
+
+    mode: str = "succeed"  # succeed | decline | authenticate
+    decline_code: str | None = None
+    failure_code: str = "card_declined"
+    advice_code: str | None = None
+    network_advice_code: str | None = None
+    network_decline_code: str | None = None
+    outcome_type: str = "issuer_declined"
+    succeed_after: int | None = None  # sim-clock time from which the card is good
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CardBehavior:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("mode", "succeed") not in ("succeed", "decline", "authenticate"):
+            raise _invalid("mode must be succeed, decline or authenticate", "mode")
+        return cls(**known)
+
+
+@dataclass
+class Fault:
+    path_prefix: str
+    status: int | None  # None: a timeout (the answer is held back `delay` seconds)
+    count: int
+    delay: float = 0.0
+
+
+@dataclass
+class State:
+    api_key_prefix: str = "sk_"
+    livemode: bool = False
+    base_url: str = "http://127.0.0.1:12111"
+    clock_offset: float = 0.0
+    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    behaviors: dict[str, CardBehavior] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    idempotency: dict[tuple[str, str], tuple[str, int, bytes]] = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    endpoints: list[tuple[str, str]] = field(default_factory=list)
+    requests_seen: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+
+class StripeSim:
+    """The simulator's state and its WSGI entry point (`sim.wsgi`)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:12111", livemode: bool = False):
+        self.state = State(base_url=base_url.rstrip("/"), livemode=livemode)
+        self.lock = threading.RLock()
+        self._outbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
+        self._deliveries: list[dict[str, Any]] = []
+        threading.Thread(target=self._deliver_forever, daemon=True, name="sim-webhooks").start()
+
+    # -- time and storage -------------------------------------------------
+
+    def now(self) -> int:
+        return int(time.time() + self.state.clock_offset)
+
+    def get(self, kind: str, object_id: str) -> dict[str, Any]:
+        obj = self.state.objects.get(object_id)
+        if obj is None or obj.get("object") != kind:
+            raise _not_found(kind, object_id)
+        return obj
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.state.objects[obj["id"]] = obj
+        return obj
+
+    # -- webhooks -----------------------------------------------------------
+
+    def emit(self, event_type: str, obj: dict, previous: dict | None = None) -> dict[str, Any]:
+        evt = objects.event(
+            self.now(), event_type, obj, self.state.livemode, DEFAULT_STRIPE_API_VERSION, previous
+        )
+        self.state.events.append(evt)
+        payload = json.dumps(evt).encode()
+        for url, secret in self.state.endpoints:
+            self._outbox.put((url, secret, payload))
+        return evt
+
+    def _deliver_forever(self) -> None:
+        while True:
+            url, secret, payload = self._outbox.get()
+            try:
+                self._deliver(url, secret, payload)
+            finally:
+                self._outbox.task_done()
+
+    def _deliver(self, url: str, secret: str, payload: bytes) -> None:
+        status: int | str = "unsent"
+        for attempt in range(5):
+            # Signed with the real clock: the receiver checks it against its own.
+            header = signature_header(payload, secret, int(time.time()))
+            request = urllib.request.Request(
+                url,
+                data=payload,
+                method="POST",
+                headers={"Content-Type": "application/json", "Stripe-Signature": header},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                    status = response.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError as exc:
+                status = type(exc).__name__
+            if status == 200:
+                break
+            time.sleep(0.2 * (attempt + 1))
+        with self.lock:
+            self._deliveries.append({"url": url, "status": status})
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Wait until every emitted event has been delivered (or given up on)."""
+        self._outbox.join()
+        with self.lock:
+            return list(self._deliveries)
+
+    # -- payments -----------------------------------------------------------
+
+    def default_payment_method(self, invoice: dict) -> dict[str, Any]:
+        customer = self.get("customer", invoice["customer"])
+        pm_id = customer["invoice_settings"].get("default_payment_method")
+        if not pm_id:
+            raise _invalid("The customer has no default payment method", "payment_method")
+        return self.get("payment_method", pm_id)
+
+    def attempt_payment(self, invoice: dict, pm: dict) -> tuple[dict, dict, dict | None]:
+        """Charge `pm` for `invoice`; returns (payment_intent, charge, card error or None)."""
+        now = self.now()
+        behavior = self.state.behaviors.get(pm["id"], CardBehavior())
+        intent = objects.payment_intent(now, invoice, pm, self.state.livemode)
+        chg = objects.charge(now, intent, pm, self.state.livemode)
+        intent["latest_charge"] = chg["id"]
+        invoice["attempt_count"] += 1
+        invoice["attempted"] = True
+        succeeds = behavior.mode == "succeed" or (
+            behavior.succeed_after is not None and now >= behavior.succeed_after
+        )
+        error = None
+        if succeeds:
+            chg.update(
+                status="succeeded",
+                paid=True,
+                captured=True,
+                amount_captured=chg["amount"],
+                failure_code=None,
+                failure_message=None,
+            )
+            chg["outcome"].update(
+                type="authorized",
+                network_status="approved_by_network",
+                reason=None,
+                seller_message="Payment complete.",
+                risk_level="normal",
+            )
+            intent.update(status="succeeded", amount_received=intent["amount"])
+            invoice.update(
+                status="paid",
+                amount_paid=invoice["amount_due"],
+                amount_remaining=0,
+                next_payment_attempt=None,
+            )
+            invoice["status_transitions"]["paid_at"] = now
+        else:
+            code = (
+                "authentication_required"
+                if behavior.mode == "authenticate"
+                else (behavior.failure_code)
+            )
+            decline = (
+                "authentication_required"
+                if behavior.mode == "authenticate"
+                else (behavior.decline_code or "generic_decline")
+            )
+            message = (
+                "Your card was declined. This transaction requires authentication."
+                if behavior.mode == "authenticate"
+                else "Your card was declined."
+            )
+            outcome_type = (
+                "issuer_declined" if behavior.mode == "authenticate" else (behavior.outcome_type)
+            )
+            chg.update(
+                status="failed",
+                paid=False,
+                captured=False,
+                failure_code=code,
+                failure_message=message,
+            )
+            chg["outcome"].update(
+                type=outcome_type,
+                reason=decline,
+                advice_code=behavior.advice_code,
+                network_advice_code=behavior.network_advice_code,
+                network_decline_code=behavior.network_decline_code,
+                network_status="declined_by_network"
+                if outcome_type == "issuer_declined"
+                else "not_sent_to_network",
+                seller_message="The bank did not return any further details with this decline.",
+            )
+            error = {
+                "type": "card_error",
+                "code": code,
+                "decline_code": decline,
+                "message": message,
+                "charge": chg["id"],
+                "doc_url": f"https://stripe.com/docs/error-codes/{code}",
+                "advice_code": behavior.advice_code,
+                "network_advice_code": behavior.network_advice_code,
+                "network_decline_code": behavior.network_decline_code,
+                "payment_method": copy.deepcopy(pm),
+            }
+            status = (
+                "requires_action"
+                if behavior.mode == "authenticate"
+                else ("requires_payment_method")
+            )
+            intent.update(
+                status=status,
+                last_payment_error={k: v for k, v in error.items() if k != "charge"}
+                | {"charge": chg["id"]},
+            )
+            if behavior.mode == "authenticate":
+                intent["next_action"] = {"type": "use_stripe_sdk", "use_stripe_sdk": {}}
+            error["payment_intent"] = copy.deepcopy(intent)
+        self.put(intent)
+        self.put(chg)
+        self.put(
+            objects.invoice_payment(
+                now, invoice, intent, "paid" if succeeds else "open", self.state.livemode
+            )
+        )
+        if succeeds:
+            self.emit("invoice.paid", invoice)
+            self.emit("invoice.payment_succeeded", invoice)
+        else:
+            if behavior.mode == "authenticate":
+                self.emit("invoice.payment_action_required", invoice)
+            self.emit("invoice.payment_failed", invoice)
+        return intent, chg, error
+
+    # -- the Stripe API -------------------------------------------------------
+
+    def _expand(self, obj: dict, expand: list[str]) -> dict:
+        obj = copy.deepcopy(obj)
+        for path in expand:
+            field_name = path.split(".")[0]
+            value = obj.get(field_name)
+            if isinstance(value, str) and value in self.state.objects:
+                obj[field_name] = copy.deepcopy(self.state.objects[value])
+        return obj
+
+    def _list(self, kind: str, params: dict, url: str, match) -> dict[str, Any]:
+        items = [o for o in self.state.objects.values() if o.get("object") == kind and match(o)]
+        items.sort(key=lambda o: o.get("created", 0), reverse=True)
+        if params.get("starting_after"):
+            ids = [o["id"] for o in items]
+            if params["starting_after"] in ids:
+                items = items[ids.index(params["starting_after"]) + 1 :]
+        limit = int(params.get("limit") or 10)
+        if not 1 <= limit <= 100:
+            raise _invalid("limit must be between 1 and 100", "limit")
+        return {"object": "list", "data": items[:limit], "has_more": len(items) > limit, "url": url}
+
+    def api(self, method: str, path: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        parts = path.strip("/").split("/")[1:]  # drop "v1"
+        expand = params.get("expand") or []
+        route = (method, parts[0] if parts else "", len(parts))
+        match route:
+            case ("GET", "invoices", 2):
+                return 200, self._expand(self.get("invoice", parts[1]), expand)
+            case ("GET", "invoices", 1):
+                return 200, self._list(
+                    "invoice",
+                    params,
+                    "/v1/invoices",
+                    lambda o: all(
+                        params.get(k) in (None, o.get(k))
+                        for k in ("customer", "status", "subscription")
+                    ),
+                )
+            case ("POST", "invoices", 3) if parts[2] == "pay":
+                return self._pay_invoice(parts[1], params)
+            case ("GET", "invoice_payments", 1):
+                return 200, self._list(
+                    "invoice_payment",
+                    params,
+                    "/v1/invoice_payments",
+                    lambda o: params.get("invoice") in (None, o["invoice"]),
+                )
+            case ("GET", "charges", 2):
+                return 200, self._expand(self.get("charge", parts[1]), expand)
+            case ("GET", "payment_intents", 2):
+                return 200, self._expand(self.get("payment_intent", parts[1]), expand)
+            case ("GET", "customers", 2):
+                return 200, self._expand(self.get("customer", parts[1]), expand)
+            case ("GET", "payment_methods", 2):
+                return 200, self.get("payment_method", parts[1])
+            case ("GET", "subscriptions", 2):
+                return 200, self._expand(self.get("subscription", parts[1]), expand)
+            case ("POST", "subscriptions", 2):
+                return 200, self._update_subscription(parts[1], params)
+            case ("DELETE", "subscriptions", 2):
+                return 200, self._cancel_subscription(parts[1])
+            case ("POST", "checkout", 2) if parts[1] == "sessions":
+                if params.get("mode") != "setup":
+                    raise _invalid(
+                        "This simulator creates Checkout Sessions in setup mode only", "mode"
+                    )
+                self.get("customer", params.get("customer") or "")
+                return 200, self.put(
+                    objects.checkout_session_setup(
+                        self.now(), params, self.state.base_url, self.state.livemode
+                    )
+                )
+            case ("POST", "billing_portal", 2) if parts[1] == "sessions":
+                self.get("customer", params.get("customer") or "")
+                return 200, self.put(
+                    objects.billing_portal_session(
+                        self.now(), params, self.state.base_url, self.state.livemode
+                    )
+                )
+            case ("GET", "events", 1):
+                events = [e for e in self.state.events if params.get("type") in (None, e["type"])]
+                events = sorted(events, key=lambda e: e["created"], reverse=True)
+                limit = int(params.get("limit") or 10)
+                return 200, {
+                    "object": "list",
+                    "data": events[:limit],
+                    "has_more": len(events) > limit,
+                    "url": "/v1/events",
+                }
+            case ("GET", "events", 2):
+                for evt in self.state.events:
+                    if evt["id"] == parts[1]:
+                        return 200, evt
+                raise _not_found("event", parts[1])
+        raise ApiError(
+            404,
+            {
+                "type": "invalid_request_error",
+                "message": f"Unrecognized request URL ({method}: {path}).",
+            },
+        )
+
+    def _pay_invoice(self, invoice_id: str, params: dict) -> tuple[int, dict]:
+        invoice = self.get("invoice", invoice_id)
+        if invoice["status"] == "paid":
+            raise _invalid("Invoice is already paid")
+        if invoice["status"] != "open":
+            raise _invalid(f"You cannot pay an invoice with status {invoice['status']}")
+        if params.get("paid_out_of_band") in ("true", True):
+            now = self.now()
+            invoice.update(
+                status="paid",
+                amount_paid=invoice["amount_due"],
+                amount_remaining=0,
+                paid_out_of_band=True,
+            )
+            invoice["status_transitions"]["paid_at"] = now
+            self.emit("invoice.paid", invoice)
+            return 200, invoice
+        pm = (
+            self.get("payment_method", params["payment_method"])
+            if params.get("payment_method")
+            else self.default_payment_method(invoice)
+        )
+        _intent, _charge, error = self.attempt_payment(invoice, pm)
+        if error:
+            return 402, {"error": error}
+        return 200, invoice
+
+    def _update_subscription(self, sub_id: str, params: dict) -> dict:
+        sub = self.get("subscription", sub_id)
+        previous = {}
+        for key in ("metadata", "cancel_at_period_end", "default_payment_method"):
+            if key in params:
+                previous[key] = sub.get(key)
+                value = params[key]
+                sub[key] = value == "true" if key == "cancel_at_period_end" else value
+        if params.get("pause_collection") == "":
+            previous["pause_collection"] = sub.get("pause_collection")
+            sub["pause_collection"] = None
+        self.emit("customer.subscription.updated", sub, previous)
+        return sub
+
+    def _cancel_subscription(self, sub_id: str) -> dict:
+        sub = self.get("subscription", sub_id)
+        if sub["status"] == "canceled":
+            raise _invalid("This subscription has already been canceled", None)
+        now = self.now()
+        sub.update(status="canceled", canceled_at=now, ended_at=now)
+        self.emit("customer.subscription.deleted", sub)
+        return sub
+
+    # -- the control API --------------------------------------------------------
+
+    def control(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        parts = path.strip("/").split("/")[1:]  # drop "_sim"
+        now = self.now()
+        match (method, *parts):
+            case ("POST", "webhook_endpoints"):
+                self.state.endpoints.append((body["url"], body["secret"]))
+                return 200, {"url": body["url"]}
+            case ("POST", "customers"):
+                return 200, self._create_customer(body)
+            case ("POST", "customers", customer_id, "cards"):
+                return 200, self._change_card(customer_id, body)
+            case ("POST", "payment_methods", pm_id, "behavior"):
+                self.get("payment_method", pm_id)
+                self.state.behaviors[pm_id] = CardBehavior.from_json(body)
+                return 200, {"payment_method": pm_id}
+            case ("POST", "invoices"):
+                customer = self.get("customer", body["customer"])
+                sub_id = body.get("subscription")
+                if sub_id == "auto":
+                    sub_id = self.put(
+                        objects.subscription(
+                            now,
+                            customer["id"],
+                            int(body["amount"]),
+                            body.get("currency", "usd"),
+                            self.state.livemode,
+                        )
+                    )["id"]
+                inv = self.put(
+                    objects.invoice(
+                        now,
+                        customer,
+                        sub_id,
+                        int(body["amount"]),
+                        body.get("currency", "usd"),
+                        self.state.base_url,
+                        self.state.livemode,
+                    )
+                )
+                if body.get("next_payment_attempt"):
+                    inv["next_payment_attempt"] = int(body["next_payment_attempt"])
+                return 200, inv
+            case ("POST", "invoices", invoice_id, "attempt"):
+                invoice = self.get("invoice", invoice_id)
+                _intent, chg, error = self.attempt_payment(
+                    invoice, self.default_payment_method(invoice)
+                )
+                return 200, {"invoice": invoice, "charge": chg, "error": error}
+            case ("POST", "invoices", invoice_id, "void"):
+                invoice = self.get("invoice", invoice_id)
+                invoice["status"] = "void"
+                self.emit("invoice.voided", invoice)
+                return 200, invoice
+            case ("POST", "invoices", invoice_id, "mark_uncollectible"):
+                invoice = self.get("invoice", invoice_id)
+                invoice["status"] = "uncollectible"
+                self.emit("invoice.marked_uncollectible", invoice)
+                return 200, invoice
+            case ("POST", "scenarios", "failed_invoice"):
+                return 200, self._failed_invoice(body)
+            case ("POST", "faults"):
+                self.state.faults.append(
+                    Fault(
+                        body.get("path_prefix", "/v1/"),
+                        None if body.get("status") == "timeout" else int(body["status"]),
+                        int(body.get("count", 1)),
+                        float(body.get("delay", 0)),
+                    )
+                )
+                return 200, {"faults": len(self.state.faults)}
+            case ("POST", "clock"):
+                self.state.clock_offset += float(body.get("advance", 0))
+                if "now" in body:
+                    self.state.clock_offset = float(body["now"]) - time.time()
+                return 200, {"now": self.now()}
+            case ("GET", "events"):
+                return 200, {"data": self.state.events}
+            case ("GET", "requests"):
+                return 200, {"data": self.state.requests_seen}
+        raise _not_found("simulator route", path)
+
+    def _create_customer(self, body: dict) -> dict:
+        now = self.now()
+        customer = self.put(
+            objects.customer(now, body.get("email"), body.get("name"), self.state.livemode)
+        )
+        card = body.get("card")
+        if card is not None:
+            pm = self.put(objects.payment_method(now, customer["id"], card, self.state.livemode))
+            self.state.behaviors[pm["id"]] = CardBehavior.from_json(card.get("behavior", {}))
+            customer["invoice_settings"]["default_payment_method"] = pm["id"]
+        return customer
+
+    def _change_card(self, customer_id: str, card: dict) -> dict:
+        """The customer saves a new card: the events Stripe sends for it."""
+        customer = self.get("customer", customer_id)
+        pm = self.put(objects.payment_method(self.now(), customer_id, card, self.state.livemode))
+        self.state.behaviors[pm["id"]] = CardBehavior.from_json(card.get("behavior", {}))
+        previous = {"invoice_settings": dict(customer["invoice_settings"])}
+        customer["invoice_settings"]["default_payment_method"] = pm["id"]
+        self.emit("payment_method.attached", pm)
+        self.emit("customer.updated", customer, previous)
+        return pm
+
+    def _failed_invoice(self, body: dict) -> dict:
+        """Customer, card, subscription and an invoice whose first attempt fails."""
+        behavior = {
+            "mode": "decline",
+            "decline_code": "insufficient_funds",
+            **body.get("behavior", {}),
+        }
+        customer = self._create_customer(
+            {
+                "email": body.get("email", "jenny.rosen@example.com"),
+                "name": body.get("name", "Jenny Rosen"),
+                "card": {**body.get("card", {}), "behavior": behavior},
+            }
+        )
+        _status, invoice = self.control(
+            "POST",
+            "/_sim/invoices",
+            {
+                "customer": customer["id"],
+                "amount": body.get("amount", 2000),
+                "currency": body.get("currency", "usd"),
+                "subscription": "auto",
+                "next_payment_attempt": body.get("next_payment_attempt"),
+            },
+        )
+        _intent, chg, error = self.attempt_payment(invoice, self.default_payment_method(invoice))
+        return {
+            "customer": customer["id"],
+            "invoice": invoice["id"],
+            "subscription": invoice["subscription"],
+            "charge": chg["id"],
+            "payment_method": customer["invoice_settings"]["default_payment_method"],
+            "error": error,
+        }
+
+    # -- HTTP ---------------------------------------------------------------
+
+    def _take_fault(self, path: str) -> Fault | None:
+        for fault in self.state.faults:
+            if path.startswith(fault.path_prefix) and fault.count > 0:
+                fault.count -= 1
+                return fault
+        return None
+
+    def handle(self, method: str, path: str, query: str, body: bytes, headers: dict[str, str]):
+        """Answer one request: (status, JSON-able body, extra headers)."""
+        if path.startswith("/_sim/"):
+            if path == "/_sim/webhooks/flush":
+                return 200, {"deliveries": self.flush()}, {}
+            data = json.loads(body or b"{}")
+            with self.lock:
+                return (*self.control(method, path, data), {})
+        if not path.startswith("/v1/"):
+            return 404, {"error": {"type": "invalid_request_error", "message": "Not found"}}, {}
+        auth = headers.get("authorization", "")
+        if not auth.startswith("Bearer sk_") and not auth.startswith("Bearer rk_"):
+            return (
+                401,
+                {"error": {"type": "authentication_error", "message": "Invalid API Key provided"}},
+                {},
+            )
+        with self.lock:
+            fault = self._take_fault(path)
+        if fault is not None:
+            if fault.status is None:
+                time.sleep(fault.delay)
+                return 500, {"error": {"type": "api_error", "message": "Timed out"}}, {}
+            kind = "rate_limit_error" if fault.status == 429 else "api_error"
+            return (
+                fault.status,
+                {
+                    "error": {
+                        "type": kind,
+                        "code": "rate_limit" if fault.status == 429 else None,
+                        "message": "Injected fault",
+                    }
+                },
+                {},
+            )
+        params = decode_form(query if method in ("GET", "DELETE") else body.decode())
+        key = headers.get("idempotency-key")
+        with self.lock:
+            self.state.requests_seen.append((method, path, key))
+            if method == "POST" and key:
+                fingerprint = hashlib.sha256(
+                    f"{method} {path} {json.dumps(params, sort_keys=True)}".encode()
+                ).hexdigest()
+                stored = self.state.idempotency.get((self._account(auth), key))
+                if stored is not None:
+                    if stored[0] != fingerprint:
+                        return (
+                            400,
+                            {
+                                "error": {
+                                    "type": "idempotency_error",
+                                    "message": "Keys for idempotent requests can only be used with the "
+                                    "same parameters they were first used with. Try using a "
+                                    "key other than '" + key + "' if you meant to execute a "
+                                    "different request.",
+                                }
+                            },
+                            {},
+                        )
+                    return stored[1], json.loads(stored[2]), {"Idempotent-Replayed": "true"}
+            try:
+                status, answer = self.api(method, path, params)
+            except ApiError as exc:
+                status, answer = exc.status, {"error": exc.body}
+            if method == "POST" and key and status != 429 and status < 500:
+                self.state.idempotency[(self._account(auth), key)] = (
+                    fingerprint,
+                    status,
+                    json.dumps(answer).encode(),
+                )
+        return status, answer, {"Idempotency-Key": key} if key else {}
+
+    @staticmethod
+    def _account(auth: str) -> str:
+        return hashlib.sha256(auth.encode()).hexdigest()
+
+    def wsgi(self, environ, start_response):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        headers = {
+            k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")
+        }
+        try:
+            status, answer, extra = self.handle(
+                environ["REQUEST_METHOD"],
+                environ.get("PATH_INFO", ""),
+                environ.get("QUERY_STRING", ""),
+                body,
+                headers,
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            status, answer, extra = (
+                400,
+                {"error": {"type": "invalid_request_error", "message": f"Bad request: {exc}"}},
+                {},
+            )
+        data = json.dumps(answer).encode()
+        request_id = "req_" + hashlib.sha256(data + str(time.time()).encode()).hexdigest()[:14]
+        start_response(
+            f"{status} {_PHRASES.get(status, 'Error')}",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data))),
+                ("Request-Id", request_id),
+                *extra.items(),
+            ],
+        )
+        return [data]
+
+
+_PHRASES = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+}
