@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from recovery.db import insert_ignore
 from recovery.models import EventStatus, WebhookEvent
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -124,18 +123,11 @@ def parse_event(payload: bytes) -> ParsedEvent:
     )
 
 
-_TABLE = WebhookEvent.__table__
-
-
-def _insert_statement(dialect_name: str):
-    insert = pg_insert if dialect_name == "postgresql" else sqlite_insert
-    return insert(_TABLE).on_conflict_do_nothing(index_elements=["stripe_event_id"])
-
-
 def store_event(conn: Connection, event: ParsedEvent, payload: bytes, now: datetime) -> bool:
     """Insert the event into the inbox; False when it was already there."""
-    result = conn.execute(
-        _insert_statement(conn.dialect.name),
+    return insert_ignore(
+        conn,
+        WebhookEvent.__table__,
         {
             "stripe_event_id": event.id,
             "type": event.type,
@@ -149,5 +141,5 @@ def store_event(conn: Connection, event: ParsedEvent, payload: bytes, now: datet
             "attempts": 0,
             "available_at": now,
         },
+        ["stripe_event_id"],
     )
-    return result.rowcount == 1

@@ -1,0 +1,16 @@
+"""The beat schedule: what runs periodically, and how often.
+
+Read by recovery.tasks (by path: the hyphenated name cannot be imported).
+`expires` drops a tick that waited longer than its period in a busy queue, so
+ticks never pile up; every task here is safe to run twice.
+"""
+
+SCHEDULE = {
+    # Hand stored webhook events to workers, in batches; also the sweep that
+    # re-sends what a down broker or a dead worker left pending.
+    "relay-inbox": {
+        "task": "recovery.relay_inbox",
+        "schedule": 1.0,
+        "options": {"expires": 5},
+    },
+}

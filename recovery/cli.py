@@ -1,0 +1,392 @@
+"""The `recovery` command: run the processes, inspect and steer the inbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime
+
+import click
+
+from recovery.config import ConfigError, get_settings
+
+
+def _settings():
+    return get_settings()
+
+
+@click.group()
+def cli() -> None:
+    """Win back failed Stripe subscription payments."""
+    # Validate the whole configuration before any command does anything.
+    get_settings()
+
+
+# -- database -------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """The schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION."""
+    from recovery import migrate
+
+    migrate.upgrade(_settings().database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+# -- processes --------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=2 * (os.cpu_count() or 1) + 1, show_default=True, type=int)
+@click.option("--dev", is_flag=True, help="The standard library's threaded server, no gunicorn.")
+def serve(host: str, port: int, workers: int, dev: bool) -> None:
+    """Serve the webhook receiver and health routes."""
+    settings = _settings()
+    if dev:
+        from recovery.devserver import serve as dev_serve
+        from recovery.observability import configure
+        from recovery.web import make_app
+
+        configure(settings)
+        click.echo(f"receiver on http://{host}:{port}/webhooks/stripe")
+        dev_serve(make_app(settings), host, port).serve_forever()
+        return
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "recovery.wsgi:app",
+            "--bind",
+            f"{host}:{port}",
+            "--workers",
+            str(workers),
+            "--access-logfile",
+            "-",
+            "--access-logformat",
+            '%(h)s "%(m)s %(U)s" %(s)s %(M)sms',  # no query strings: links carry tokens
+        ],
+    )
+
+
+@cli.command()
+@click.option("--concurrency", type=int, default=None)
+@click.option("--pool", default=None, help="prefork (default with Redis) or solo.")
+@click.option("--beat", "with_beat", is_flag=True, help="Run the beat scheduler in-process.")
+def worker(concurrency: int | None, pool: str | None, with_beat: bool) -> None:
+    """Run a Celery worker."""
+    from recovery.tasks import app
+
+    settings = _settings()
+    embedded = settings.broker_url.startswith("sqla+")
+    argv = [
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--queues",
+        "recovery",
+        "--pool",
+        pool or ("solo" if embedded else "prefork"),
+    ]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if with_beat:
+        argv += ["--beat"]
+    os.makedirs("var", exist_ok=True)
+    app.worker_main(argv)
+
+
+@cli.command()
+def beat() -> None:
+    """Run the beat scheduler (one per deployment)."""
+    from recovery.tasks import app
+
+    os.makedirs("var", exist_ok=True)
+    app.start(["beat", "--loglevel", _settings().log_level])
+
+
+@cli.command("stripe-sim")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=12111, show_default=True, type=int)
+@click.option("--webhook-url", default=None, help="Deliver signed events here.")
+@click.option("--webhook-secret", default=None, help="Signing secret (default: the configured).")
+def stripe_sim(host: str, port: int, webhook_url: str | None, webhook_secret: str | None) -> None:
+    """Run the Stripe-compatible server (point STRIPE_API_BASE at it)."""
+    from recovery.devserver import serve as dev_serve
+    from recovery.stripe_sim import StripeSim
+
+    sim = StripeSim(base_url=f"http://{host}:{port}")
+    if webhook_url:
+        secret = webhook_secret or _settings().stripe_webhook_secrets[0]
+        sim.state.endpoints.append((webhook_url, secret))
+    click.echo(f"Stripe-compatible server on http://{host}:{port}")
+    dev_serve(sim.wsgi, host, port).serve_forever()
+
+
+# -- the embedded stack ----------------------------------------------------------
+
+
+SIM_PORT, WEB_PORT = 12111, 8000
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local
+        return json.loads(response.read())
+
+
+def _wait_http(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - local
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"{url} did not come up") from None
+            time.sleep(0.2)
+
+
+@cli.command()
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Send one failed payment through the stack, follow it to recovery, stop.",
+)
+def dev(check: bool) -> None:
+    """Run everything on this machine: simulator, receiver, worker and beat."""
+    settings = _settings()
+    env = dict(os.environ)
+    env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{SIM_PORT}")
+    from recovery import migrate
+
+    migrate.upgrade(settings.database_url)
+    exe = [sys.executable, "-m", "recovery.cli"]
+    children = [
+        subprocess.Popen(
+            [
+                *exe,
+                "stripe-sim",
+                "--port",
+                str(SIM_PORT),
+                "--webhook-url",
+                f"http://127.0.0.1:{WEB_PORT}/webhooks/stripe",
+            ],
+            env=env,
+        ),
+        subprocess.Popen([*exe, "serve", "--dev", "--port", str(WEB_PORT)], env=env),
+        subprocess.Popen([*exe, "worker", "--beat"], env=env),
+    ]
+    try:
+        _wait_http(f"http://127.0.0.1:{WEB_PORT}/readyz")
+        _wait_http(f"http://127.0.0.1:{SIM_PORT}/_sim/events")
+        click.echo(
+            f"\nrecovery is running: receiver http://127.0.0.1:{WEB_PORT}/webhooks/stripe,"
+            f" Stripe-compatible server http://127.0.0.1:{SIM_PORT}"
+        )
+        if check:
+            _check_round_trip(f"http://127.0.0.1:{SIM_PORT}")
+            return
+        click.echo("send a failed payment: recovery send-test-event   (Ctrl-C stops)")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        raise click.ClickException("a process of the stack stopped")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _wait_case(invoice_id: str, status: str, seconds: float = 60):
+    from sqlalchemy import select
+
+    from recovery.db import session_scope
+    from recovery.models import RecoveryCase
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            case = session.scalars(
+                select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
+            ).one_or_none()
+            if case is not None and case.status == status:
+                return case
+        time.sleep(0.25)
+    raise click.ClickException(f"no {status} case for {invoice_id} after {seconds:.0f}s")
+
+
+def _check_round_trip(sim_url: str) -> None:
+    scenario = _post(
+        f"{sim_url}/_sim/scenarios/failed_invoice",
+        {"behavior": {"decline_code": "insufficient_funds"}},
+    )
+    invoice_id = scenario["invoice"]
+    click.echo(f"simulated a declined renewal: invoice {invoice_id}")
+    case = _wait_case(invoice_id, "open")
+    click.echo(
+        f"case {case.id} opened: {case.amount_due} {case.currency}, "
+        f"decline {case.decline_code}, card {case.card_brand}"
+    )
+    _post(f"{sim_url}/_sim/customers/{scenario['customer']}/cards", {"brand": "visa"})
+    _post(f"{sim_url}/_sim/invoices/{invoice_id}/attempt", {})
+    case = _wait_case(invoice_id, "recovered")
+    click.echo(f"case {case.id} recovered: {case.amount_recovered} {case.currency}")
+    click.echo("check passed")
+
+
+@cli.command("send-test-event")
+@click.option("--decline-code", default="insufficient_funds", show_default=True)
+@click.option("--sim-url", default=f"http://127.0.0.1:{SIM_PORT}", show_default=True)
+def send_test_event(decline_code: str, sim_url: str) -> None:
+    """Have the running simulator decline a renewal and send the webhook."""
+    scenario = _post(
+        f"{sim_url}/_sim/scenarios/failed_invoice", {"behavior": {"decline_code": decline_code}}
+    )
+    click.echo(
+        f"invoice {scenario['invoice']} declined ({decline_code}); "
+        f"see it with: recovery events list"
+    )
+
+
+# -- the inbox ------------------------------------------------------------------
+
+
+@cli.group()
+def events() -> None:
+    """Stored Stripe events."""
+
+
+def _event_row(session, ref: str):
+    from sqlalchemy import select
+
+    from recovery.models import WebhookEvent
+
+    query = select(WebhookEvent)
+    if ref.isdigit():
+        query = query.where(WebhookEvent.id == int(ref))
+    else:
+        query = query.where(WebhookEvent.stripe_event_id == ref)
+    row = session.scalars(query).one_or_none()
+    if row is None:
+        raise click.ClickException(f"no event {ref!r}")
+    return row
+
+
+@events.command("list")
+@click.option(
+    "--status", type=click.Choice(["pending", "processing", "processed", "failed", "ignored"])
+)
+@click.option("--type", "event_type")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+def events_list(status: str | None, event_type: str | None, limit: int) -> None:
+    """The newest events first."""
+    from sqlalchemy import select
+
+    from recovery.db import session_scope
+    from recovery.models import WebhookEvent
+
+    with session_scope() as session:
+        query = select(WebhookEvent).order_by(WebhookEvent.id.desc()).limit(limit)
+        if status:
+            query = query.where(WebhookEvent.status == status)
+        if event_type:
+            query = query.where(WebhookEvent.type == event_type)
+        rows = session.scalars(query).all()
+        click.echo(
+            f"{'id':>6}  {'status':<10} {'tries':>5}  {'received (UTC)':<19}  "
+            f"{'type':<34} stripe id"
+        )
+        for row in rows:
+            click.echo(
+                f"{row.id:>6}  {row.status:<10} {row.attempts:>5}  "
+                f"{row.received_at:%Y-%m-%d %H:%M:%S}  {row.type:<34} "
+                f"{row.stripe_event_id}"
+            )
+
+
+@events.command("show")
+@click.argument("ref")
+def events_show(ref: str) -> None:
+    """One event: REF is the inbox id or the Stripe event id."""
+    from recovery.db import session_scope
+
+    with session_scope() as session:
+        row = _event_row(session, ref)
+        for label, value in [
+            ("id", row.id),
+            ("stripe id", row.stripe_event_id),
+            ("type", row.type),
+            ("status", row.status),
+            ("attempts", row.attempts),
+            ("livemode", row.livemode),
+            ("account", row.account),
+            ("created", row.stripe_created_at),
+            ("received", row.received_at),
+            ("processed", row.processed_at),
+            ("next try", row.available_at if row.status == "pending" else None),
+            ("last error", row.last_error),
+        ]:
+            click.echo(f"{label:>10}: {value if value is not None else '-'}")
+        obj = json.loads(row.payload)["data"]["object"]
+        click.echo(f"{'object':>10}: {obj.get('object')} {obj.get('id')}")
+
+
+@events.command("replay")
+@click.argument("refs", nargs=-1)
+@click.option("--failed", is_flag=True, help="Replay every failed event.")
+def events_replay(refs: tuple[str, ...], failed: bool) -> None:
+    """Process events again: by id, or all --failed ones."""
+    from sqlalchemy import select
+
+    from recovery import inbox
+    from recovery.db import session_scope
+    from recovery.models import EventStatus, WebhookEvent
+
+    if not refs and not failed:
+        raise click.UsageError("name event ids or pass --failed")
+    with session_scope() as session:
+        ids = [_event_row(session, ref).id for ref in refs]
+        if failed:
+            ids += session.scalars(
+                select(WebhookEvent.id).where(WebhookEvent.status == EventStatus.FAILED)
+            ).all()
+    count = inbox.replay(ids, datetime.now(UTC))
+    click.echo(f"{count} event(s) queued again")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The inbox after the receiver: relay stored events to workers, process them.
+
+The database is the record; the broker only carries ids. The relay publishes
+due inbox rows in batches (one message per batch, so ingestion is bound by the
+database, not the broker) and the same relay is the sweep that re-sends what a
+down broker, a dead worker or a failed try left behind:
+
+    pending ──claim──▶ processing ──▶ processed | ignored
+       ▲                   │
+       └── error, backoff ─┴──▶ failed (after the last try; `recovery events replay`)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import or_, select, update
+
+from recovery.config import Settings
+from recovery.db import session_scope
+from recovery.events import handle_event
+from recovery.models import EventStatus, WebhookEvent
+from recovery.observability import scrub_text
+from recovery.stripe_api import StripeFailure
+
+log = structlog.get_logger("recovery.inbox")
+
+# How long a published or claimed event may stay unfinished before the sweep
+# hands it out again (a lost message, a worker killed mid-event).
+LEASE = timedelta(minutes=5)
+PUBLISH_CHUNK = 50
+
+
+def backoff(attempts: int) -> timedelta:
+    """30 s, 1 min, 2 min, … capped at one hour."""
+    return timedelta(seconds=min(30 * 2 ** max(attempts - 1, 0), 3600))
+
+
+def _due(now: datetime):
+    return or_(
+        (WebhookEvent.status == EventStatus.PENDING)
+        & (WebhookEvent.available_at <= now)
+        & or_(WebhookEvent.enqueued_at.is_(None), WebhookEvent.enqueued_at <= now - LEASE),
+        # A claim whose worker died: its lease (available_at) has run out.
+        (WebhookEvent.status == EventStatus.PROCESSING) & (WebhookEvent.available_at <= now),
+    )
+
+
+def relay(publish: Callable[[list[int]], None], now: datetime, batch_size: int) -> int:
+    """Publish the ids of due events, a chunk per message; returns how many."""
+    with session_scope() as session:
+        query = select(WebhookEvent.id).where(_due(now)).order_by(WebhookEvent.id)
+        query = query.limit(batch_size)
+        if session.get_bind().dialect.name == "postgresql":
+            # Two relays (two beats) never publish the same rows at once.
+            query = query.with_for_update(skip_locked=True)
+        ids = list(session.scalars(query))
+        sent: list[int] = []
+        for start in range(0, len(ids), PUBLISH_CHUNK):
+            chunk = ids[start : start + PUBLISH_CHUNK]
+            try:
+                publish(chunk)
+            except Exception as exc:  # noqa: BLE001 - any broker failure: rows wait
+                log.warning("relay_publish_failed", error=type(exc).__name__, waiting=len(ids))
+                break
+            sent.extend(chunk)
+        if sent:
+            session.execute(
+                update(WebhookEvent).where(WebhookEvent.id.in_(sent)).values(enqueued_at=now)
+            )
+    if sent:
+        log.info("relay_published", events=len(sent))
+    return len(sent)
+
+
+def _claim(event_id: int, now: datetime) -> int | None:
+    """Take the event for this worker; returns the attempt number, or None."""
+    with session_scope() as session:
+        claimed = session.execute(
+            update(WebhookEvent)
+            .where(
+                WebhookEvent.id == event_id,
+                WebhookEvent.status.in_([EventStatus.PENDING, EventStatus.PROCESSING]),
+                WebhookEvent.available_at <= now,
+            )
+            .values(
+                status=EventStatus.PROCESSING,
+                attempts=WebhookEvent.attempts + 1,
+                available_at=now + LEASE,
+            )
+            .returning(WebhookEvent.attempts)
+        ).scalar_one_or_none()
+    return claimed
+
+
+def _describe(exc: BaseException) -> str:
+    # Our own error types carry Stripe's message (object ids and codes only);
+    # anything else is scrubbed and cut short.
+    text = f"{type(exc).__name__}: {exc}"
+    return scrub_text(text)[:500]
+
+
+def process_event(event_id: int, now: datetime, settings: Settings) -> str | None:
+    """Process one inbox event; returns its new status, or None if not ours to do."""
+    attempt = _claim(event_id, now)
+    if attempt is None:
+        return None
+    structlog.contextvars.bind_contextvars(inbox_id=event_id)
+    try:
+        with session_scope() as session:
+            row = session.get(WebhookEvent, event_id, with_for_update=True)
+            if row is None or row.status != EventStatus.PROCESSING or row.attempts != attempt:
+                return None  # another worker took over after our lease ran out
+            structlog.contextvars.bind_contextvars(
+                event_id=row.stripe_event_id, event_type=row.type
+            )
+            status = handle_event(session, json.loads(row.payload), now, settings.stripe_livemode)
+            row.status = status
+            row.processed_at = now
+            row.last_error = None
+        log.info("event_processed", status=status, attempt=attempt)
+        return status
+    except Exception as exc:  # noqa: BLE001 - recorded, retried, shown to operators
+        return _record_failure(event_id, attempt, exc, now, settings)
+    finally:
+        structlog.contextvars.unbind_contextvars("inbox_id", "event_id", "event_type")
+
+
+def _record_failure(
+    event_id: int, attempt: int, exc: Exception, now: datetime, settings: Settings
+) -> str:
+    final = attempt >= settings.event_max_attempts
+    status = EventStatus.FAILED if final else EventStatus.PENDING
+    with session_scope() as session:
+        session.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id, WebhookEvent.attempts == attempt)
+            .values(
+                status=status,
+                last_error=_describe(exc),
+                enqueued_at=None,
+                available_at=now + backoff(attempt),
+            )
+        )
+    retryable = isinstance(exc, StripeFailure)
+    (log.error if final else log.warning)(
+        "event_failed",
+        attempt=attempt,
+        final=final,
+        error=type(exc).__name__,
+        expected=retryable,
+        exc_info=not retryable,
+    )
+    return status.value
+
+
+def process_events(ids: Sequence[int], now: datetime, settings: Settings) -> dict[int, str | None]:
+    return {event_id: process_event(event_id, now, settings) for event_id in ids}
+
+
+def replay(event_ids: Sequence[int], now: datetime) -> int:
+    """Put events back in the queue (operators: after fixing what failed them)."""
+    with session_scope() as session:
+        result = session.execute(
+            update(WebhookEvent)
+            .where(WebhookEvent.id.in_(list(event_ids)))
+            .values(
+                status=EventStatus.PENDING,
+                attempts=0,
+                enqueued_at=None,
+                available_at=now,
+                last_error=None,
+            )
+        )
+    return result.rowcount

@@ -1,0 +1,91 @@
+"""The Celery app and its thin, named tasks; the logic lives in the flow modules."""
+
+from __future__ import annotations
+
+import runpy
+from datetime import UTC, datetime
+from pathlib import Path
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready
+
+from recovery import inbox
+from recovery.config import get_settings
+from recovery.db import reset_engine
+from recovery.observability import configure
+
+BEAT_SCHEDULE_FILE = Path(__file__).resolve().parent.parent / "celerybeat-schedule.py"
+
+
+def load_beat_schedule(path: Path = BEAT_SCHEDULE_FILE) -> dict:
+    # The file name has a hyphen, so it is read by path, not imported.
+    return runpy.run_path(str(path))["SCHEDULE"]
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("recovery", broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_default_queue="recovery",
+        enable_utc=True,
+        timezone="UTC",
+        # A task is acknowledged only when it finished, so a worker killed
+        # mid-task leaves it to be redelivered; every task is idempotent
+        # (events are claimed in the database), so a redelivery is harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Redis redelivers an unacknowledged message after the visibility
+        # timeout. Celery's docs warn that ETA/countdown tasks longer than it
+        # are then delivered twice; we send no such tasks (due work lives in
+        # Postgres and is claimed by the relay and dispatcher), so one hour,
+        # far above any task's run time, only bounds how long a message lost
+        # with a dead worker waits.
+        broker_transport_options=(
+            {"visibility_timeout": 3600} if settings.broker_url.startswith("redis") else {}
+        ),
+        broker_connection_retry_on_startup=True,
+        beat_schedule=load_beat_schedule(),
+        beat_schedule_filename="var/celerybeat-state",
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_celery()
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_kwargs) -> None:
+    # A forked child must not share the parent's pooled database sockets.
+    reset_engine()
+    configure(get_settings())
+
+
+@worker_ready.connect
+def _configure_solo_worker(**_kwargs) -> None:
+    configure(get_settings())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@app.task(name="recovery.process_events")
+def process_events(event_ids: list[int]) -> None:
+    inbox.process_events(event_ids, _now(), get_settings())
+
+
+def publish_event_batch(event_ids: list[int]) -> None:
+    # No publish retries: when the broker is down the relay leaves the rows
+    # pending and the next sweep sends them.
+    process_events.apply_async(args=[event_ids], retry=False)
+
+
+@app.task(name="recovery.relay_inbox")
+def relay_inbox() -> int:
+    return inbox.relay(publish_event_batch, _now(), get_settings().relay_batch_size)

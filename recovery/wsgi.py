@@ -1,0 +1,16 @@
+"""The WSGI entry point for gunicorn: `gunicorn recovery.wsgi:app`."""
+
+import sys
+
+from recovery.config import ConfigError, get_settings
+from recovery.observability import configure
+from recovery.web import make_app
+
+try:
+    settings = get_settings()
+except ConfigError as exc:
+    print(f"configuration error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+configure(settings)
+app = make_app(settings)
