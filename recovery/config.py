@@ -19,7 +19,7 @@ DEFAULT_STRIPE_API_VERSION = "2026-10-28.endive"
 # Development-only credentials: they let the embedded stack run without a
 # Stripe account. Production refuses to start without real ones.
 DEV_STRIPE_API_KEY = "sk_test_recovery_development"
-DEV_WEBHOOK_SECRET = "whsec_recovery_development"
+DEV_WEBHOOK_SECRET = "whsec_recovery_development"  # noqa: S105 - development only
 
 ENVIRONMENTS = ("development", "production")
 LOG_FORMATS = ("json", "console")
@@ -84,7 +84,7 @@ def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[
         return default
     parts = urlsplit(raw)
     scheme = parts.scheme.split("+")[0]
-    if scheme not in schemes or not (parts.netloc or parts.path):
+    if scheme not in schemes or (scheme != "memory" and not (parts.netloc or parts.path)):
         raise ConfigError(f"{name} must be a URL starting with one of: {', '.join(schemes)}")
     return raw.rstrip("/") if scheme in ("http", "https") else raw
 

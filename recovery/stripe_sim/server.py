@@ -673,10 +673,7 @@ class StripeSim:
                             {
                                 "error": {
                                     "type": "idempotency_error",
-                                    "message": "Keys for idempotent requests can only be used with the "
-                                    "same parameters they were first used with. Try using a "
-                                    "key other than '" + key + "' if you meant to execute a "
-                                    "different request.",
+                                    "message": _IDEMPOTENCY_MISMATCH.format(key=key),
                                 }
                             },
                             {},
@@ -731,6 +728,11 @@ class StripeSim:
         )
         return [data]
 
+
+_IDEMPOTENCY_MISMATCH = (
+    "Keys for idempotent requests can only be used with the same parameters they were first "
+    "used with. Try using a key other than '{key}' if you meant to execute a different request."
+)
 
 _PHRASES = {
     200: "OK",

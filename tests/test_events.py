@@ -1,0 +1,218 @@
+"""Event processing on PostgreSQL, with Stripe played by the simulator over HTTP."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from recovery import inbox
+from recovery.config import get_settings
+from recovery.db import session_scope
+from recovery.models import AuditEntry, Customer, RecoveryCase, WebhookEvent
+
+from .factories import invoice_object, post_event, sim_post, stripe_event
+
+
+@pytest.fixture
+def stack(sim, receiver):
+    """Simulator delivering signed events to the receiver; yields a drain function."""
+    sim_post(sim.url, "/_sim/webhook_endpoints",
+             {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"})
+
+    def drain(now: datetime | None = None) -> dict[int, str | None]:
+        sim.flush()
+        now = now or datetime.now(UTC)
+        published: list[int] = []
+        inbox.relay(published.extend, now, 500)
+        return inbox.process_events(published, now, get_settings())
+
+    stack = type("Stack", (), {})()
+    stack.sim, stack.receiver, stack.drain = sim, receiver, drain
+    return stack
+
+
+def case_for(invoice_id: str) -> RecoveryCase | None:
+    with session_scope() as session:
+        return session.scalars(
+            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)).one_or_none()
+
+
+def events_by_type() -> dict[str, str]:
+    with session_scope() as session:
+        return {row.type: row.status for row in session.scalars(select(WebhookEvent))}
+
+
+def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(stack):
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {
+        "amount": 4900, "currency": "eur",
+        "card": {"brand": "mastercard", "exp_month": 3, "exp_year": 2031, "fingerprint": "fpMC1"},
+        "behavior": {"decline_code": "insufficient_funds", "advice_code": "try_again_later",
+                     "network_advice_code": "02", "network_decline_code": "51"},
+    })
+    assert set(stack.drain().values()) == {"processed"}
+    case = case_for(scenario["invoice"])
+    assert case.status == "open"
+    assert (case.amount_due, case.currency, case.attempt_count) == (4900, "eur", 1)
+    assert (case.failure_code, case.decline_code, case.advice_code) == (
+        "card_declined", "insufficient_funds", "try_again_later")
+    assert (case.network_advice_code, case.network_decline_code, case.outcome_type) == (
+        "02", "51", "issuer_declined")
+    assert (case.payment_method_type, case.card_brand, case.card_fingerprint) == (
+        "card", "mastercard", "fpMC1")
+    assert (case.card_exp_month, case.card_exp_year) == (3, 2031)
+    assert case.charge_id == scenario["charge"]
+    assert case.subscription_id == scenario["subscription"]
+    assert case.hosted_invoice_url.endswith(scenario["invoice"])
+    with session_scope() as session:
+        customer = session.scalars(select(Customer)).one()
+        assert customer.stripe_customer_id == scenario["customer"]
+        assert case.customer_id == customer.id
+
+
+def test_processing_twice_changes_nothing(stack):
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    stack.drain()
+    with session_scope() as session:
+        row = session.scalars(select(WebhookEvent)).one()
+        audit_before = len(session.scalars(select(AuditEntry)).all())
+    assert inbox.process_event(row.id, datetime.now(UTC), get_settings()) is None
+    inbox.replay([row.id], datetime.now(UTC))
+    stack.drain()
+    with session_scope() as session:
+        assert len(session.scalars(select(RecoveryCase)).all()) == 1
+        # the replay recorded the failure again, it did not open a second case
+        assert len(session.scalars(select(AuditEntry)).all()) == audit_before + 1
+    assert case_for(scenario["invoice"]).attempt_count == 1
+
+
+def test_paid_then_late_failure_stays_closed(stack):
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    failed = next(e for e in stack.sim.state.events if e["type"] == "invoice.payment_failed")
+    stack.drain()
+    sim_post(stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
+    sim_post(stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/attempt")
+    stack.drain()
+    assert case_for(scenario["invoice"]).status == "recovered"
+    # Stripe delivers the old failure again, late.
+    late = stripe_event("invoice.payment_failed", failed["data"]["object"])
+    assert post_event(stack.receiver, late)[0] == 200
+    stack.drain()
+    case = case_for(scenario["invoice"])
+    assert (case.status, case.amount_recovered) == ("recovered", 2000)
+
+
+def test_failure_arriving_after_payment_never_opens_a_case(stack):
+    """Out of order: invoice.paid first (no case yet), then the older failure."""
+    scenario = sim_post(stack.sim.url, "/_sim/invoices", {
+        "customer": sim_post(stack.sim.url, "/_sim/customers", {"card": {}})["id"],
+        "amount": 1500, "subscription": "auto"})
+    stale_failure = stripe_event("invoice.payment_failed", dict(scenario, attempt_count=1))
+    sim_post(stack.sim.url, f"/_sim/invoices/{scenario['id']}/attempt")  # succeeds: paid
+    stack.drain()
+    assert post_event(stack.receiver, stale_failure)[0] == 200
+    stack.drain()
+    assert case_for(scenario["id"]) is None
+    assert events_by_type()["invoice.payment_failed"] == "processed"
+
+
+@pytest.mark.parametrize(("action", "status"), [("void", "voided"),
+                                                ("mark_uncollectible", "uncollectible")])
+def test_voided_and_uncollectible_close_the_case(stack, action, status):
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    stack.drain()
+    sim_post(stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/{action}")
+    stack.drain()
+    case = case_for(scenario["invoice"])
+    assert case.status == status and case.closed_at is not None
+
+
+def test_authentication_required_marks_the_case(stack):
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice",
+                        {"behavior": {"mode": "authenticate"}})
+    stack.drain()
+    case = case_for(scenario["invoice"])
+    assert case.needs_authentication and case.decline_code == "authentication_required"
+    assert events_by_type()["invoice.payment_action_required"] == "processed"
+
+
+def test_canceled_subscription_closes_its_case(stack):
+    from recovery import stripe_api
+
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    stack.drain()
+    stripe_api.cancel_subscription(scenario["subscription"], "cancel-test-1")
+    stack.drain()
+    assert case_for(scenario["invoice"]).status == "canceled"
+
+
+def test_card_change_is_recorded_for_the_engine(stack):
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    stack.drain()
+    new_card = sim_post(stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
+    results = stack.drain()
+    assert set(results.values()) == {"processed"}
+    with session_scope() as session:
+        customer = session.scalars(select(Customer)).one()
+        assert customer.card_updated_at is not None
+        assert customer.default_payment_method == new_card["id"]
+        actions = [a.action for a in session.scalars(select(AuditEntry))]
+        assert actions.count("card_updated") == 2  # payment_method.attached, customer.updated
+
+
+def test_customer_update_without_card_change_is_ignored(stack):
+    customer = {"id": "cus_unknown", "object": "customer", "invoice_settings": {}}
+    event = stripe_event("customer.updated", customer, previous={"description": "old"})
+    post_event(stack.receiver, event)
+    assert set(stack.drain().values()) == {"ignored"}
+
+
+def test_unknown_types_and_other_mode_events_are_ignored(stack):
+    post_event(stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"}))
+    post_event(stack.receiver, stripe_event("invoice.payment_failed", invoice_object(),
+                                            livemode=True))
+    assert set(stack.drain().values()) == {"ignored"}
+    with session_scope() as session:
+        assert session.scalars(select(RecoveryCase)).all() == []
+
+
+def test_events_for_unknown_objects_do_not_crash(stack):
+    for kind in ("invoice.paid", "invoice.voided", "customer.subscription.deleted"):
+        post_event(stack.receiver, stripe_event(kind, invoice_object(id="in_nobody")))
+    assert set(stack.drain().values()) == {"processed"}
+
+
+def test_stripe_errors_back_off_then_fail_and_can_be_replayed(stack):
+    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    sim_post(stack.sim.url, "/_sim/faults", {"path_prefix": "/v1/invoices", "status": 500,
+                                              "count": 3})
+    stack.sim.flush()
+    now = datetime.now(UTC)
+    assert list(stack.drain(now).values()) == ["pending"]
+    with session_scope() as session:
+        row = session.scalars(select(WebhookEvent)).one()
+        assert row.attempts == 1 and "StripeUnavailable" in row.last_error
+        assert row.available_at == now + timedelta(seconds=30)
+    # Not due yet: nothing is published.
+    assert stack.drain(now + timedelta(seconds=10)) == {}
+    assert list(stack.drain(now + timedelta(seconds=31)).values()) == ["pending"]
+    assert list(stack.drain(now + timedelta(seconds=92)).values()) == ["failed"]  # 3rd and last
+    assert case_for(scenario["invoice"]) is None
+    # The fault is gone: an operator replays and it goes through.
+    with session_scope() as session:
+        row_id = session.scalars(select(WebhookEvent.id)).one()
+    inbox.replay([row_id], datetime.now(UTC))
+    assert list(stack.drain().values()) == ["processed"]
+    assert case_for(scenario["invoice"]).status == "open"
+
+
+def test_a_claim_whose_worker_died_is_taken_again_after_its_lease(stack):
+    post_event(stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"}))
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    with session_scope() as session:
+        row_id = session.scalars(select(WebhookEvent.id)).one()
+    assert inbox._claim(row_id, now) == 1  # a worker claims it, then dies
+    assert stack.drain(now) == {}
+    later = now + inbox.LEASE + timedelta(seconds=1)
+    assert stack.drain(later) == {row_id: "ignored"}
