@@ -67,8 +67,9 @@ def reload_settings(**overrides: str) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     try:
-        admin = psycopg2.connect(PG_ADMIN_URL.replace("postgresql://", "postgres://"),
-                                 connect_timeout=3)
+        admin = psycopg2.connect(
+            PG_ADMIN_URL.replace("postgresql://", "postgres://"), connect_timeout=3
+        )
     except psycopg2.OperationalError:
         _missing("PostgreSQL")
     admin.autocommit = True
@@ -163,8 +164,19 @@ def private_redis() -> Iterator:
 
         def start(self) -> None:
             self.process = subprocess.Popen(
-                ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                 "--appendonly", "no"], stdout=subprocess.DEVNULL)
+                [
+                    "redis-server",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
             deadline = time.monotonic() + 10
             while not _reachable("127.0.0.1", self.port):
                 if time.monotonic() > deadline:

@@ -13,17 +13,30 @@ from recovery.webhooks import signature_header
 from .conftest import WEBHOOK_SECRET
 
 
-def stripe_event(event_type: str, obj: dict, *, created: int | None = None,
-                 livemode: bool = False, previous: dict | None = None) -> dict:
-    return objects.event(created or int(time.time()), event_type, obj, livemode,
-                         "2026-10-28.endive", previous)
+def stripe_event(
+    event_type: str,
+    obj: dict,
+    *,
+    created: int | None = None,
+    livemode: bool = False,
+    previous: dict | None = None,
+) -> dict:
+    return objects.event(
+        created or int(time.time()), event_type, obj, livemode, "2026-10-28.endive", previous
+    )
 
 
 def invoice_object(**fields) -> dict:
     invoice = objects.example("invoice")
-    invoice.update(id=objects.new_id("in"), status="open", amount_due=2000,
-                   amount_remaining=2000, currency="usd", customer="cus_test",
-                   customer_email="jenny.rosen@example.com")
+    invoice.update(
+        id=objects.new_id("in"),
+        status="open",
+        amount_due=2000,
+        amount_remaining=2000,
+        currency="usd",
+        customer="cus_test",
+        customer_email="jenny.rosen@example.com",
+    )
     invoice.update(fields)
     return invoice
 
@@ -48,7 +61,8 @@ def post_event(receiver_url: str, event: dict, secret: str = WEBHOOK_SECRET):
 
 
 def sim_post(sim_url: str, path: str, body: dict | None = None) -> dict:
-    status, answer = post(f"{sim_url}{path}", json.dumps(body or {}).encode(),
-                          {"Content-Type": "application/json"})
+    status, answer = post(
+        f"{sim_url}{path}", json.dumps(body or {}).encode(), {"Content-Type": "application/json"}
+    )
     assert status == 200, answer
     return answer

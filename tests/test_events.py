@@ -18,8 +18,11 @@ from .factories import invoice_object, post_event, sim_post, stripe_event
 @pytest.fixture
 def stack(sim, receiver):
     """Simulator delivering signed events to the receiver; yields a drain function."""
-    sim_post(sim.url, "/_sim/webhook_endpoints",
-             {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"})
+    sim_post(
+        sim.url,
+        "/_sim/webhook_endpoints",
+        {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
+    )
 
     def drain(now: datetime | None = None) -> dict[int, str | None]:
         sim.flush()
@@ -36,7 +39,8 @@ def stack(sim, receiver):
 def case_for(invoice_id: str) -> RecoveryCase | None:
     with session_scope() as session:
         return session.scalars(
-            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)).one_or_none()
+            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
+        ).one_or_none()
 
 
 def events_by_type() -> dict[str, str]:
@@ -45,22 +49,45 @@ def events_by_type() -> dict[str, str]:
 
 
 def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(stack):
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {
-        "amount": 4900, "currency": "eur",
-        "card": {"brand": "mastercard", "exp_month": 3, "exp_year": 2031, "fingerprint": "fpMC1"},
-        "behavior": {"decline_code": "insufficient_funds", "advice_code": "try_again_later",
-                     "network_advice_code": "02", "network_decline_code": "51"},
-    })
+    scenario = sim_post(
+        stack.sim.url,
+        "/_sim/scenarios/failed_invoice",
+        {
+            "amount": 4900,
+            "currency": "eur",
+            "card": {
+                "brand": "mastercard",
+                "exp_month": 3,
+                "exp_year": 2031,
+                "fingerprint": "fpMC1",
+            },
+            "behavior": {
+                "decline_code": "insufficient_funds",
+                "advice_code": "try_again_later",
+                "network_advice_code": "02",
+                "network_decline_code": "51",
+            },
+        },
+    )
     assert set(stack.drain().values()) == {"processed"}
     case = case_for(scenario["invoice"])
     assert case.status == "open"
     assert (case.amount_due, case.currency, case.attempt_count) == (4900, "eur", 1)
     assert (case.failure_code, case.decline_code, case.advice_code) == (
-        "card_declined", "insufficient_funds", "try_again_later")
+        "card_declined",
+        "insufficient_funds",
+        "try_again_later",
+    )
     assert (case.network_advice_code, case.network_decline_code, case.outcome_type) == (
-        "02", "51", "issuer_declined")
+        "02",
+        "51",
+        "issuer_declined",
+    )
     assert (case.payment_method_type, case.card_brand, case.card_fingerprint) == (
-        "card", "mastercard", "fpMC1")
+        "card",
+        "mastercard",
+        "fpMC1",
+    )
     assert (case.card_exp_month, case.card_exp_year) == (3, 2031)
     assert case.charge_id == scenario["charge"]
     assert case.subscription_id == scenario["subscription"]
@@ -105,9 +132,15 @@ def test_paid_then_late_failure_stays_closed(stack):
 
 def test_failure_arriving_after_payment_never_opens_a_case(stack):
     """Out of order: invoice.paid first (no case yet), then the older failure."""
-    scenario = sim_post(stack.sim.url, "/_sim/invoices", {
-        "customer": sim_post(stack.sim.url, "/_sim/customers", {"card": {}})["id"],
-        "amount": 1500, "subscription": "auto"})
+    scenario = sim_post(
+        stack.sim.url,
+        "/_sim/invoices",
+        {
+            "customer": sim_post(stack.sim.url, "/_sim/customers", {"card": {}})["id"],
+            "amount": 1500,
+            "subscription": "auto",
+        },
+    )
     stale_failure = stripe_event("invoice.payment_failed", dict(scenario, attempt_count=1))
     sim_post(stack.sim.url, f"/_sim/invoices/{scenario['id']}/attempt")  # succeeds: paid
     stack.drain()
@@ -117,8 +150,9 @@ def test_failure_arriving_after_payment_never_opens_a_case(stack):
     assert events_by_type()["invoice.payment_failed"] == "processed"
 
 
-@pytest.mark.parametrize(("action", "status"), [("void", "voided"),
-                                                ("mark_uncollectible", "uncollectible")])
+@pytest.mark.parametrize(
+    ("action", "status"), [("void", "voided"), ("mark_uncollectible", "uncollectible")]
+)
 def test_voided_and_uncollectible_close_the_case(stack, action, status):
     scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
     stack.drain()
@@ -129,8 +163,9 @@ def test_voided_and_uncollectible_close_the_case(stack, action, status):
 
 
 def test_authentication_required_marks_the_case(stack):
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice",
-                        {"behavior": {"mode": "authenticate"}})
+    scenario = sim_post(
+        stack.sim.url, "/_sim/scenarios/failed_invoice", {"behavior": {"mode": "authenticate"}}
+    )
     stack.drain()
     case = case_for(scenario["invoice"])
     assert case.needs_authentication and case.decline_code == "authentication_required"
@@ -170,8 +205,9 @@ def test_customer_update_without_card_change_is_ignored(stack):
 
 def test_unknown_types_and_other_mode_events_are_ignored(stack):
     post_event(stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"}))
-    post_event(stack.receiver, stripe_event("invoice.payment_failed", invoice_object(),
-                                            livemode=True))
+    post_event(
+        stack.receiver, stripe_event("invoice.payment_failed", invoice_object(), livemode=True)
+    )
     assert set(stack.drain().values()) == {"ignored"}
     with session_scope() as session:
         assert session.scalars(select(RecoveryCase)).all() == []
@@ -185,8 +221,9 @@ def test_events_for_unknown_objects_do_not_crash(stack):
 
 def test_stripe_errors_back_off_then_fail_and_can_be_replayed(stack):
     scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
-    sim_post(stack.sim.url, "/_sim/faults", {"path_prefix": "/v1/invoices", "status": 500,
-                                              "count": 3})
+    sim_post(
+        stack.sim.url, "/_sim/faults", {"path_prefix": "/v1/invoices", "status": 500, "count": 3}
+    )
     stack.sim.flush()
     now = datetime.now(UTC)
     assert list(stack.drain(now).values()) == ["pending"]

@@ -35,15 +35,19 @@ def test_good_signature_is_stored_pending(receiver):
     with session_scope() as session:
         row = session.scalars(select(WebhookEvent)).one()
         assert (row.stripe_event_id, row.type, row.status) == (
-            event["id"], "invoice.payment_failed", "pending")
+            event["id"],
+            "invoice.payment_failed",
+            "pending",
+        )
         assert json.loads(row.payload) == event
         assert row.stripe_created_at.timestamp() == event["created"]
         assert row.received_at.tzinfo is not None
 
 
 def test_rotated_secret_still_accepted(receiver):
-    status, _ = post_event(receiver, stripe_event("invoice.paid", invoice_object()),
-                           secret=OLD_WEBHOOK_SECRET)
+    status, _ = post_event(
+        receiver, stripe_event("invoice.paid", invoice_object()), secret=OLD_WEBHOOK_SECRET
+    )
     assert status == 200
     assert stored_count() == 1
 
@@ -59,8 +63,9 @@ def test_tampered_body_is_rejected_and_not_stored(receiver):
 def test_stale_and_future_timestamps_are_rejected(receiver):
     body = json.dumps(stripe_event("invoice.paid", invoice_object())).encode()
     for skew in (-301, 301):
-        status, answer = post(webhook(receiver), body,
-                              signed_headers(body, timestamp=int(time.time()) + skew))
+        status, answer = post(
+            webhook(receiver), body, signed_headers(body, timestamp=int(time.time()) + skew)
+        )
         assert status == 400 and "tolerance" in answer["error"]
     assert stored_count() == 0
 
@@ -75,8 +80,9 @@ def test_one_valid_among_several_v1_values(receiver):
 
 
 def test_signature_with_an_unknown_secret_is_rejected(receiver):
-    status, _ = post_event(receiver, stripe_event("invoice.paid", invoice_object()),
-                           secret="whsec_someone_else")
+    status, _ = post_event(
+        receiver, stripe_event("invoice.paid", invoice_object()), secret="whsec_someone_else"
+    )
     assert status == 400
     assert stored_count() == 0
 
@@ -89,8 +95,12 @@ def test_missing_header_is_rejected(receiver):
 
 
 def test_malformed_json_and_non_events_are_rejected(receiver):
-    for body in (b'{"id": "evt_1", "object": "event"', b'{"object": "charge", "id": "ch_1"}',
-                 b"[]", b'{"object": "event", "id": "evt_1", "type": "x"}'):
+    for body in (
+        b'{"id": "evt_1", "object": "event"',
+        b'{"object": "charge", "id": "ch_1"}',
+        b"[]",
+        b'{"object": "event", "id": "evt_1", "type": "x"}',
+    ):
         status, answer = post(webhook(receiver), body, signed_headers(body))
         assert status == 400, body
         assert answer["error"] in ("body is not valid JSON", "body is not a Stripe event")

@@ -1,0 +1,61 @@
+"""The operator's `recovery` command on PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from click.testing import CliRunner
+
+from recovery import inbox
+from recovery.cli import cli
+from recovery.config import get_settings
+from recovery.db import session_scope
+from recovery.models import WebhookEvent
+
+from .factories import post_event, stripe_event
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_help_lists_the_commands():
+    result = run("--help")
+    for command in ("db", "serve", "worker", "beat", "events", "stripe-sim", "dev"):
+        assert f"  {command} " in result.output
+    events_help = run("events", "--help").output
+    assert all(f"  {c} " in events_help for c in ("list", "show", "replay"))
+
+
+def test_list_show_and_replay(receiver):
+    paid = stripe_event("invoice.paid", {"id": "in_x", "object": "invoice"})
+    plan = stripe_event("plan.created", {"id": "plan_x", "object": "plan"})
+    post_event(receiver, paid)
+    post_event(receiver, plan)
+    listed = run("events", "list", "--type", "plan.created")
+    assert listed.exit_code == 0
+    assert plan["id"] in listed.output and paid["id"] not in listed.output
+    assert paid["id"] in run("events", "list", "--status", "pending").output
+
+    shown = run("events", "show", paid["id"])
+    assert shown.exit_code == 0 and "invoice.paid" in shown.output and "in_x" in shown.output
+    with session_scope() as session:
+        row = session.query(WebhookEvent).filter_by(stripe_event_id=plan["id"]).one()
+        row.status, row.last_error = "failed", "StripeUnavailable: down"
+    assert "StripeUnavailable: down" in run("events", "show", str(row.id)).output
+
+    replayed = run("events", "replay", "--failed")
+    assert replayed.exit_code == 0 and "1 event(s) queued again" in replayed.output
+    assert inbox.process_event(row.id, datetime.now(UTC), get_settings()) == "ignored"
+
+
+def test_unknown_ids_are_a_clear_error(receiver):
+    for args in (
+        ("events", "show", "evt_nope"),
+        ("events", "show", "999"),
+        ("events", "replay", "evt_nope"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 1
+        assert "no event" in result.output and "Traceback" not in result.output
+    assert run("events", "replay").exit_code == 2

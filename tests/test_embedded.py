@@ -1,0 +1,30 @@
+"""The README's first command: the embedded stack (SQLite, embedded broker), no servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_dev_check_follows_a_payment_to_recovery(tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "recovery.cli", "dev", "--check"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "decline insufficient_funds" in result.stdout
+    assert "recovered: 2000 usd" in result.stdout
+    assert (tmp_path / "var" / "recovery.sqlite3").exists()

@@ -1,0 +1,163 @@
+"""The Stripe-compatible server through the real SDK and recovery.stripe_api."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import stripe
+
+from recovery import stripe_api
+from recovery.stripe_sim.objects import FIXTURES
+
+from .factories import sim_post
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
+
+
+def sdk(sim, timeout: float = 5) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        "sk_test_sdk",
+        base_addresses={"api": sim.url},
+        max_network_retries=0,
+        http_client=stripe.RequestsClient(timeout=timeout),
+    )
+
+
+@pytest.mark.skipif(not SHARED_FIXTURES.exists(), reason="shared/ is not beside the checkout")
+def test_packaged_examples_are_stripes_own():
+    ours = json.loads(FIXTURES.read_text())["resources"]
+    theirs = json.loads(SHARED_FIXTURES.read_text())["resources"]
+    assert ours == {name: theirs[name] for name in ours}
+
+
+def test_decline_answers_like_stripe(sim):
+    scenario = sim_post(
+        sim.url,
+        "/_sim/scenarios/failed_invoice",
+        {
+            "behavior": {
+                "decline_code": "card_velocity_exceeded",
+                "advice_code": "try_again_later",
+                "network_advice_code": "24",
+            }
+        },
+    )
+    with pytest.raises(stripe.CardError) as declined:
+        sdk(sim).v1.invoices.pay(
+            scenario["invoice"], {"off_session": True}, {"idempotency_key": "pay-1"}
+        )
+    error = declined.value
+    assert (error.http_status, error.code, error.error.decline_code) == (
+        402,
+        "card_declined",
+        "card_velocity_exceeded",
+    )
+    body = error.json_body["error"]
+    assert body["type"] == "card_error" and body["network_advice_code"] == "24"
+    charge = sdk(sim).v1.charges.retrieve(body["charge"])
+    assert charge.outcome.advice_code == "try_again_later"
+    assert charge.outcome.reason == "card_velocity_exceeded"
+    assert sdk(sim).v1.invoices.retrieve(scenario["invoice"]).attempt_count == 2
+
+
+def test_idempotency_replay_and_mismatch(sim):
+    scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    client = sdk(sim)
+    for _ in range(2):
+        with pytest.raises(stripe.CardError) as declined:
+            client.v1.invoices.pay(
+                scenario["invoice"], {"off_session": True}, {"idempotency_key": "attempt-7"}
+            )
+    assert declined.value.headers.get("idempotent-replayed") == "true"
+    # The replay did not charge again.
+    assert client.v1.invoices.retrieve(scenario["invoice"]).attempt_count == 2
+    with pytest.raises(stripe.IdempotencyError) as mismatch:
+        client.v1.invoices.pay(
+            scenario["invoice"], {"off_session": False}, {"idempotency_key": "attempt-7"}
+        )
+    assert mismatch.value.http_status == 400
+
+
+def test_card_that_succeeds_after_a_time(sim):
+    scenario = sim_post(
+        sim.url, "/_sim/scenarios/failed_invoice", {"behavior": {"succeed_after": sim.now() + 3600}}
+    )
+    with pytest.raises(stripe_api.CardDeclined):
+        stripe_api.pay_invoice(scenario["invoice"], "try-1")
+    sim_post(sim.url, "/_sim/clock", {"advance": 3601})
+    assert stripe_api.pay_invoice(scenario["invoice"], "try-2")["status"] == "paid"
+
+
+def test_errors_map_to_the_project_tree(sim):
+    scenario = sim_post(
+        sim.url,
+        "/_sim/scenarios/failed_invoice",
+        {"behavior": {"decline_code": "lost_card", "network_decline_code": "41"}},
+    )
+    with pytest.raises(stripe_api.CardDeclined) as declined:
+        stripe_api.pay_invoice(scenario["invoice"], "attempt-1")
+    assert declined.value.decline.decline_code == "lost_card"
+    assert declined.value.decline.network_decline_code == "41"
+    assert declined.value.decline.payment_intent_id.startswith("pi_")
+    with pytest.raises(stripe_api.StripeNotFound):
+        stripe_api.retrieve_invoice("in_missing")
+    sim_post(sim.url, "/_sim/faults", {"path_prefix": "/v1/invoices", "status": 429})
+    with pytest.raises(stripe_api.StripeRateLimited):
+        stripe_api.retrieve_invoice(scenario["invoice"])
+    sim_post(sim.url, "/_sim/faults", {"path_prefix": "/v1/invoices", "status": 500})
+    with pytest.raises(stripe_api.StripeUnavailable):
+        stripe_api.retrieve_invoice(scenario["invoice"])
+    with pytest.raises(stripe_api.IdempotencyConflict):
+        stripe_api.pay_invoice(scenario["invoice"], "attempt-1", payment_method="pm_other")
+    with pytest.raises(ValueError, match="idempotency key"):
+        stripe_api.pay_invoice(scenario["invoice"], "")
+
+
+def test_timeouts_surface_as_unavailable(sim):
+    scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    sim_post(
+        sim.url, "/_sim/faults", {"path_prefix": "/v1/invoices", "status": "timeout", "delay": 1.5}
+    )
+    with pytest.raises(stripe.APIConnectionError):
+        sdk(sim, timeout=0.5).v1.invoices.retrieve(scenario["invoice"])
+
+
+def test_sessions_customers_subscriptions_and_events(sim):
+    scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    session = stripe_api.create_setup_checkout_session(
+        scenario["customer"], "https://example.test/ok", "https://example.test/back", "cs-1"
+    )
+    assert session["mode"] == "setup" and session["url"].startswith(sim.url)
+    portal = stripe_api.create_billing_portal_session(
+        scenario["customer"], "https://example.test", "bps-1"
+    )
+    assert portal["customer"] == scenario["customer"]
+    assert stripe_api.retrieve_customer(scenario["customer"])["email"] == "jenny.rosen@example.com"
+    pm = stripe_api.retrieve_payment_method(scenario["payment_method"])
+    assert pm["card"]["brand"] == "visa"
+    assert (
+        stripe_api.list_invoices(customer=scenario["customer"])["data"][0]["id"]
+        == (scenario["invoice"])
+    )
+    updated = stripe_api.update_subscription(
+        scenario["subscription"], "sub-up-1", metadata={"note": "x"}
+    )
+    assert updated["metadata"] == {"note": "x"}
+    assert stripe_api.cancel_subscription(scenario["subscription"], "sub-1")["status"] == (
+        "canceled"
+    )
+    types = [e["type"] for e in stripe_api.list_events(limit=20)["data"]]
+    assert "invoice.payment_failed" in types and "customer.subscription.deleted" in types
+    with pytest.raises(stripe_api.StripeRequestRejected):
+        stripe_api.create_setup_checkout_session(
+            "cus_missing", "https://x/ok", "https://x/c", "cs-2"
+        )
+
+
+def test_unauthenticated_requests_are_refused(sim):
+    with pytest.raises(stripe.AuthenticationError):
+        stripe.StripeClient(
+            "pk_test_public", base_addresses={"api": sim.url}, max_network_retries=0
+        ).v1.invoices.retrieve("in_x")

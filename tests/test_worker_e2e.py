@@ -1,0 +1,166 @@
+"""End to end: a real Celery worker (with beat) on real Redis and PostgreSQL.
+
+Stripe (the simulator) declines a renewal and sends the signed webhook over
+HTTP; the receiver stores it; beat's relay hands it to the worker, which asks
+Stripe for the decline and opens the case.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from recovery.db import session_scope
+from recovery.models import RecoveryCase, WebhookEvent
+
+from .conftest import BASE_ENV, ROOT
+from .factories import post_event, sim_post, stripe_event
+
+
+def wait_for(predicate, seconds: float = 30.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {seconds}s")
+
+
+def case_status(invoice_id: str) -> str | None:
+    with session_scope() as session:
+        case = session.scalars(
+            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
+        ).one_or_none()
+        return case.status if case else None
+
+
+def start_worker(db_url: str, broker_url: str, sim_url: str, tmp_path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        **BASE_ENV,
+        "DATABASE_URL": db_url,
+        "BROKER_URL": broker_url,
+        "STRIPE_API_BASE": sim_url,
+        "PYTHONPATH": str(ROOT),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "recovery.cli", "worker", "--beat", "--concurrency", "2"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def stop(process: subprocess.Popen) -> str:
+    process.terminate()
+    try:
+        _, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+    return err.decode(errors="replace")
+
+
+@pytest.fixture
+def flushed_redis(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield redis_url
+    client.flushdb()
+
+
+def test_signed_event_over_http_opens_case_then_late_failure_keeps_it_closed(
+    db, sim, receiver, flushed_redis, tmp_path
+):
+    sim_post(
+        sim.url,
+        "/_sim/webhook_endpoints",
+        {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
+    )
+    worker = start_worker(db, flushed_redis, sim.url, tmp_path)
+    try:
+        scenario = sim_post(
+            sim.url,
+            "/_sim/scenarios/failed_invoice",
+            {
+                "card": {"brand": "visa", "fingerprint": "fpE2E"},
+                "behavior": {"decline_code": "do_not_honor", "network_decline_code": "05"},
+            },
+        )
+        invoice_id = scenario["invoice"]
+        wait_for(lambda: case_status(invoice_id) == "open")
+        with session_scope() as session:
+            case = session.scalars(select(RecoveryCase)).one()
+            assert (case.decline_code, case.network_decline_code, case.card_fingerprint) == (
+                "do_not_honor",
+                "05",
+                "fpE2E",
+            )
+        failed = next(e for e in sim.state.events if e["type"] == "invoice.payment_failed")
+
+        # Paid, then the old failure arrives again: the case stays recovered.
+        sim_post(sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
+        sim_post(sim.url, f"/_sim/invoices/{invoice_id}/attempt")
+        wait_for(lambda: case_status(invoice_id) == "recovered")
+        late = stripe_event(
+            "invoice.payment_failed", failed["data"]["object"], created=failed["created"]
+        )
+        assert post_event(receiver, late)[0] == 200
+
+        def late_event_done():
+            with session_scope() as session:
+                row = session.scalars(
+                    select(WebhookEvent).where(WebhookEvent.stripe_event_id == late["id"])
+                ).one()
+                return row.status == "processed"
+
+        wait_for(late_event_done)
+        assert case_status(invoice_id) == "recovered"
+    finally:
+        errors = stop(worker)
+    assert "Traceback" not in errors, errors[-3000:]
+
+
+def test_broker_down_events_wait_then_flow_when_it_returns(
+    db, sim, receiver, private_redis, tmp_path
+):
+    """The receiver answers 2xx while Redis is down; the sweep delivers afterwards."""
+    from recovery import inbox
+
+    from .conftest import reload_settings
+
+    reload_settings(DATABASE_URL=db, BROKER_URL=private_redis.url, STRIPE_API_BASE=sim.url)
+    from recovery.tasks import make_celery
+
+    app = make_celery()
+    app.conf.broker_connection_timeout = 1
+
+    def publish(ids):
+        app.send_task("recovery.process_events", args=[ids], retry=False)
+
+    scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    failed = next(e for e in sim.state.events if e["type"] == "invoice.payment_failed")
+    # Redis is not running: the event is still acknowledged and stored.
+    assert post_event(receiver, failed)[0] == 200
+    assert inbox.relay(publish, datetime.now(UTC), 100) == 0
+    with session_scope() as session:
+        row = session.scalars(select(WebhookEvent)).one()
+        assert (row.status, row.enqueued_at) == ("pending", None)
+
+    # Redis is back: beat's periodic sweep, in the worker, relays the event.
+    private_redis.start()
+    worker = start_worker(db, private_redis.url, sim.url, tmp_path)
+    try:
+        wait_for(lambda: case_status(scenario["invoice"]) == "open")
+    finally:
+        stop(worker)
