@@ -43,9 +43,11 @@ def make_engine(url: str) -> Engine:
         return engine
     # connect_timeout keeps a request from hanging on an unreachable database,
     # so the receiver can answer 503 and Stripe retries.
+    # No pool_pre_ping: it costs a round trip per request on the receiver's
+    # hot path; a connection broken by a database restart fails one request
+    # (503, Stripe retries) and SQLAlchemy then drops the whole stale pool.
     return create_engine(
         url,
-        pool_pre_ping=True,
         pool_size=5,
         max_overflow=5,
         connect_args={"connect_timeout": 3},
@@ -92,3 +94,15 @@ def insert_ignore(
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     statement = insert(table).on_conflict_do_nothing(index_elements=unique)
     return conn.execute(statement, values).rowcount == 1
+
+
+def insert_ignore_returning(conn: Connection, table: Table, rows: list[dict], key: str) -> set:
+    """One multi-row INSERT … ON CONFLICT DO NOTHING; the keys actually inserted."""
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        insert(table)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=[key])
+        .returning(table.c[key])
+    )
+    return set(conn.execute(statement).scalars())

@@ -16,11 +16,12 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from recovery.config import Settings, get_settings
 from recovery.db import get_engine
+from recovery.inbox_writer import InboxWriter
 from recovery.webhooks import (
     MAX_BODY_BYTES,
     WebhookRejected,
+    inbox_row,
     parse_event,
-    store_event,
     verify_signature,
 )
 
@@ -61,7 +62,7 @@ def _read_body(environ) -> bytes:
     return body
 
 
-def receive_webhook(environ, start_response, settings: Settings) -> list[bytes]:
+def receive_webhook(environ, start_response, settings: Settings, writer: InboxWriter):
     try:
         payload = _read_body(environ)
         verify_signature(
@@ -77,9 +78,8 @@ def receive_webhook(environ, start_response, settings: Settings) -> list[bytes]:
         return _respond(start_response, rejected.status, {"error": rejected.reason})
 
     try:
-        with get_engine().begin() as conn:
-            stored = store_event(conn, event, payload, datetime.now(UTC))
-    except (DBAPIError, SQLAlchemyError) as exc:
+        stored = writer.store(inbox_row(event, payload, datetime.now(UTC)))
+    except (DBAPIError, SQLAlchemyError, TimeoutError) as exc:
         # Not acknowledged, so Stripe delivers it again later.
         log.error("webhook_store_failed", event_id=event.id, error=type(exc).__name__)
         return _respond(start_response, 503, {"error": "database unavailable, retry later"})
@@ -99,13 +99,14 @@ def database_ready() -> bool:
 
 def make_app(settings: Settings | None = None):
     settings = settings or get_settings()
+    writer = InboxWriter(get_engine())
 
     def app(environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         if path == "/webhooks/stripe":
             if method != "POST":
                 return _respond(start_response, 405, {"error": "use POST"})
-            return receive_webhook(environ, start_response, settings)
+            return receive_webhook(environ, start_response, settings, writer)
         if path == "/healthz":
             return _respond(start_response, 200, {"status": "ok"})
         if path == "/readyz":

@@ -1,8 +1,9 @@
 """The receiver's logic: verify a Stripe delivery, parse it, store it once.
 
-No business logic happens here. A verified event is inserted into the inbox
-with ON CONFLICT DO NOTHING and the caller answers 2xx only after the commit;
-the relay hands stored events to workers later (see inbox.py).
+No business logic happens here. A verified event becomes an inbox row, which
+inbox_writer.py inserts with ON CONFLICT DO NOTHING; the caller answers 2xx
+only after the commit and the relay hands stored events to workers later
+(see inbox.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection
-
-from recovery.db import insert_ignore
-from recovery.models import EventStatus, WebhookEvent
+from recovery.models import EventStatus
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -123,23 +121,21 @@ def parse_event(payload: bytes) -> ParsedEvent:
     )
 
 
-def store_event(conn: Connection, event: ParsedEvent, payload: bytes, now: datetime) -> bool:
-    """Insert the event into the inbox; False when it was already there."""
-    return insert_ignore(
-        conn,
-        WebhookEvent.__table__,
-        {
-            "stripe_event_id": event.id,
-            "type": event.type,
-            "account": event.account,
-            "livemode": event.livemode,
-            "api_version": event.api_version,
-            "stripe_created_at": event.created,
-            "received_at": now,
-            "payload": payload.decode("utf-8"),
-            "status": EventStatus.PENDING.value,
-            "attempts": 0,
-            "available_at": now,
-        },
-        ["stripe_event_id"],
-    )
+def inbox_row(event: ParsedEvent, payload: bytes, now: datetime) -> dict:
+    """The inbox row for a verified event, ready to insert."""
+    return {
+        "stripe_event_id": event.id,
+        "type": event.type,
+        "account": event.account,
+        "livemode": event.livemode,
+        "api_version": event.api_version,
+        "stripe_created_at": event.created,
+        "received_at": now,
+        "payload": payload.decode("utf-8"),
+        "status": EventStatus.PENDING.value,
+        "attempts": 0,
+        "enqueued_at": None,
+        "last_error": None,
+        "processed_at": None,
+        "available_at": now,
+    }
