@@ -233,13 +233,7 @@ class StripeSim:
                 risk_level="normal",
             )
             intent.update(status="succeeded", amount_received=intent["amount"])
-            invoice.update(
-                status="paid",
-                amount_paid=invoice["amount_due"],
-                amount_remaining=0,
-                next_payment_attempt=None,
-            )
-            invoice["status_transitions"]["paid_at"] = now
+            _mark_paid(invoice, now)
         else:
             code = (
                 "authentication_required"
@@ -429,14 +423,7 @@ class StripeSim:
         if invoice["status"] != "open":
             raise _invalid(f"You cannot pay an invoice with status {invoice['status']}")
         if params.get("paid_out_of_band") in ("true", True):
-            now = self.now()
-            invoice.update(
-                status="paid",
-                amount_paid=invoice["amount_due"],
-                amount_remaining=0,
-                paid_out_of_band=True,
-            )
-            invoice["status_transitions"]["paid_at"] = now
+            _mark_paid(invoice, self.now(), paid_out_of_band=True)
             self.emit("invoice.paid", invoice)
             return 200, invoice
         pm = (
@@ -727,6 +714,17 @@ class StripeSim:
             ],
         )
         return [data]
+
+
+def _mark_paid(invoice: dict, now: int, **extra) -> None:
+    invoice.update(
+        status="paid",
+        amount_paid=invoice["amount_due"],
+        amount_remaining=0,
+        next_payment_attempt=None,
+        **extra,
+    )
+    invoice["status_transitions"]["paid_at"] = now
 
 
 _IDEMPOTENCY_MISMATCH = (
