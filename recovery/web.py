@@ -33,7 +33,6 @@ _REASONS = {
     400: "400 Bad Request",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
-    411: "411 Length Required",
     413: "413 Content Too Large",
     503: "503 Service Unavailable",
 }
