@@ -1,6 +1,6 @@
 """Webhook ingest benchmark: our receiver vs a naive one, same machine, same run.
 
-    python bench/ingest.py [--events 20000] [--naive-events 5000] [--workers 4]
+    python bench/ingest.py [--events 20000] [--naive-events 5000] [--workers 2]
                            [--concurrency 32]
 
 Each receiver runs under gunicorn against a fresh PostgreSQL database; the load
@@ -129,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--naive-events", type=int, default=5000)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
 
@@ -142,13 +142,13 @@ def main() -> None:
     try:
         migrate.upgrade(db_url)
         ours = run_receiver(
-            "recovery (gunicorn, raw WSGI, inbox insert)",
-            "recovery.wsgi:app",
+            "recovery (gunicorn+uvicorn, ASGI, group commit)",
+            "recovery.asgi:app",
             db_url,
             args.events,
             args.workers,
             args.concurrency,
-            ["--worker-class", "gthread", "--threads", "16"],
+            ["--worker-class", "uvicorn_worker.UvicornWorker"],
         )
         naive = run_receiver(
             "naive (Flask, construct_event, ORM, delay())",

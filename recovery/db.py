@@ -97,12 +97,13 @@ def insert_ignore(
 
 
 def insert_ignore_returning(conn: Connection, table: Table, rows: list[dict], key: str) -> set:
-    """One multi-row INSERT … ON CONFLICT DO NOTHING; the keys actually inserted."""
+    """INSERT … ON CONFLICT DO NOTHING for many rows; the keys actually inserted.
+
+    The rows go as parameters of one cached statement: SQLAlchemy's
+    "insertmanyvalues" sends them as multi-row INSERTs without compiling SQL
+    per batch, which a `.values(rows)` statement would (a third of the
+    receiver's CPU when it did).
+    """
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = (
-        insert(table)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=[key])
-        .returning(table.c[key])
-    )
-    return set(conn.execute(statement).scalars())
+    statement = insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
+    return set(conn.execute(statement, rows).scalars())

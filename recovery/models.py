@@ -123,10 +123,7 @@ class WebhookEvent(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    __table_args__ = (
-        Index("ix_webhook_events_status_available_at", "status", "available_at"),
-        Index("ix_webhook_events_type", "type"),
-    )
+    __table_args__ = (Index("ix_webhook_events_status_available_at", "status", "available_at"),)
 
 
 class Customer(Base):

@@ -112,11 +112,12 @@ def db(pg_url) -> Iterator[str]:
 @pytest.fixture
 def sim() -> Iterator:
     """The Stripe-compatible server on a free port, with STRIPE_API_BASE pointing at it."""
-    from recovery.devserver import start_in_thread
+    from recovery.devserver import start_wsgi_in_thread
     from recovery.stripe_sim import StripeSim
 
     stripe_sim = StripeSim()
-    server, url = start_in_thread(stripe_sim.wsgi)
+    server = start_wsgi_in_thread(stripe_sim.wsgi)
+    url = server.url
     stripe_sim.state.base_url = url
     stripe_sim.url = url
     os.environ["STRIPE_API_BASE"] = url
@@ -126,8 +127,7 @@ def sim() -> Iterator:
     get_settings.cache_clear()
     stripe_api.client.cache_clear()
     yield stripe_sim
-    server.shutdown()
-    server.server_close()
+    server.stop()
     os.environ.pop("STRIPE_API_BASE", None)
     get_settings.cache_clear()
     stripe_api.client.cache_clear()
@@ -137,13 +137,12 @@ def sim() -> Iterator:
 def receiver(db) -> Iterator[str]:
     """The webhook receiver over real HTTP; yields its base URL."""
     from recovery.config import get_settings
-    from recovery.devserver import start_in_thread
+    from recovery.devserver import start_asgi_in_thread
     from recovery.web import make_app
 
-    server, url = start_in_thread(make_app(get_settings()))
-    yield url
-    server.shutdown()
-    server.server_close()
+    server = start_asgi_in_thread(make_app(get_settings()))
+    yield server.url
+    server.stop()
 
 
 def free_port() -> int:

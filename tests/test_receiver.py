@@ -132,23 +132,24 @@ def test_same_event_fifty_times_concurrently_is_one_row(receiver):
 
 def test_database_down_answers_503(db):
     from recovery.config import load_settings
-    from recovery.devserver import start_in_thread
+    from recovery.devserver import start_asgi_in_thread
     from recovery.web import make_app
 
     from .conftest import BASE_ENV, free_port, reload_settings
 
     reload_settings(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
-    server, url = start_in_thread(make_app(load_settings(BASE_ENV)))
+    server = start_asgi_in_thread(make_app(load_settings(BASE_ENV)))
+    url = server.url
     try:
         status, answer = post_event(url, stripe_event("invoice.paid", invoice_object()))
         assert status == 503 and "retry" in answer["error"]
         with pytest.raises(urllib.error.HTTPError) as not_ready:
             urllib.request.urlopen(f"{url}/readyz", timeout=10)
         assert not_ready.value.code == 503
+        not_ready.value.close()
         with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
             assert response.status == 200
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
     reload_settings(DATABASE_URL=db)
     assert stored_count() == 0
