@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import UTC, datetime
 
 import click
 
+from recovery import clock
 from recovery.config import ConfigError, get_settings
 
 
@@ -378,7 +378,7 @@ def events_replay(refs: tuple[str, ...], failed: bool) -> None:
             ids += session.scalars(
                 select(WebhookEvent.id).where(WebhookEvent.status == EventStatus.FAILED)
             ).all()
-    count = inbox.replay(ids, datetime.now(UTC))
+    count = inbox.replay(ids, clock.now())
     click.echo(f"{count} event(s) queued again")
 
 

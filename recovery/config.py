@@ -24,6 +24,7 @@ DEV_WEBHOOK_SECRET = "whsec_recovery_development"  # noqa: S105 - development on
 ENVIRONMENTS = ("development", "production")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+RECOVERY_MODES = ("auto", "assist", "take_over")
 
 
 class ConfigError(Exception):
@@ -46,6 +47,14 @@ class Settings:
     webhook_tolerance_seconds: int
     event_max_attempts: int
     relay_batch_size: int
+    # The engine (see engine.py, plans.py, ledger.py, steps.py).
+    recovery_mode: str = "auto"
+    plans_file: str | None = None
+    stripe_write_rate: float = 20.0
+    visa_max_attempts_30d: int = 15
+    step_lease_seconds: int = 300
+    dispatch_batch_size: int = 500
+    card_update_min_gap_seconds: int = 300
 
     @property
     def production(self) -> bool:
@@ -134,6 +143,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         webhook_tolerance_seconds=_int(env, "WEBHOOK_TOLERANCE_SECONDS", 300, 1, 3600),
         event_max_attempts=_int(env, "EVENT_MAX_ATTEMPTS", 8, 1, 100),
         relay_batch_size=_int(env, "RELAY_BATCH_SIZE", 200, 1, 10_000),
+        recovery_mode=_choice(env, "RECOVERY_MODE", RECOVERY_MODES, "auto"),
+        plans_file=env.get("RECOVERY_PLANS_FILE", "").strip() or None,
+        stripe_write_rate=float(_int(env, "STRIPE_WRITE_RATE", 20, 1, 10_000)),
+        visa_max_attempts_30d=_int(env, "VISA_MAX_ATTEMPTS_30D", 15, 1, 20),
+        step_lease_seconds=_int(env, "STEP_LEASE_SECONDS", 300, 5, 86_400),
+        dispatch_batch_size=_int(env, "DISPATCH_BATCH_SIZE", 500, 1, 10_000),
+        card_update_min_gap_seconds=_int(env, "CARD_UPDATE_MIN_GAP_SECONDS", 300, 0, 86_400),
     )
 
 

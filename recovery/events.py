@@ -16,7 +16,8 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from recovery import stripe_api
+from recovery import clock, engine, stripe_api
+from recovery.classify import classify
 from recovery.db import insert_ignore
 from recovery.models import AuditEntry, CaseStatus, Customer, RecoveryCase, can_move
 
@@ -51,8 +52,8 @@ def upsert_customer(session: Session, customer_id: str, **fields: Any) -> Custom
         Customer.__table__,
         {
             "stripe_customer_id": customer_id,
-            "created_at": datetime.now(UTC),
-            "updated_at": datetime.now(UTC),
+            "created_at": clock.now(),
+            "updated_at": clock.now(),
         },
         ["stripe_customer_id"],
     )
@@ -81,6 +82,7 @@ def close_case(
     case.closed_at = now
     for key, value in fields.items():
         setattr(case, key, value)
+    engine.cancel_steps(session, case)
     _audit(session, case, f"case_{status.value}", previous=previous)
     log.info("case_closed", case_id=case.id, invoice_id=case.invoice_id, status=status.value)
     return True
@@ -183,6 +185,7 @@ def on_payment_failed(
         return PROCESSED
 
     case.last_failure_at = created
+    case.first_failed_at = min(case.first_failed_at or created, created)
     case.attempt_count = max(case.attempt_count, invoice.get("attempt_count") or 0)
     case.next_payment_attempt = _ts(invoice.get("next_payment_attempt"))
     case.hosted_invoice_url = invoice.get("hosted_invoice_url") or case.hosted_invoice_url
@@ -195,6 +198,9 @@ def on_payment_failed(
     for key, value in details.items():
         if value is not None:
             setattr(case, key, value)
+    stops_card = classify(engine.failure_of(case)).stops_card
+    engine.record_card_attempt(session, case, details["charge_id"], created, "stripe", stops_card)
+    engine.plan_case(session, case, now)
     _audit(
         session,
         case,
@@ -317,12 +323,15 @@ def on_card_changed(session: Session, event: dict, now: datetime) -> str:
         settings = event["data"]["object"].get("invoice_settings") or {}
         customer.default_payment_method = _id(settings.get("default_payment_method"))
     open_cases = session.scalars(
-        select(RecoveryCase).where(
+        select(RecoveryCase)
+        .where(
             RecoveryCase.customer_id == customer.id, RecoveryCase.status == CaseStatus.OPEN.value
         )
+        .with_for_update()
     ).all()
     for case in open_cases:
         _audit(session, case, "card_updated", event_id=event["id"], event_type=event["type"])
+        engine.on_card_updated(session, case, changed_at, now)
     log.info("card_updated", customer_id=customer.id, open_cases=len(open_cases))
     return PROCESSED
 

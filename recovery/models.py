@@ -25,9 +25,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from recovery import clock
+
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    return clock.now()
 
 
 class UTCDateTime(TypeDecorator):
@@ -179,6 +181,14 @@ class RecoveryCase(Base):
     card_exp_year: Mapped[int | None] = mapped_column(Integer)
     # Stripe's `created` of the newest failure applied, so a stale one is not.
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Stripe's `created` of the first failure: the anchor of the plan.
+    first_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The engine's reading of the decline (classify.Category) and who retries
+    # (assist: Stripe's own retries run; take_over: we retry).
+    category: Mapped[str | None] = mapped_column(String(32), index=True)
+    mode: Mapped[str | None] = mapped_column(String(16))
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    flag_reason: Mapped[str | None] = mapped_column(String(255))
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -186,25 +196,75 @@ class RecoveryCase(Base):
     __table_args__ = (Index("ix_recovery_cases_status", "status"),)
 
 
+class StepKind(enum.StrEnum):
+    RETRY = "retry"
+    EMAIL = "email"
+    FINAL = "final"
+
+
+class StepStatus(enum.StrEnum):
+    """scheduled ─claim─▶ claimed ─start─▶ executing ─▶ done | canceled
+    (a claim or execution whose lease ran out is claimed again)"""
+
+    SCHEDULED = "scheduled"
+    CLAIMED = "claimed"
+    EXECUTING = "executing"
+    DONE = "done"
+    CANCELED = "canceled"
+
+
 class RecoveryAttempt(Base):
-    """A scheduled step of a case's plan: a retry, an email or the final action."""
+    """A step of a case's plan with its due time: a retry, an email or the final
+    action. Unique per case and step name, so planning twice schedules once."""
 
     __tablename__ = "recovery_attempts"
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="scheduled")
+    step: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default=StepStatus.SCHEDULED)
     due_at: Mapped[datetime] = mapped_column(UTCDateTime)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Bumped by every claim: an executor acts only on the claim it was given.
+    claims: Mapped[int] = mapped_column(Integer, default=0)
+    # Transient failures (Stripe 429/5xx, timeouts) of this same step.
+    tries: Mapped[int] = mapped_column(Integer, default=0)
+    # Sent with Invoice.pay: the same on every re-execution of this step.
     idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
     outcome: Mapped[str | None] = mapped_column(String(64))
+    decline_code: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
     amount: Mapped[int | None] = mapped_column(BigInteger)
     currency: Mapped[str | None] = mapped_column(String(3))
     executed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    __table_args__ = (Index("ix_recovery_attempts_status_due_at", "status", "due_at"),)
+    __table_args__ = (
+        UniqueConstraint("case_id", "step", name="uq_recovery_attempts_case_id_step"),
+        Index("ix_recovery_attempts_status_due_at", "status", "due_at"),
+        Index("ix_recovery_attempts_status_lease_until", "status", "lease_until"),
+    )
+
+
+class CardAttempt(Base):
+    """The network ledger: every charge attempt on a card, Stripe's and ours."""
+
+    __tablename__ = "card_attempts"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    brand: Mapped[str | None] = mapped_column(String(32))
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(String(16))  # stripe | recovery
+    # The charge id, so the webhook and our own record of one charge count once.
+    reference: Mapped[str] = mapped_column(String(255), unique=True)
+    # A stop code: no network allows another attempt on this card.
+    stop: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        Index("ix_card_attempts_fingerprint_attempted_at", "fingerprint", "attempted_at"),
+    )
 
 
 class Message(Base):

@@ -155,6 +155,12 @@ def pay_invoice(invoice_id: str, idempotency_key: str, **params: Any) -> dict[st
     )
 
 
+def mark_uncollectible(invoice_id: str, idempotency_key: str) -> dict[str, Any]:
+    return _call(
+        client().v1.invoices.mark_uncollectible, invoice_id, None, _effect(idempotency_key)
+    )
+
+
 def list_invoice_payments(invoice_id: str) -> dict[str, Any]:
     return _call(client().v1.invoice_payments.list, {"invoice": invoice_id})
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import runpy
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from recovery import inbox
+from recovery import clock, inbox
 from recovery.config import get_settings
 from recovery.db import reset_engine
 from recovery.observability import configure
@@ -72,7 +72,7 @@ def _configure_solo_worker(**_kwargs) -> None:
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    return clock.now()
 
 
 @app.task(name="recovery.process_events")

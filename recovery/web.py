@@ -16,12 +16,12 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from recovery import clock
 from recovery.config import Settings, get_settings
 from recovery.db import get_engine
 from recovery.inbox_writer import InboxWriter
@@ -99,7 +99,7 @@ async def receive_webhook(scope, receive, send, settings: Settings, writer: Inbo
         return await respond(send, rejected.status, {"error": rejected.reason})
 
     try:
-        stored = await writer.store(inbox_row(event, payload, datetime.now(UTC)))
+        stored = await writer.store(inbox_row(event, payload, clock.now()))
     except (DBAPIError, SQLAlchemyError, TimeoutError) as exc:
         # Not acknowledged, so Stripe delivers it again later.
         log.error("webhook_store_failed", event_id=event.id, error=type(exc).__name__)

@@ -36,6 +36,15 @@ class ApiError(Exception):
         self.body = body
 
 
+_RATE_LIMITED = {
+    "error": {
+        "type": "invalid_request_error",
+        "code": "rate_limit",
+        "message": "Too many requests hit the API too quickly.",
+    }
+}
+
+
 def _not_found(kind: str, object_id: str) -> ApiError:
     return ApiError(
         404,
@@ -102,6 +111,9 @@ class Fault:
     status: int | None  # None: a timeout (the answer is held back `delay` seconds)
     count: int
     delay: float = 0.0
+    # "before": fail without acting; "after": act, then lose the answer (the
+    # caller sees a timeout although the charge happened).
+    when: str = "before"
 
 
 @dataclass
@@ -117,6 +129,12 @@ class State:
     faults: list[Fault] = field(default_factory=list)
     endpoints: list[tuple[str, str]] = field(default_factory=list)
     requests_seen: list[tuple[str, str, str | None]] = field(default_factory=list)
+    # Every charge attempt made through the API: (invoice id, charge id, key).
+    charges: list[tuple[str, str, str | None]] = field(default_factory=list)
+    # Stripe's write rate limit, when set: more POSTs per second get 429.
+    write_rate: float | None = None
+    write_tokens: float = 0.0
+    write_checked: float = 0.0
 
 
 class StripeSim:
@@ -125,6 +143,7 @@ class StripeSim:
     def __init__(self, base_url: str = "http://127.0.0.1:12111", livemode: bool = False):
         self.state = State(base_url=base_url.rstrip("/"), livemode=livemode)
         self.lock = threading.RLock()
+        self._current_key: str | None = None  # of the request being answered
         self._outbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
         self._deliveries: list[dict[str, Any]] = []
         threading.Thread(target=self._deliver_forever, daemon=True, name="sim-webhooks").start()
@@ -354,6 +373,13 @@ class StripeSim:
                 )
             case ("POST", "invoices", 3) if parts[2] == "pay":
                 return self._pay_invoice(parts[1], params)
+            case ("POST", "invoices", 3) if parts[2] == "mark_uncollectible":
+                invoice = self.get("invoice", parts[1])
+                if invoice["status"] != "open":
+                    raise _invalid(f"You cannot mark an invoice {invoice['status']} uncollectible")
+                invoice["status"] = "uncollectible"
+                self.emit("invoice.marked_uncollectible", invoice)
+                return 200, invoice
             case ("GET", "invoice_payments", 1):
                 return 200, self._list(
                     "invoice_payment",
@@ -431,7 +457,8 @@ class StripeSim:
             if params.get("payment_method")
             else self.default_payment_method(invoice)
         )
-        _intent, _charge, error = self.attempt_payment(invoice, pm)
+        _intent, charge, error = self.attempt_payment(invoice, pm)
+        self.state.charges.append((invoice_id, charge["id"], self._current_key))
         if error:
             return 402, {"error": error}
         return 200, invoice
@@ -528,6 +555,7 @@ class StripeSim:
                         None if body.get("status") == "timeout" else int(body["status"]),
                         int(body.get("count", 1)),
                         float(body.get("delay", 0)),
+                        body.get("when", "before"),
                     )
                 )
                 return 200, {"faults": len(self.state.faults)}
@@ -538,6 +566,14 @@ class StripeSim:
                 return 200, {"now": self.now()}
             case ("GET", "events"):
                 return 200, {"data": self.state.events}
+            case ("GET", "charges"):
+                return 200, {"data": self.state.charges}
+            case ("POST", "rate_limit"):
+                rate = body.get("writes_per_second")
+                self.state.write_rate = float(rate) if rate else None
+                self.state.write_tokens = self.state.write_rate or 0.0
+                self.state.write_checked = time.monotonic()
+                return 200, {"writes_per_second": self.state.write_rate}
             case ("GET", "requests"):
                 return 200, {"data": self.state.requests_seen}
         raise _not_found("simulator route", path)
@@ -628,22 +664,11 @@ class StripeSim:
             )
         with self.lock:
             fault = self._take_fault(path)
-        if fault is not None:
-            if fault.status is None:
-                time.sleep(fault.delay)
-                return 500, {"error": {"type": "api_error", "message": "Timed out"}}, {}
-            kind = "rate_limit_error" if fault.status == 429 else "api_error"
-            return (
-                fault.status,
-                {
-                    "error": {
-                        "type": kind,
-                        "code": "rate_limit" if fault.status == 429 else None,
-                        "message": "Injected fault",
-                    }
-                },
-                {},
-            )
+            limited = method == "POST" and not self._take_write_token()
+        if limited:
+            return 429, _RATE_LIMITED, {}
+        if fault is not None and fault.when == "before":
+            return self._fault_answer(fault)
         params = decode_form(query if method in ("GET", "DELETE") else body.decode())
         key = headers.get("idempotency-key")
         with self.lock:
@@ -666,6 +691,7 @@ class StripeSim:
                             {},
                         )
                     return stored[1], json.loads(stored[2]), {"Idempotent-Replayed": "true"}
+            self._current_key = key
             try:
                 status, answer = self.api(method, path, params)
             except ApiError as exc:
@@ -676,7 +702,36 @@ class StripeSim:
                     status,
                     json.dumps(answer).encode(),
                 )
+        if fault is not None:  # "after": the effect happened; the answer is lost
+            return self._fault_answer(fault)
         return status, answer, {"Idempotency-Key": key} if key else {}
+
+    def _take_write_token(self) -> bool:
+        rate = self.state.write_rate
+        if rate is None:
+            return True
+        now = time.monotonic()
+        self.state.write_tokens = min(
+            rate, self.state.write_tokens + (now - self.state.write_checked) * rate
+        )
+        self.state.write_checked = now
+        if self.state.write_tokens < 1:
+            return False
+        self.state.write_tokens -= 1
+        return True
+
+    @staticmethod
+    def _fault_answer(fault: Fault):
+        if fault.status is None:
+            time.sleep(fault.delay)
+            return 500, {"error": {"type": "api_error", "message": "Timed out"}}, {}
+        kind = "rate_limit_error" if fault.status == 429 else "api_error"
+        code = "rate_limit" if fault.status == 429 else None
+        return (
+            fault.status,
+            {"error": {"type": kind, "code": code, "message": "Injected fault"}},
+            {},
+        )
 
     @staticmethod
     def _account(auth: str) -> str:

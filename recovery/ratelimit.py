@@ -1,0 +1,87 @@
+"""One budget of Stripe write requests per second, shared by every worker.
+
+A token bucket in Redis, updated by one Lua script so concurrent workers never
+overdraw it. The bucket holds at most one second of tokens, so a backlog runs
+at the configured rate without bursting past it into Stripe's 429s. Without
+Redis (the embedded default: one worker process) the same bucket lives in
+memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import lru_cache
+
+import redis
+
+from recovery.config import get_settings
+
+KEY = "recovery:ratelimit:stripe-writes"
+
+# Returns 0 when a token was taken, else the milliseconds until one is due.
+_TAKE = """
+local rate = tonumber(ARGV[1])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or rate
+local at = tonumber(state[2]) or now_ms
+tokens = math.min(rate, tokens + (now_ms - at) * rate / 1000)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now_ms)
+redis.call('PEXPIRE', KEYS[1], 60000)
+return wait
+"""
+
+
+class RedisBucket:
+    def __init__(self, client: redis.Redis, rate: float, key: str = KEY):
+        self.rate = rate
+        self.key = key
+        self._take = client.register_script(_TAKE)
+
+    def try_take(self) -> float:
+        """0 if a token was taken, else seconds to wait before asking again."""
+        return int(self._take(keys=[self.key], args=[self.rate])) / 1000
+
+
+class LocalBucket:
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._tokens = rate
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def try_take(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return 0.0
+            return (1 - self._tokens) / self.rate
+
+
+def acquire(bucket: RedisBucket | LocalBucket | None = None) -> float:
+    """Block until a write may go to Stripe; returns the seconds waited."""
+    bucket = bucket or shared_bucket()
+    waited = 0.0
+    while (wait := bucket.try_take()) > 0:
+        time.sleep(wait)
+        waited += wait
+    return waited
+
+
+@lru_cache(maxsize=1)
+def shared_bucket() -> RedisBucket | LocalBucket:
+    settings = get_settings()
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return RedisBucket(redis.Redis.from_url(settings.broker_url), settings.stripe_write_rate)
+    return LocalBucket(settings.stripe_write_rate)

@@ -1,0 +1,414 @@
+"""Due steps: claim them safely, then execute each exactly once.
+
+    scheduled ─claim─▶ claimed ─start─▶ executing ─▶ done
+        ▲   (lease ran out: claimed again, claims + 1)  │
+        └──────── transient Stripe error, backoff ──────┘
+
+A claim is one UPDATE over `FOR UPDATE SKIP LOCKED` rows on PostgreSQL (one
+statement under SQLite's single writer lock), so concurrent dispatchers never
+take the same step. Each claim bumps `claims`; an executor starts and finishes
+a step only for the claim it was handed, so a redelivered task or a second beat
+does nothing. A worker that dies mid-step loses its lease and the step is
+claimed again: a retry then re-sends the same idempotency key, and Stripe
+answers with the first charge's result instead of charging twice.
+No database lock is held while Stripe is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import select, update
+
+from recovery import engine, ratelimit, stripe_api
+from recovery.classify import classify
+from recovery.config import Settings
+from recovery.db import insert_ignore, session_scope
+from recovery.events import close_case
+from recovery.models import (
+    CaseStatus,
+    Message,
+    RecoveryAttempt,
+    RecoveryCase,
+    StepKind,
+    StepStatus,
+)
+from recovery.observability import scrub_text
+
+log = structlog.get_logger("recovery.steps")
+
+Claim = tuple[int, int]  # (step id, claim number)
+MAX_TRANSIENT_TRIES = 12
+
+
+def backoff(tries: int) -> timedelta:
+    """30 s, 1 min, 2 min, … capped at 30 minutes."""
+    return timedelta(seconds=min(30 * 2 ** max(tries - 1, 0), 1800))
+
+
+# -- claiming -------------------------------------------------------------------
+
+
+def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:
+    """Claim up to `limit` steps that are due, or whose lease ran out."""
+    claims: list[Claim] = []
+    with session_scope() as session:
+        postgres = session.get_bind().dialect.name == "postgresql"
+        for due in (
+            # Leases that ran out first: their worker died mid-step.
+            (
+                RecoveryAttempt.status.in_((StepStatus.CLAIMED.value, StepStatus.EXECUTING.value))
+                & (RecoveryAttempt.lease_until <= now),
+                RecoveryAttempt.lease_until,
+            ),
+            (
+                (RecoveryAttempt.status == StepStatus.SCHEDULED.value)
+                & (RecoveryAttempt.due_at <= now),
+                RecoveryAttempt.due_at,
+            ),
+        ):
+            wanted = limit - len(claims)
+            if wanted <= 0:
+                break
+            ids = select(RecoveryAttempt.id).where(due[0]).order_by(due[1]).limit(wanted)
+            if postgres:
+                ids = ids.with_for_update(skip_locked=True)
+            rows = session.execute(
+                update(RecoveryAttempt)
+                .where(RecoveryAttempt.id.in_(ids.scalar_subquery()))
+                .values(
+                    status=StepStatus.CLAIMED.value,
+                    lease_until=now + lease,
+                    claims=RecoveryAttempt.claims + 1,
+                )
+                .returning(RecoveryAttempt.id, RecoveryAttempt.claims)
+            ).all()
+            claims.extend((row.id, row.claims) for row in rows)
+    return claims
+
+
+def dispatch(now: datetime, settings: Settings, hand_off: Callable[[list[Claim]], None]) -> int:
+    """Claim every due step, batch by batch, and hand each batch off; returns how
+    many. A hand-off that fails leaves its steps to be claimed after the lease."""
+    lease = timedelta(seconds=settings.step_lease_seconds)
+    total = 0
+    while True:
+        batch = claim_due(now, settings.dispatch_batch_size, lease)
+        if batch:
+            hand_off(batch)
+            total += len(batch)
+        if len(batch) < settings.dispatch_batch_size:
+            return total
+
+
+# -- executing ------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    id: int
+    claim: int
+    kind: str
+    step: str
+    case_id: int
+    key: str
+    tries: int
+
+
+def _start(claim: Claim, now: datetime, lease: timedelta) -> Step | None:
+    step_id, number = claim
+    with session_scope() as session:
+        row = session.execute(
+            update(RecoveryAttempt)
+            .where(
+                RecoveryAttempt.id == step_id,
+                RecoveryAttempt.claims == number,
+                RecoveryAttempt.status == StepStatus.CLAIMED.value,
+            )
+            .values(status=StepStatus.EXECUTING.value, lease_until=now + lease)
+            .returning(
+                RecoveryAttempt.kind,
+                RecoveryAttempt.step,
+                RecoveryAttempt.case_id,
+                RecoveryAttempt.idempotency_key,
+                RecoveryAttempt.tries,
+            )
+        ).one_or_none()
+    if row is None:
+        return None
+    return Step(step_id, number, row.kind, row.step, row.case_id, row.idempotency_key, row.tries)
+
+
+def _finish(session, step: Step, now: datetime, outcome: str, **fields) -> bool:
+    done = session.execute(
+        update(RecoveryAttempt)
+        .where(
+            RecoveryAttempt.id == step.id,
+            RecoveryAttempt.claims == step.claim,
+            RecoveryAttempt.status == StepStatus.EXECUTING.value,
+        )
+        .values(status=StepStatus.DONE.value, outcome=outcome, executed_at=now, **fields)
+    ).rowcount
+    if not done:
+        log.warning("step_lost_lease", step_id=step.id, outcome=outcome)
+    return bool(done)
+
+
+def _reschedule(session, step: Step, due: datetime, error: str | None, tries: int) -> None:
+    session.execute(
+        update(RecoveryAttempt)
+        .where(RecoveryAttempt.id == step.id, RecoveryAttempt.claims == step.claim)
+        .values(
+            status=StepStatus.SCHEDULED.value,
+            due_at=due,
+            lease_until=None,
+            tries=tries,
+            last_error=error,
+        )
+    )
+
+
+def _locked_case(session, case_id: int) -> RecoveryCase:
+    return session.get(RecoveryCase, case_id, with_for_update=True)
+
+
+def execute(claim: Claim, now: datetime, settings: Settings) -> str | None:
+    """Run one claimed step; returns its outcome, or None if the claim is stale."""
+    step = _start(claim, now, timedelta(seconds=settings.step_lease_seconds))
+    if step is None:
+        return None
+    structlog.contextvars.bind_contextvars(step_id=step.id, case_id=step.case_id)
+    try:
+        return EXECUTORS[step.kind](step, now, settings)
+    finally:
+        structlog.contextvars.unbind_contextvars("step_id", "case_id")
+
+
+def execute_all(claims: list[Claim], now: datetime, settings: Settings) -> dict[Claim, str | None]:
+    return {claim: execute(claim, now, settings) for claim in claims}
+
+
+# -- retries --------------------------------------------------------------------
+
+_CLOSING = {
+    "paid": CaseStatus.RECOVERED,
+    "void": CaseStatus.VOIDED,
+    "uncollectible": CaseStatus.UNCOLLECTIBLE,
+}
+
+
+def _close_from_invoice(session, case: RecoveryCase, invoice: dict, now: datetime) -> None:
+    status = _CLOSING.get(invoice.get("status") or "")
+    if status is CaseStatus.RECOVERED:
+        close_case(session, case, status, now, amount_recovered=invoice.get("amount_paid"))
+    elif status is not None:
+        close_case(session, case, status, now)
+
+
+def _current_card(invoice: dict) -> dict | None:
+    """The card Stripe will charge: the invoice's, else the customer's default."""
+    pm_id = invoice.get("default_payment_method")
+    customer_id = invoice.get("customer")
+    if not pm_id and isinstance(customer_id, str):
+        customer = stripe_api.retrieve_customer(customer_id)
+        pm_id = (customer.get("invoice_settings") or {}).get("default_payment_method")
+    if isinstance(pm_id, dict):
+        pm_id = pm_id.get("id")
+    if not pm_id:
+        return None
+    pm = stripe_api.retrieve_payment_method(pm_id)
+    return {"id": pm.get("id"), **(pm.get("card") or {})}
+
+
+def execute_retry(step: Step, now: datetime, settings: Settings) -> str:
+    with session_scope() as session:
+        case = session.get(RecoveryCase, step.case_id)
+        skip = None
+        if case.status != CaseStatus.OPEN.value:
+            skip = "skipped_closed"
+        elif case.paused_at is not None:
+            skip = "skipped_paused"
+        if skip:
+            _finish(session, step, now, skip)
+            return skip
+        invoice_id = case.invoice_id
+    try:
+        # Ask Stripe before charging: the invoice may be paid, voided, or
+        # charged by someone else since we planned this.
+        invoice = stripe_api.retrieve_invoice(invoice_id)
+        card = _current_card(invoice) if invoice.get("status") == "open" else None
+    except stripe_api.StripeUnavailable as exc:
+        return _transient(step, now, exc)
+    with session_scope() as session:
+        case = _locked_case(session, step.case_id)
+        if invoice.get("status") != "open":
+            _close_from_invoice(session, case, invoice, now)
+            outcome = f"invoice_{invoice.get('status')}"
+            _finish(session, step, now, outcome)
+            return outcome
+        if card and card.get("fingerprint") and card["fingerprint"] != case.card_fingerprint:
+            # A new card: its own ledger applies, the old card's decline does not.
+            case.payment_method_id = card.get("id")
+            case.card_fingerprint, case.card_brand = card["fingerprint"], card.get("brand")
+            case.card_exp_month, case.card_exp_year = card.get("exp_month"), card.get("exp_year")
+        allowed = engine.earliest_retry(session, case, now, settings)
+        if allowed is None:
+            _finish(session, step, now, "blocked_stop_code")
+            engine.audit(session, case, "engine", "retry_blocked", reason="stop code on card")
+            return "blocked_stop_code"
+        if allowed > now:
+            _reschedule(session, step, allowed, "network limit", step.tries)
+            return "deferred_network_limit"
+    ratelimit.acquire()
+    try:
+        paid = stripe_api.pay_invoice(invoice_id, step.key)
+    except stripe_api.CardDeclined as declined:
+        return _declined(step, now, settings, declined.decline)
+    except stripe_api.StripeUnavailable as exc:
+        return _transient(step, now, exc)
+    except stripe_api.StripeRequestRejected as exc:
+        return _rejected(step, now, exc)
+    with session_scope() as session:
+        case = _locked_case(session, step.case_id)
+        engine.record_card_attempt(session, case, step.key, now, "recovery", False)
+        close_case(
+            session, case, CaseStatus.RECOVERED, now, amount_recovered=paid.get("amount_paid")
+        )
+        _finish(session, step, now, "paid", amount=paid.get("amount_paid"), currency=case.currency)
+    log.info("retry_paid", invoice_id=invoice_id)
+    return "paid"
+
+
+def _declined(step: Step, now: datetime, settings: Settings, decline) -> str:
+    with session_scope() as session:
+        case = _locked_case(session, step.case_id)
+        case.failure_code = decline.code
+        case.decline_code = decline.decline_code
+        case.advice_code = decline.advice_code
+        case.network_advice_code = decline.network_advice_code
+        case.network_decline_code = decline.network_decline_code
+        case.needs_authentication = decline.decline_code == "authentication_required"
+        case.last_failure_at = now
+        case.attempt_count += 1
+        stop = classify(engine.failure_of(case)).stops_card
+        engine.record_card_attempt(
+            session, case, decline.charge_id or step.key, now, "recovery", stop
+        )
+        _finish(session, step, now, "declined", decline_code=decline.decline_code)
+        engine.plan_case(session, case, now, settings)
+    log.info("retry_declined", decline_code=decline.decline_code)
+    return "declined"
+
+
+def _transient(step: Step, now: datetime, exc: Exception) -> str:
+    tries = step.tries + 1
+    with session_scope() as session:
+        if tries >= MAX_TRANSIENT_TRIES:
+            _finish(session, step, now, "failed_unavailable", last_error=scrub_text(str(exc))[:500])
+            return "failed_unavailable"
+        _reschedule(session, step, now + backoff(tries), scrub_text(str(exc))[:500], tries)
+    log.warning("retry_deferred", error=type(exc).__name__, tries=tries)
+    return "deferred_unavailable"
+
+
+def _rejected(step: Step, now: datetime, exc: Exception) -> str:
+    with session_scope() as session:
+        invoice_id = session.get(RecoveryCase, step.case_id).invoice_id
+    try:
+        invoice = stripe_api.retrieve_invoice(invoice_id)
+    except stripe_api.StripeFailure:
+        invoice = None
+    with session_scope() as session:
+        case = _locked_case(session, step.case_id)
+        if invoice is not None and invoice.get("status") != "open":
+            _close_from_invoice(session, case, invoice, now)
+            _finish(session, step, now, f"invoice_{invoice.get('status')}")
+            return f"invoice_{invoice.get('status')}"
+        case.flag_reason = case.flag_reason or f"retry rejected by Stripe: {type(exc).__name__}"
+        _finish(session, step, now, "rejected", last_error=scrub_text(str(exc))[:500])
+    log.error("retry_rejected", error=type(exc).__name__)
+    return "rejected"
+
+
+# -- emails and the final action -------------------------------------------------
+
+
+def execute_email(step: Step, now: datetime, settings: Settings) -> str:
+    """Queue the email in the outbox (the customer side sends it)."""
+    with session_scope() as session:
+        case = _locked_case(session, step.case_id)
+        if case.status != CaseStatus.OPEN.value or case.paused_at is not None:
+            _finish(session, step, now, "skipped_closed")
+            return "skipped_closed"
+        retry_due = session.scalar(
+            select(RecoveryAttempt.id).where(
+                RecoveryAttempt.case_id == case.id,
+                RecoveryAttempt.kind == StepKind.RETRY.value,
+                RecoveryAttempt.step.like("retry:card-update:%"),
+                RecoveryAttempt.status.in_(engine.LIVE),
+            )
+        )
+        if retry_due is not None:
+            # A new card is about to be tried: its result decides what to say.
+            _reschedule(session, step, now + timedelta(minutes=15), None, step.tries)
+            return "deferred_for_retry"
+        template = step.step.split(":")[1] if ":" in step.step else step.step
+        plan = engine.plan_for(engine.Category(case.category), settings)
+        number = int(step.step.rsplit(":", 1)[-1]) if step.step[-1].isdigit() else 0
+        if number < len(plan.emails):
+            template = plan.emails[number].template
+        insert_ignore(
+            session,
+            Message.__table__,
+            {
+                "case_id": case.id,
+                "step": step.step,
+                "template": template,
+                "status": "pending",
+                "attempts": 0,
+                "created_at": now,
+            },
+            ["case_id", "step"],
+        )
+        _finish(session, step, now, "queued")
+    return "queued"
+
+
+def execute_final(step: Step, now: datetime, settings: Settings) -> str:
+    with session_scope() as session:
+        case = session.get(RecoveryCase, step.case_id)
+        if case.status != CaseStatus.OPEN.value or case.paused_at is not None:
+            _finish(session, step, now, "skipped_closed")
+            return "skipped_closed"
+        action = engine.plan_for(engine.Category(case.category), settings).final_action
+        invoice_id, subscription_id = case.invoice_id, case.subscription_id
+    try:
+        if action is engine.plans.FinalAction.CANCEL_SUBSCRIPTION and subscription_id:
+            stripe_api.cancel_subscription(subscription_id, step.key)
+            status = CaseStatus.CANCELED
+        elif action is engine.plans.FinalAction.MARK_UNCOLLECTIBLE:
+            stripe_api.mark_uncollectible(invoice_id, step.key)
+            status = CaseStatus.UNCOLLECTIBLE
+        else:
+            status = None
+    except stripe_api.StripeUnavailable as exc:
+        return _transient(step, now, exc)
+    except stripe_api.StripeRequestRejected as exc:
+        return _rejected(step, now, exc)
+    with session_scope() as session:
+        case = _locked_case(session, step.case_id)
+        if status is not None:
+            close_case(session, case, status, now)
+        engine.audit(session, case, "engine", "final_action", action=action.value)
+        _finish(session, step, now, action.value)
+    return action.value
+
+
+EXECUTORS: dict[str, Callable[[Step, datetime, Settings], str]] = {
+    StepKind.RETRY.value: execute_retry,
+    StepKind.EMAIL.value: execute_email,
+    StepKind.FINAL.value: execute_final,
+}
