@@ -13,4 +13,11 @@ SCHEDULE = {
         "schedule": 1.0,
         "options": {"expires": 5},
     },
+    # Claim the retries, emails and final actions that are due and hand them
+    # to workers. Event processing also dispatches at once what it made due.
+    "dispatch-steps": {
+        "task": "recovery.dispatch_steps",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
 }

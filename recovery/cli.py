@@ -382,6 +382,12 @@ def events_replay(refs: tuple[str, ...], failed: bool) -> None:
     click.echo(f"{count} event(s) queued again")
 
 
+from recovery.cli_cases import COMMANDS  # noqa: E402 - after the group they join
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

@@ -90,6 +90,26 @@ def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:
     return claims
 
 
+def claim_step(case_id: int, step: str, now: datetime, lease: timedelta) -> Claim | None:
+    """Claim one named step of a case (an operator's retry), if still scheduled."""
+    with session_scope() as session:
+        row = session.execute(
+            update(RecoveryAttempt)
+            .where(
+                RecoveryAttempt.case_id == case_id,
+                RecoveryAttempt.step == step,
+                RecoveryAttempt.status == StepStatus.SCHEDULED.value,
+            )
+            .values(
+                status=StepStatus.CLAIMED.value,
+                lease_until=now + lease,
+                claims=RecoveryAttempt.claims + 1,
+            )
+            .returning(RecoveryAttempt.id, RecoveryAttempt.claims)
+        ).one_or_none()
+    return (row.id, row.claims) if row else None
+
+
 def dispatch(now: datetime, settings: Settings, hand_off: Callable[[list[Claim]], None]) -> int:
     """Claim every due step, batch by batch, and hand each batch off; returns how
     many. A hand-off that fails leaves its steps to be claimed after the lease."""
@@ -254,7 +274,8 @@ def execute_retry(step: Step, now: datetime, settings: Settings) -> str:
             case.payment_method_id = card.get("id")
             case.card_fingerprint, case.card_brand = card["fingerprint"], card.get("brand")
             case.card_exp_month, case.card_exp_year = card.get("exp_month"), card.get("exp_year")
-        allowed = engine.earliest_retry(session, case, now, settings)
+        forced = step.step.startswith("retry:forced:")  # an operator, with a reason
+        allowed = now if forced else engine.earliest_retry(session, case, now, settings)
         if allowed is None:
             _finish(session, step, now, "blocked_stop_code")
             engine.audit(session, case, "engine", "retry_blocked", reason="stop code on card")

@@ -9,11 +9,13 @@ from pathlib import Path
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from recovery import clock, inbox
+from recovery import clock, inbox, steps
 from recovery.config import get_settings
 from recovery.db import reset_engine
 from recovery.observability import configure
 
+# Steps per execute message: small, so a backlog spreads over every worker.
+STEP_CHUNK = 10
 BEAT_SCHEDULE_FILE = Path(__file__).resolve().parent.parent / "celerybeat-schedule.py"
 
 
@@ -78,6 +80,9 @@ def _now() -> datetime:
 @app.task(name="recovery.process_events")
 def process_events(event_ids: list[int]) -> None:
     inbox.process_events(event_ids, _now(), get_settings())
+    # Steps the events made due now (a card update's retry, a first email)
+    # run at once rather than at the next dispatch tick.
+    steps.dispatch(_now(), get_settings(), publish_step_batch)
 
 
 def publish_event_batch(event_ids: list[int]) -> None:
@@ -89,3 +94,20 @@ def publish_event_batch(event_ids: list[int]) -> None:
 @app.task(name="recovery.relay_inbox")
 def relay_inbox() -> int:
     return inbox.relay(publish_event_batch, _now(), get_settings().relay_batch_size)
+
+
+@app.task(name="recovery.execute_steps")
+def execute_steps(claims: list[list[int]]) -> None:
+    steps.execute_all([(step_id, claim) for step_id, claim in claims], _now(), get_settings())
+
+
+def publish_step_batch(claims: list[steps.Claim]) -> None:
+    # A failed publish leaves the steps claimed; they are claimed again when
+    # their lease runs out.
+    for start in range(0, len(claims), STEP_CHUNK):
+        execute_steps.apply_async(args=[claims[start : start + STEP_CHUNK]], retry=False)
+
+
+@app.task(name="recovery.dispatch_steps")
+def dispatch_steps() -> int:
+    return steps.dispatch(_now(), get_settings(), publish_step_batch)

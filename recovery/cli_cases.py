@@ -1,0 +1,429 @@
+"""Operator commands for the engine: tick, classify, cases, retry, pause, resume, cancel.
+
+Every action on a case is written to the audit log with the operating-system
+user, the time and the reason. Unknown ids and refused actions exit 1.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import timedelta
+
+import click
+from sqlalchemy import select
+
+from recovery import clock
+from recovery.config import get_settings
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _operator() -> str:
+    try:
+        return f"operator:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "operator:unknown"
+
+
+def _case(session, ref: str, lock: bool = False):
+    from recovery.models import RecoveryCase
+
+    query = select(RecoveryCase)
+    if ref.isdigit():
+        query = query.where(RecoveryCase.id == int(ref))
+    else:
+        query = query.where(RecoveryCase.invoice_id == ref)
+    if lock:
+        query = query.with_for_update()
+    case = session.scalars(query).one_or_none()
+    if case is None:
+        raise click.ClickException(f"no case {ref!r} (give a case id or an invoice id, in_…)")
+    return case
+
+
+# -- tick -------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--now", "at", help="ISO 8601 instant to run as (default: the real time).")
+@click.option("--sync", is_flag=True, help="Execute in this process instead of on workers.")
+def tick(at: str | None, sync: bool) -> None:
+    """Run one full pass: pending events, then the steps due.
+
+    \b
+    Examples:
+      recovery tick                                  # hand due work to workers
+      recovery tick --now 2026-12-01T09:00Z --sync   # simulated time, in-process
+    """
+    from recovery import tick as ticking
+
+    settings = get_settings()
+    if at:
+        try:
+            instant = clock.parse_instant(at)
+        except ValueError:
+            raise click.BadParameter(
+                f"{at!r} is not an ISO 8601 instant", param_hint="--now"
+            ) from None
+        clock.set_now(instant)
+        ticking.follow_simulated_clock(settings, instant)
+    publish_events = publish_steps = None
+    if not sync:
+        from recovery.tasks import publish_event_batch, publish_step_batch
+
+        publish_events, publish_steps = publish_event_batch, publish_step_batch
+    result = ticking.run_pass(settings, sync, publish_events, publish_steps)
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items()))
+    click.echo(
+        f"{clock.now():%Y-%m-%d %H:%M:%S}Z: {result.events} event(s), {result.steps} step(s)"
+        + (f" ({outcomes})" if outcomes else "")
+    )
+
+
+# -- classify ---------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--list", "show_list", is_flag=True, help="Print the whole rule table.")
+@click.option("--decline-code")
+@click.option("--advice-code")
+@click.option("--network-advice-code")
+@click.option("--network-decline-code")
+@click.option("--brand")
+@click.option("--json", "as_json", is_flag=True)
+def classify(
+    show_list, decline_code, advice_code, network_advice_code, network_decline_code, brand, as_json
+) -> None:
+    """How a decline is read: the rule table, or one failure's category.
+
+    \b
+    Examples:
+      recovery classify --list
+      recovery classify --decline-code do_not_honor --brand mastercard --network-advice-code 03
+    """
+    from recovery import classify as rules
+
+    if show_list:
+        table = rules.table()
+        if as_json:
+            return _emit_json(table)
+        click.echo(f"{'signal':<32} {'code':<34} {'category':<16} {'wait':<5} why")
+        for row in table:
+            click.echo(
+                f"{row['signal']:<32} {row['code']:<34} {row['category']:<16} "
+                f"{row['min_wait']:<5} {row['why']}"
+            )
+        return
+    if not any((decline_code, advice_code, network_advice_code, network_decline_code)):
+        raise click.UsageError("pass --list, or the codes of one failure")
+    result = rules.classify(
+        rules.Failure(
+            decline_code=decline_code,
+            advice_code=advice_code,
+            network_advice_code=network_advice_code,
+            network_decline_code=network_decline_code,
+            card_brand=brand,
+        )
+    )
+    answer = {
+        "category": result.category.value,
+        "why": result.why,
+        "decided_by": result.source,
+        "min_wait_hours": result.min_wait / timedelta(hours=1),
+        "may_retry_card": result.may_retry_card,
+        "contacts_customer": result.contacts_customer,
+    }
+    if as_json:
+        return _emit_json(answer)
+    for key, value in answer.items():
+        click.echo(f"{key:>18}: {value}")
+
+
+# -- cases ------------------------------------------------------------------------
+
+
+@click.group()
+def cases() -> None:
+    """Recovery cases: one per failed invoice."""
+
+
+def _case_summary(case) -> dict:
+    return {
+        "id": case.id,
+        "invoice": case.invoice_id,
+        "status": case.status,
+        "category": case.category,
+        "mode": case.mode,
+        "amount_due": case.amount_due,
+        "currency": case.currency,
+        "decline_code": case.decline_code,
+        "opened_at": case.opened_at,
+        "paused": case.paused_at is not None,
+        "flag": case.flag_reason,
+    }
+
+
+@cases.command("list")
+@click.option(
+    "--status", type=click.Choice(["open", "recovered", "canceled", "voided", "uncollectible"])
+)
+@click.option("--category")
+@click.option("--since", help="Opened at or after this ISO 8601 instant.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True)
+def cases_list(status, category, since, limit, as_json) -> None:
+    """The newest cases first.
+
+    \b
+    Examples:
+      recovery cases list --status open --category retry
+      recovery cases list --since 2026-11-01 --json
+    """
+    from recovery.db import session_scope
+    from recovery.models import RecoveryCase
+
+    query = select(RecoveryCase).order_by(RecoveryCase.id.desc()).limit(limit)
+    if status:
+        query = query.where(RecoveryCase.status == status)
+    if category:
+        query = query.where(RecoveryCase.category == category)
+    if since:
+        try:
+            query = query.where(RecoveryCase.opened_at >= clock.parse_instant(since))
+        except ValueError:
+            raise click.BadParameter(
+                f"{since!r} is not an ISO 8601 instant", param_hint="--since"
+            ) from None
+    with session_scope() as session:
+        rows = [_case_summary(c) for c in session.scalars(query)]
+    if as_json:
+        return _emit_json(rows)
+    click.echo(
+        f"{'id':>6}  {'status':<13} {'category':<16} {'amount':>12}  {'decline':<24} invoice"
+    )
+    for r in rows:
+        amount = f"{r['amount_due']} {r['currency']}"
+        flags = (" paused" if r["paused"] else "") + (" FLAGGED" if r["flag"] else "")
+        click.echo(
+            f"{r['id']:>6}  {r['status']:<13} {r['category'] or '-':<16} {amount:>12}  "
+            f"{r['decline_code'] or '-':<24} {r['invoice']}{flags}"
+        )
+
+
+@cases.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def cases_show(ref: str, as_json: bool) -> None:
+    """One case and its timeline. REF is the case id or the invoice id.
+
+    \b
+    Example:
+      recovery cases show in_1MtHbELkdIwHu7ixl4OzzPMv
+    """
+    from recovery.db import session_scope
+    from recovery.models import AuditEntry, Message, RecoveryAttempt, RecoveryLink
+
+    with session_scope() as session:
+        case = _case(session, ref)
+        summary = _case_summary(case) | {
+            "card_brand": case.card_brand,
+            "failure_code": case.failure_code,
+            "advice_code": case.advice_code,
+            "network_advice_code": case.network_advice_code,
+            "network_decline_code": case.network_decline_code,
+            "stripe_attempt_count": case.attempt_count,
+            "first_failed_at": case.first_failed_at,
+            "closed_at": case.closed_at,
+            "amount_recovered": case.amount_recovered,
+        }
+        timeline = []
+        for entry in session.scalars(
+            select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id)
+        ):
+            timeline.append(
+                {
+                    "at": entry.created_at,
+                    "what": entry.action,
+                    "by": entry.actor,
+                    "detail": entry.detail,
+                }
+            )
+        planned = []
+        for step in session.scalars(
+            select(RecoveryAttempt)
+            .where(RecoveryAttempt.case_id == case.id)
+            .order_by(RecoveryAttempt.due_at)
+        ):
+            planned.append(
+                {
+                    "step": step.step,
+                    "status": step.status,
+                    "due_at": step.due_at,
+                    "outcome": step.outcome,
+                    "decline_code": step.decline_code,
+                    "executed_at": step.executed_at,
+                    "tries": step.tries,
+                }
+            )
+        messages = [
+            {"step": m.step, "template": m.template, "status": m.status, "sent_at": m.sent_at}
+            for m in session.scalars(select(Message).where(Message.case_id == case.id))
+        ]
+        links = [
+            {
+                "purpose": link.purpose,
+                "expires_at": link.expires_at,
+                "revoked": link.revoked_at is not None,
+                "clicks": link.click_count,
+            }
+            for link in session.scalars(select(RecoveryLink).where(RecoveryLink.case_id == case.id))
+        ]
+        upcoming = [s for s in planned if s["status"] == "scheduled"]
+        data = {
+            **summary,
+            "timeline": timeline,
+            "steps": planned,
+            "emails": messages,
+            "links": links,
+            "next_step": upcoming[0] if upcoming else None,
+        }
+    if as_json:
+        return _emit_json(data)
+    for key, value in summary.items():
+        click.echo(f"{key:>22}: {value if value is not None else '-'}")
+    click.echo("\ntimeline:")
+    for item in timeline:
+        click.echo(
+            f"  {item['at']:%Y-%m-%d %H:%M}  {item['what']:<22} {item['by']:<20} "
+            f"{json.dumps(item['detail'], default=str)}"
+        )
+    click.echo("\nsteps:")
+    for s in planned:
+        click.echo(
+            f"  {s['due_at']:%Y-%m-%d %H:%M}  {s['step']:<34} {s['status']:<10} "
+            f"{s['outcome'] or ''} {s['decline_code'] or ''}"
+        )
+    nxt = data["next_step"]
+    click.echo(f"\nnext step: {nxt['step'] + ' at ' + str(nxt['due_at']) if nxt else 'none'}")
+
+
+# -- actions ----------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
+@click.option("--force", is_flag=True, help="Retry even where the rules refuse.")
+@click.option("--reason", help="Why (required with --force; written to the audit log).")
+def retry(ref: str, dry_run: bool, force: bool, reason: str | None) -> None:
+    """Retry a case's payment now, through the same path as scheduled retries.
+
+    Refuses cases whose card must not be retried (customer must act, dead card,
+    do-not-contact) and retries the card networks forbid, unless --force with a
+    --reason.
+
+    \b
+    Examples:
+      recovery retry 42 --dry-run
+      recovery retry in_1MtHbELkdIwHu7ixl4OzzPMv --force --reason "customer asked on the phone"
+    """
+    from recovery import engine, steps
+    from recovery.classify import classify as classify_failure
+    from recovery.db import session_scope
+    from recovery.models import CaseStatus, StepKind
+
+    if force and not reason:
+        raise click.UsageError("--force needs a --reason")
+    settings = get_settings()
+    now = clock.now()
+    with session_scope() as session:
+        case = _case(session, ref, lock=True)
+        if case.status != CaseStatus.OPEN.value:
+            raise click.ClickException(f"case {case.id} is {case.status}; nothing to retry")
+        result = classify_failure(engine.failure_of(case))
+        refusals = []
+        if not result.may_retry_card:
+            refusals.append(f"category {result.category.value}: {result.why}")
+        allowed = engine.earliest_retry(session, case, now, settings)
+        if allowed is None:
+            refusals.append("a stop code was seen on this card")
+        elif allowed > now:
+            refusals.append(f"card-network limit: next allowed {allowed:%Y-%m-%d %H:%M}Z")
+        if refusals and not force:
+            raise click.ClickException(
+                "refused: " + "; ".join(refusals) + " (use --force --reason to override)"
+            )
+        if dry_run:
+            verdict = "would retry" + (
+                " (forced past: " + "; ".join(refusals) + ")" if refusals else ""
+            )
+            click.echo(f"case {case.id}: {verdict} invoice {case.invoice_id} now")
+            return
+        name = f"retry:{'forced' if refusals else 'manual'}:{int(now.timestamp())}"
+        engine.cancel_steps(session, case, StepKind.RETRY)
+        engine.schedule(session, case, StepKind.RETRY, name, now)
+        engine.audit(
+            session, case, _operator(), "retry", reason=reason, forced=bool(refusals), step=name
+        )
+        case_id = case.id
+    claim = steps.claim_step(case_id, name, now, timedelta(seconds=settings.step_lease_seconds))
+    outcome = steps.execute(claim, now, settings) if claim else None
+    click.echo(f"case {case_id}: {outcome or 'step already taken by a worker'}")
+
+
+def _case_action(ref: str, reason: str, action: str) -> None:
+    from recovery import engine
+    from recovery.db import session_scope
+    from recovery.events import close_case
+    from recovery.models import CaseStatus
+
+    now = clock.now()
+    with session_scope() as session:
+        case = _case(session, ref, lock=True)
+        if case.status != CaseStatus.OPEN.value:
+            raise click.ClickException(f"case {case.id} is {case.status}; cannot {action}")
+        if action == "pause":
+            if case.paused_at is not None:
+                raise click.ClickException(f"case {case.id} is already paused")
+            case.paused_at = now
+            engine.cancel_steps(session, case)
+        elif action == "resume":
+            if case.paused_at is None:
+                raise click.ClickException(f"case {case.id} is not paused")
+            case.paused_at = None
+            engine.plan_case(session, case, now)
+        else:
+            close_case(session, case, CaseStatus.CANCELED, now)
+        engine.audit(session, case, _operator(), action, reason=reason)
+        click.echo(f"case {case.id}: {action}d")
+
+
+def _action_command(action: str, help_text: str):
+    @click.command(action, help=help_text)
+    @click.argument("ref")
+    @click.option("--reason", required=True, help="Why; written to the audit log.")
+    def command(ref: str, reason: str) -> None:
+        _case_action(ref, reason, action)
+
+    return command
+
+
+pause = _action_command(
+    "pause",
+    "Stop a case's retries and emails until resumed.\n\nExample: recovery pause 42 "
+    "--reason 'customer disputes the charge'",
+)
+resume = _action_command(
+    "resume",
+    "Plan a paused case again from now.\n\nExample: recovery resume 42 --reason 'resolved'",
+)
+cancel = _action_command(
+    "cancel",
+    "Stop recovering a case for good (Stripe is not told).\n\nExample: recovery cancel "
+    "42 --reason 'refunded by support'",
+)
+
+COMMANDS = [tick, classify, cases, retry, pause, resume, cancel]

@@ -1,0 +1,276 @@
+"""The engine end to end on PostgreSQL: signed webhooks over HTTP, the real
+receiver, `tick` passes on a simulated clock, Stripe played by the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from recovery import clock, tick
+from recovery.config import get_settings
+from recovery.db import session_scope
+from recovery.models import AuditEntry, Message, RecoveryAttempt, RecoveryCase
+
+from .conftest import ROOT
+from .factories import sim_post
+
+T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
+
+
+class Stack:
+    def __init__(self, sim, receiver):
+        self.sim, self.receiver = sim, receiver
+        sim_post(
+            sim.url,
+            "/_sim/webhook_endpoints",
+            {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
+        )
+        self.at(T0)
+
+    def at(self, instant: datetime) -> None:
+        clock.set_now(instant)
+        tick.follow_simulated_clock(get_settings(), instant)
+
+    def tick(self, instant: datetime | None = None) -> tick.PassResult:
+        if instant is not None:
+            self.at(instant)
+        self.sim.flush()
+        return tick.run_pass(get_settings(), sync=True)
+
+    def run_until(self, end: datetime, step: timedelta = timedelta(hours=1)) -> None:
+        moment = clock.now()
+        while moment < end:
+            moment += step
+            self.tick(moment)
+
+    def charges(self, invoice_id: str) -> list:
+        with urllib.request.urlopen(f"{self.sim.url}/_sim/charges", timeout=10) as answer:
+            return [c for c in json.loads(answer.read())["data"] if c[0] == invoice_id]
+
+
+@pytest.fixture
+def stack(sim, receiver):
+    yield Stack(sim, receiver)
+    clock.set_now(None)
+
+
+def the_case(invoice_id: str) -> RecoveryCase:
+    with session_scope() as session:
+        return session.scalars(
+            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
+        ).one()
+
+
+def steps_of(case_id: int) -> list[RecoveryAttempt]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(RecoveryAttempt)
+                .where(RecoveryAttempt.case_id == case_id)
+                .order_by(RecoveryAttempt.id)
+            )
+        )
+
+
+def failed(stack, behavior: dict, **body) -> dict:
+    return sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {"behavior": behavior, **body})
+
+
+def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
+    pays_from = T0 + timedelta(days=2, hours=12)
+    scenario = failed(
+        stack,
+        {
+            "mode": "decline",
+            "decline_code": "insufficient_funds",
+            "succeed_after": int(pays_from.timestamp()),
+        },
+    )
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    assert case.category == "retry" and case.mode == "take_over"
+    planned = {s.step: s for s in steps_of(case.id)}
+    assert {"email:retry:0", "retry:1", "final"} <= set(planned)
+    assert planned["email:retry:0"].outcome == "queued"  # day 0 email, at once
+    assert planned["retry:1"].due_at > T0
+
+    stack.run_until(T0 + timedelta(days=6))
+    case = the_case(scenario["invoice"])
+    assert case.status == "recovered" and case.amount_recovered == 2000
+    retries = [s for s in steps_of(case.id) if s.kind == "retry" and s.status == "done"]
+    assert [s.outcome for s in retries][-1] == "paid"
+    assert all(s.outcome == "declined" for s in retries[:-1])
+    assert all(s.executed_at >= pays_from for s in retries[-1:])
+    # One API charge per retry, each with its own key.
+    charges = stack.charges(scenario["invoice"])
+    assert len(charges) == len(retries) and len({c[2] for c in charges}) == len(charges)
+    later = [s for s in steps_of(case.id) if s.status == "scheduled"]
+    assert later == []  # recovery canceled the rest of the plan
+
+
+def test_card_update_retries_at_once_and_recovers(stack):
+    scenario = failed(stack, {"mode": "decline", "decline_code": "expired_card"})
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    assert case.category == "customer_action"
+    assert not [s for s in steps_of(case.id) if s.kind == "retry"]
+    with session_scope() as session:
+        assert session.scalars(select(Message.template)).all() == ["card_update_needed"]
+
+    sim_post(stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
+    result = stack.tick(T0 + timedelta(minutes=10))
+    case = the_case(scenario["invoice"])
+    assert case.status == "recovered"
+    assert result.outcomes.get("paid") == 1
+    retry = next(s for s in steps_of(case.id) if s.kind == "retry")
+    assert retry.step.startswith("retry:card-update:") and retry.outcome == "paid"
+
+
+def test_suspected_fraud_is_flagged_with_no_retry_and_no_email(stack):
+    scenario = failed(stack, {"mode": "decline", "decline_code": "fraudulent"})
+    stack.tick()
+    stack.run_until(T0 + timedelta(days=3), timedelta(hours=6))
+    case = the_case(scenario["invoice"])
+    assert case.category == "do_not_contact" and case.flag_reason.startswith("do_not_contact")
+    assert case.status == "open" and steps_of(case.id) == []
+    assert stack.charges(scenario["invoice"]) == []
+
+
+def test_dead_card_is_never_retried_but_the_customer_is_asked(stack):
+    scenario = failed(
+        stack,
+        {"mode": "decline", "decline_code": "do_not_honor", "network_decline_code": "14"},
+        card={"brand": "visa"},
+    )
+    stack.tick()
+    stack.run_until(T0 + timedelta(days=9), timedelta(hours=12))
+    case = the_case(scenario["invoice"])
+    assert case.category == "dead_card"
+    assert stack.charges(scenario["invoice"]) == []
+    with session_scope() as session:
+        templates = session.scalars(select(Message.template)).all()
+    assert templates and set(templates) == {"card_update_needed"}
+
+
+def test_assist_mode_when_stripe_still_retries(stack):
+    next_attempt = int((T0 + timedelta(days=3)).timestamp())
+    scenario = failed(
+        stack,
+        {"mode": "decline", "decline_code": "insufficient_funds"},
+        next_payment_attempt=next_attempt,
+    )
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    assert case.mode == "assist"
+    kinds = {s.kind for s in steps_of(case.id)}
+    assert kinds == {"email"}  # Stripe retries; we write, and retry only on a card update
+
+
+def test_injected_faults_never_double_charge(stack):
+    invoices = []
+    for _ in range(10):
+        scenario = failed(
+            stack,
+            {
+                "mode": "decline",
+                "decline_code": "processing_error",
+                "succeed_after": int((T0 + timedelta(hours=12)).timestamp()),
+            },
+        )
+        invoices.append(scenario["invoice"])
+    stack.tick()
+    for status in (500, 429, "timeout"):
+        sim_post(
+            stack.sim.url,
+            "/_sim/faults",
+            {
+                "path_prefix": "/v1/invoices",
+                "status": status,
+                "count": 4,
+                "delay": 0.05,
+                "when": "after" if status == "timeout" else "before",
+            },
+        )
+    stack.run_until(T0 + timedelta(days=4), timedelta(hours=2))
+    for invoice_id in invoices:
+        assert the_case(invoice_id).status == "recovered"
+        charges = stack.charges(invoice_id)
+        assert len(charges) == 1, charges  # the first retry pays; replays charge nothing
+    with session_scope() as session:
+        deferred = session.scalars(select(RecoveryAttempt).where(RecoveryAttempt.tries > 0)).all()
+    assert deferred, "the faults were not met"
+
+
+def test_worker_killed_mid_retry_completes_later_with_one_charge(stack, pg_url):
+    scenario = failed(
+        stack,
+        {
+            "mode": "decline",
+            "decline_code": "processing_error",
+            "succeed_after": int((T0 + timedelta(hours=1)).timestamp()),
+        },
+    )
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    retry = next(s for s in steps_of(case.id) if s.step == "retry:1")
+    # Stripe charges, then the answer is held back: the worker dies waiting.
+    sim_post(
+        stack.sim.url,
+        "/_sim/faults",
+        {
+            "path_prefix": f"/v1/invoices/{scenario['invoice']}/pay",
+            "status": "timeout",
+            "when": "after",
+            "delay": 60,
+            "count": 1,
+        },
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": pg_url,
+        "STRIPE_API_BASE": stack.sim.url,
+        "BROKER_URL": "memory://",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "recovery.cli", "tick", "--now", retry.due_at.isoformat(), "--sync"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not stack.charges(scenario["invoice"]):
+        assert time.monotonic() < deadline and worker.poll() is None, "no charge was made"
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=10)
+    assert the_case(scenario["invoice"]).status == "open"
+    stuck = next(s for s in steps_of(case.id) if s.id == retry.id)
+    assert stuck.status == "executing"
+
+    stack.tick(retry.due_at + timedelta(seconds=get_settings().step_lease_seconds + 1))
+    assert the_case(scenario["invoice"]).status == "recovered"
+    assert len(stack.charges(scenario["invoice"])) == 1
+    done = next(s for s in steps_of(case.id) if s.id == retry.id)
+    # Taken again after its lease; Stripe is asked first, so the charge the dead
+    # worker made is found (by the webhook or the invoice), never made twice.
+    assert done.status == "done" and done.claims == 2
+    assert done.outcome in ("paid", "invoice_paid", "skipped_closed")
+
+
+def test_events_are_audited_with_the_engine_decision(stack):
+    scenario = failed(stack, {"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    with session_scope() as session:
+        actions = session.scalars(select(AuditEntry.action)).all()
+    assert "classified" in actions and "payment_failed" in actions
+    assert the_case(scenario["invoice"]).first_failed_at == T0
