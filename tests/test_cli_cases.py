@@ -1,0 +1,77 @@
+"""Operator commands on a real case: listings, refusals, forced retries, audit."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from recovery.cli import cli
+from recovery.db import session_scope
+from recovery.models import AuditEntry
+
+from .test_engine import T0, failed, stack  # noqa: F401 - the fixture
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_unknown_case_is_a_clear_error(db):
+    for args in (("cases", "show", "999"), ("retry", "in_nope"), ("pause", "7", "--reason", "x")):
+        result = run(*args)
+        assert result.exit_code == 1 and "no case" in result.output
+
+
+def test_listing_and_timeline(stack):  # noqa: F811
+    scenario = failed(stack, {"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    listed = json.loads(run("cases", "list", "--json", "--status", "open").output)
+    assert [c["invoice"] for c in listed] == [scenario["invoice"]]
+    shown = json.loads(run("cases", "show", scenario["invoice"], "--json").output)
+    assert shown["category"] == "retry"
+    assert shown["next_step"]["step"] in ("retry:1", "final")
+    assert any(item["what"] == "classified" for item in shown["timeline"])
+    assert "timeline:" in run("cases", "show", str(listed[0]["id"])).output
+
+
+def test_retry_refuses_a_dead_card_unless_forced_with_a_reason(stack):  # noqa: F811
+    scenario = failed(stack, {"mode": "decline", "decline_code": "stolen_card"})
+    stack.tick()
+    refused = run("retry", scenario["invoice"])
+    assert refused.exit_code == 1 and "refused" in refused.output and "dead_card" in refused.output
+    assert run("retry", scenario["invoice"], "--force").exit_code == 2  # no reason
+    dry = run("retry", scenario["invoice"], "--dry-run", "--force", "--reason", "asked")
+    assert dry.exit_code == 0 and "would retry" in dry.output
+    forced = run("retry", scenario["invoice"], "--force", "--reason", "customer called")
+    assert forced.exit_code == 0 and "declined" in forced.output
+    with session_scope() as session:
+        entry = session.scalars(select(AuditEntry).where(AuditEntry.action == "retry")).one()
+    assert entry.actor.startswith("operator:") and entry.detail["reason"] == "customer called"
+    assert entry.detail["forced"] is True
+
+
+def test_pause_stops_the_plan_and_resume_plans_again(stack):  # noqa: F811
+    scenario = failed(stack, {"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    assert run("pause", scenario["invoice"], "--reason", "dispute").exit_code == 0
+    again = run("pause", scenario["invoice"], "--reason", "dispute")
+    assert again.exit_code == 1 and "already paused" in again.output
+    result = stack.tick(T0 + timedelta(days=2))
+    assert result.outcomes.get("declined") is None
+    assert run("resume", scenario["invoice"], "--reason", "settled").exit_code == 0
+    shown = json.loads(run("cases", "show", scenario["invoice"], "--json").output)
+    assert shown["next_step"] is not None and not shown["paused"]
+    assert run("cancel", scenario["invoice"], "--reason", "refunded").exit_code == 0
+    assert json.loads(run("cases", "show", scenario["invoice"], "--json").output)["status"] == (
+        "canceled"
+    )
+
+
+def test_classify_list_is_readable(db):
+    output = run("classify", "--list").output
+    assert "insufficient_funds" in output and "visa network_decline_code" in output
+    rows = json.loads(run("classify", "--list", "--json").output)
+    assert {"signal", "code", "category", "min_wait", "why"} == set(rows[0])
