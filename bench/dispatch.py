@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +21,11 @@ import psycopg2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+import redis  # noqa: E402
+
+from bench.scratch_db import scratch_database  # noqa: E402
+
 REDIS_URL = "redis://127.0.0.1:6379/13"
 NOW = datetime(2026, 11, 2, 12, tzinfo=UTC)
 
@@ -52,46 +55,39 @@ def fill(db_url: str, total: int, due: int) -> None:
 
 def measure(total: int, due_fraction: float) -> dict:
     os.environ.update(BROKER_URL=REDIS_URL, LOG_LEVEL="WARNING")
-    admin = psycopg2.connect(ADMIN_URL.replace("postgresql://", "postgres://"))
-    admin.autocommit = True
-    name = f"recovery_bench_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    db_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    os.environ["DATABASE_URL"] = db_url
-    try:
-        from recovery import migrate, steps, tasks
-        from recovery.config import get_settings
-        from recovery.db import reset_engine
+    with scratch_database() as db_url:
+        os.environ["DATABASE_URL"] = db_url
+        try:
+            return _run(db_url, total, due_fraction)
+        finally:
+            redis.Redis.from_url(REDIS_URL).flushdb()
 
-        get_settings.cache_clear()
-        reset_engine()
-        migrate.upgrade(db_url)
-        due = int(total * due_fraction)
-        fill(db_url, total, due)
-        settings = get_settings()
-        lease = timedelta(seconds=settings.step_lease_seconds)
-        started = time.perf_counter()
-        first = steps.claim_due(NOW, settings.dispatch_batch_size, lease)
-        tasks.publish_step_batch(first)
-        one_pass = time.perf_counter() - started
-        handed = len(first) + steps.dispatch(NOW, settings, tasks.publish_step_batch)
-        seconds = time.perf_counter() - started
-        reset_engine()
-        return {
-            "total": total,
-            "due": due,
-            "handed": handed,
-            "one_pass_ms": one_pass * 1000,
-            "steps_per_second": handed / seconds,
-        }
-    finally:
-        import redis
 
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+def _run(db_url: str, total: int, due_fraction: float) -> dict:
+    from recovery import steps, tasks
+    from recovery.config import get_settings
+    from recovery.db import reset_engine
+
+    get_settings.cache_clear()
+    reset_engine()
+    due = int(total * due_fraction)
+    fill(db_url, total, due)
+    settings = get_settings()
+    lease = timedelta(seconds=settings.step_lease_seconds)
+    started = time.perf_counter()
+    first = steps.claim_due(NOW, settings.dispatch_batch_size, lease)
+    tasks.publish_step_batch(first)
+    one_pass = time.perf_counter() - started
+    handed = len(first) + steps.dispatch(NOW, settings, tasks.publish_step_batch)
+    seconds = time.perf_counter() - started
+    reset_engine()
+    return {
+        "total": total,
+        "due": due,
+        "handed": handed,
+        "one_pass_ms": one_pass * 1000,
+        "steps_per_second": handed / seconds,
+    }
 
 
 def main() -> None:

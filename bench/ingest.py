@@ -19,19 +19,16 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import psycopg2
 import redis
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from recovery import migrate  # noqa: E402
+from bench.scratch_db import scratch_database  # noqa: E402
 
-ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = "redis://127.0.0.1:6379/14"
 SECRET = "whsec_bench"
 
@@ -125,6 +122,28 @@ def run_receiver(
     return result
 
 
+def _both(args, db_url: str) -> tuple[dict, dict]:
+    ours = run_receiver(
+        "recovery (gunicorn+uvicorn, ASGI, group commit)",
+        "recovery.asgi:app",
+        db_url,
+        args.events,
+        args.workers,
+        args.concurrency,
+        ["--worker-class", "uvicorn_worker.UvicornWorker"],
+    )
+    naive = run_receiver(
+        "naive (Flask, construct_event, ORM, delay())",
+        "bench.naive_receiver:app",
+        db_url,
+        args.naive_events,
+        args.workers,
+        args.concurrency,
+        [],
+    )
+    return ours, naive
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20000)
@@ -133,37 +152,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
 
-    admin = psycopg2.connect(ADMIN_URL.replace("postgresql://", "postgres://"))
-    admin.autocommit = True
-    name = f"recovery_bench_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    db_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        migrate.upgrade(db_url)
-        ours = run_receiver(
-            "recovery (gunicorn+uvicorn, ASGI, group commit)",
-            "recovery.asgi:app",
-            db_url,
-            args.events,
-            args.workers,
-            args.concurrency,
-            ["--worker-class", "uvicorn_worker.UvicornWorker"],
-        )
-        naive = run_receiver(
-            "naive (Flask, construct_event, ORM, delay())",
-            "bench.naive_receiver:app",
-            db_url,
-            args.naive_events,
-            args.workers,
-            args.concurrency,
-            [],
-        )
-    finally:
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with scratch_database() as db_url:
+        try:
+            ours, naive = _both(args, db_url)
+        finally:
+            redis.Redis.from_url(REDIS_URL).flushdb()
 
     print(
         f"\n{os.cpu_count()} cores; {args.workers} gunicorn workers each; load generator: "

@@ -54,6 +54,13 @@ class Plan:
 
 
 _FINAL_NOTICE_DAY = 18
+# The card cannot be charged as it is: ask for a new or fixed one, then warn.
+_ASK_FOR_A_CARD = (
+    EmailStep(0, "card_update_needed"),
+    EmailStep(3, "card_update_needed"),
+    EmailStep(8, "card_update_needed"),
+    EmailStep(_FINAL_NOTICE_DAY, "final_notice"),
+)
 
 DEFAULT_PLANS: dict[Category, Plan] = {
     Category.RETRY: Plan(
@@ -80,12 +87,7 @@ DEFAULT_PLANS: dict[Category, Plan] = {
     ),
     Category.CUSTOMER_ACTION: Plan(
         "customer_action",
-        emails=(
-            EmailStep(0, "card_update_needed"),
-            EmailStep(3, "card_update_needed"),
-            EmailStep(8, "card_update_needed"),
-            EmailStep(_FINAL_NOTICE_DAY, "final_notice"),
-        ),
+        emails=_ASK_FOR_A_CARD,
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
     Category.AUTHENTICATE: Plan(
@@ -100,12 +102,7 @@ DEFAULT_PLANS: dict[Category, Plan] = {
     ),
     Category.DEAD_CARD: Plan(
         "dead_card",
-        emails=(
-            EmailStep(0, "card_update_needed"),
-            EmailStep(3, "card_update_needed"),
-            EmailStep(8, "card_update_needed"),
-            EmailStep(_FINAL_NOTICE_DAY, "final_notice"),
-        ),
+        emails=_ASK_FOR_A_CARD,
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
     Category.DO_NOT_CONTACT: Plan("do_not_contact", flag_for_review=True),

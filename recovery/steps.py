@@ -77,35 +77,37 @@ def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:
             if postgres:
                 ids = ids.with_for_update(skip_locked=True)
             rows = session.execute(
-                update(RecoveryAttempt)
-                .where(RecoveryAttempt.id.in_(ids.scalar_subquery()))
-                .values(
-                    status=StepStatus.CLAIMED.value,
-                    lease_until=now + lease,
-                    claims=RecoveryAttempt.claims + 1,
-                )
-                .returning(RecoveryAttempt.id, RecoveryAttempt.claims)
-            ).all()
+                _claiming(now, lease, RecoveryAttempt.id.in_(ids.scalar_subquery()))
+            )
             claims.extend((row.id, row.claims) for row in rows)
     return claims
+
+
+def _claiming(now: datetime, lease: timedelta, *where):
+    """The one claim statement: leased to the caller, claim number bumped."""
+    return (
+        update(RecoveryAttempt)
+        .where(*where)
+        .values(
+            status=StepStatus.CLAIMED.value,
+            lease_until=now + lease,
+            claims=RecoveryAttempt.claims + 1,
+        )
+        .returning(RecoveryAttempt.id, RecoveryAttempt.claims)
+    )
 
 
 def claim_step(case_id: int, step: str, now: datetime, lease: timedelta) -> Claim | None:
     """Claim one named step of a case (an operator's retry), if still scheduled."""
     with session_scope() as session:
         row = session.execute(
-            update(RecoveryAttempt)
-            .where(
+            _claiming(
+                now,
+                lease,
                 RecoveryAttempt.case_id == case_id,
                 RecoveryAttempt.step == step,
                 RecoveryAttempt.status == StepStatus.SCHEDULED.value,
             )
-            .values(
-                status=StepStatus.CLAIMED.value,
-                lease_until=now + lease,
-                claims=RecoveryAttempt.claims + 1,
-            )
-            .returning(RecoveryAttempt.id, RecoveryAttempt.claims)
         ).one_or_none()
     return (row.id, row.claims) if row else None
 

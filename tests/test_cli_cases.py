@@ -75,3 +75,15 @@ def test_classify_list_is_readable(db):
     assert "insufficient_funds" in output and "visa network_decline_code" in output
     rows = json.loads(run("classify", "--list", "--json").output)
     assert {"signal", "code", "category", "min_wait", "why"} == set(rows[0])
+
+
+def test_bad_instants_are_usage_errors_that_change_nothing(db):
+    from recovery.models import RecoveryAttempt
+
+    bad_tick = run("tick", "--now", "next tuesday", "--sync")
+    assert bad_tick.exit_code == 2 and "not an ISO 8601 instant" in bad_tick.output
+    bad_since = run("cases", "list", "--since", "yesterday")
+    assert bad_since.exit_code == 2 and "not an ISO 8601 instant" in bad_since.output
+    with session_scope() as session:
+        assert session.scalars(select(AuditEntry)).all() == []
+        assert session.scalars(select(RecoveryAttempt)).all() == []
