@@ -164,3 +164,112 @@ def test_broker_down_events_wait_then_flow_when_it_returns(
         wait_for(lambda: case_status(scenario["invoice"]) == "open")
     finally:
         stop(worker)
+
+
+def test_celery_worker_killed_mid_retry_completes_later_with_one_charge(
+    db, sim, receiver, flushed_redis, tmp_path
+):
+    """SIGKILL a real worker while Stripe holds the pay answer; after the lease a
+    second worker takes the step again, asks Stripe first and charges nothing."""
+    import signal
+
+    from celery import Celery
+    from sqlalchemy import update
+
+    from recovery import clock, tick
+    from recovery.config import get_settings
+    from recovery.models import RecoveryAttempt
+
+    clock.set_now(None)
+    sim_post(
+        sim.url,
+        "/_sim/webhook_endpoints",
+        {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
+    )
+    scenario = sim_post(
+        sim.url,
+        "/_sim/scenarios/failed_invoice",
+        {"behavior": {"decline_code": "processing_error", "succeed_after": int(time.time()) + 2}},
+    )
+    invoice_id = scenario["invoice"]
+    scenario_pays_from = time.time() + 2
+    sim.flush()
+    tick.run_pass(get_settings(), sync=True)
+    with session_scope() as session:
+        case = session.scalars(select(RecoveryCase)).one()
+        # The plan's first retry comes due now.
+        session.execute(
+            update(RecoveryAttempt)
+            .where(RecoveryAttempt.case_id == case.id, RecoveryAttempt.step == "retry:1")
+            .values(due_at=datetime.now(UTC))
+        )
+        case_id = case.id
+    sim_post(
+        sim.url,
+        "/_sim/faults",
+        {
+            "path_prefix": f"/v1/invoices/{invoice_id}/pay",
+            "status": "timeout",
+            "when": "after",
+            "delay": 60,
+            "count": 1,
+        },
+    )
+    lease = 5
+    broker = Celery(broker=flushed_redis)
+
+    def start(log) -> subprocess.Popen:
+        env = {
+            **os.environ,
+            **BASE_ENV,
+            "DATABASE_URL": db,
+            "BROKER_URL": flushed_redis,
+            "STRIPE_API_BASE": sim.url,
+            "STEP_LEASE_SECONDS": str(lease),
+            "PYTHONPATH": str(ROOT),
+        }
+        return subprocess.Popen(
+            [sys.executable, "-m", "recovery.cli", "worker", "--concurrency", "1"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Its own process group, so SIGKILL reaches the pool child too.
+            start_new_session=True,
+        )
+
+    def charges() -> list:
+        return [c for c in sim.state.charges if c[0] == invoice_id]
+
+    def retry_step() -> RecoveryAttempt:
+        with session_scope() as session:
+            return session.scalars(
+                select(RecoveryAttempt).where(
+                    RecoveryAttempt.case_id == case_id, RecoveryAttempt.step == "retry:1"
+                )
+            ).one()
+
+    log = open(tmp_path / "workers.log", "wb")
+    first = start(log)
+    time.sleep(max(0.0, scenario_pays_from - time.time()))
+    try:
+        broker.send_task("recovery.dispatch_steps", queue="recovery")
+        wait_for(charges, seconds=60)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+    assert retry_step().status == "executing"
+    assert case_status(invoice_id) == "open"
+
+    time.sleep(lease + 1)
+    second = start(log)
+    try:
+        broker.send_task("recovery.dispatch_steps", queue="recovery")
+        wait_for(lambda: case_status(invoice_id) == "recovered", seconds=60)
+    finally:
+        second.terminate()
+        second.wait(timeout=20)
+        log.close()
+    step = retry_step()
+    assert (step.status, step.claims) == ("done", 2)
+    assert len(charges()) == 1
