@@ -249,27 +249,26 @@ def test_celery_worker_killed_mid_retry_completes_later_with_one_charge(
                 )
             ).one()
 
-    log = open(tmp_path / "workers.log", "wb")
-    first = start(log)
-    time.sleep(max(0.0, scenario_pays_from - time.time()))
-    try:
-        broker.send_task("recovery.dispatch_steps", queue="recovery")
-        wait_for(charges, seconds=60)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=10)
-    assert retry_step().status == "executing"
-    assert case_status(invoice_id) == "open"
+    with open(tmp_path / "workers.log", "wb") as log:
+        first = start(log)
+        time.sleep(max(0.0, scenario_pays_from - time.time()))
+        try:
+            broker.send_task("recovery.dispatch_steps", queue="recovery")
+            wait_for(charges, seconds=60)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+        assert retry_step().status == "executing"
+        assert case_status(invoice_id) == "open"
 
-    time.sleep(lease + 1)
-    second = start(log)
-    try:
-        broker.send_task("recovery.dispatch_steps", queue="recovery")
-        wait_for(lambda: case_status(invoice_id) == "recovered", seconds=60)
-    finally:
-        second.terminate()
-        second.wait(timeout=20)
-        log.close()
+        time.sleep(lease + 1)
+        second = start(log)
+        try:
+            broker.send_task("recovery.dispatch_steps", queue="recovery")
+            wait_for(lambda: case_status(invoice_id) == "recovered", seconds=60)
+        finally:
+            second.terminate()
+            second.wait(timeout=20)
     step = retry_step()
     assert (step.status, step.claims) == ("done", 2)
     assert len(charges()) == 1
