@@ -1,8 +1,11 @@
 """One budget of Stripe write requests per second, shared by every worker.
 
 A token bucket in Redis, updated by one Lua script so concurrent workers never
-overdraw it. The bucket holds at most one second of tokens, so a backlog runs
-at the configured rate without bursting past it into Stripe's 429s. Without
+overdraw it. The bucket holds only a fifth of a second of tokens: a backlog is
+paced at the configured rate rather than sent in bursts, so requests that reach
+Stripe late and bunched (network and scheduling jitter) still fit its own
+one-second bucket and draw no 429s, while the small burst absorbs the time a
+waiting worker takes to wake up, keeping the rate close to the limit. Without
 Redis (the embedded default: one worker process) the same bucket lives in
 memory.
 """
@@ -18,16 +21,23 @@ import redis
 from recovery.config import get_settings
 
 KEY = "recovery:ratelimit:stripe-writes"
+BURST_SECONDS = 0.2
+
+
+def capacity(rate: float) -> float:
+    return max(1.0, rate * BURST_SECONDS)
+
 
 # Returns 0 when a token was taken, else the milliseconds until one is due.
 _TAKE = """
 local rate = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or rate
+local tokens = tonumber(state[1]) or capacity
 local at = tonumber(state[2]) or now_ms
-tokens = math.min(rate, tokens + (now_ms - at) * rate / 1000)
+tokens = math.min(capacity, tokens + (now_ms - at) * rate / 1000)
 local wait = 0
 if tokens >= 1 then
   tokens = tokens - 1
@@ -43,25 +53,27 @@ return wait
 class RedisBucket:
     def __init__(self, client: redis.Redis, rate: float, key: str = KEY):
         self.rate = rate
+        self.capacity = capacity(rate)
         self.key = key
         self._take = client.register_script(_TAKE)
 
     def try_take(self) -> float:
         """0 if a token was taken, else seconds to wait before asking again."""
-        return int(self._take(keys=[self.key], args=[self.rate])) / 1000
+        return int(self._take(keys=[self.key], args=[self.rate, self.capacity])) / 1000
 
 
 class LocalBucket:
     def __init__(self, rate: float):
         self.rate = rate
-        self._tokens = rate
+        self.capacity = capacity(rate)
+        self._tokens = self.capacity
         self._at = time.monotonic()
         self._lock = threading.Lock()
 
     def try_take(self) -> float:
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
             self._at = now
             if self._tokens >= 1:
                 self._tokens -= 1

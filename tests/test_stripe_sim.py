@@ -115,6 +115,25 @@ def test_errors_map_to_the_project_tree(sim):
         stripe_api.pay_invoice(scenario["invoice"], "")
 
 
+def test_write_rate_limit_answers_429_to_writes_only(sim):
+    made = [sim_post(sim.url, "/_sim/scenarios/failed_invoice", {}) for _ in range(4)]
+    sim_post(sim.url, "/_sim/rate_limit", {"writes_per_second": 2})
+    outcomes = []
+    for n, scenario in enumerate(made):
+        try:
+            stripe_api.pay_invoice(scenario["invoice"], f"rate-{n}")
+            outcomes.append("answered")
+        except stripe_api.CardDeclined:
+            outcomes.append("answered")
+        except stripe_api.StripeRateLimited:
+            outcomes.append(429)
+    # A full bucket of two, then writes faster than two a second are refused.
+    assert outcomes[:2] == ["answered", "answered"] and 429 in outcomes[2:]
+    assert stripe_api.retrieve_invoice(made[0]["invoice"])["id"] == made[0]["invoice"]
+    writes = sim.state.writes
+    assert [status for _, status in writes].count(429) == outcomes.count(429)
+
+
 def test_timeouts_surface_as_unavailable(sim):
     scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
     sim_post(

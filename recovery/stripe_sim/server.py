@@ -135,6 +135,8 @@ class State:
     write_rate: float | None = None
     write_tokens: float = 0.0
     write_checked: float = 0.0
+    # Every API write as (monotonic time, status): what a rate benchmark reads.
+    writes: list[tuple[float, int]] = field(default_factory=list)
 
 
 class StripeSim:
@@ -574,6 +576,8 @@ class StripeSim:
                 self.state.write_tokens = self.state.write_rate or 0.0
                 self.state.write_checked = time.monotonic()
                 return 200, {"writes_per_second": self.state.write_rate}
+            case ("GET", "writes"):
+                return 200, {"data": self.state.writes}
             case ("GET", "requests"):
                 return 200, {"data": self.state.requests_seen}
         raise _not_found("simulator route", path)
@@ -665,6 +669,8 @@ class StripeSim:
         with self.lock:
             fault = self._take_fault(path)
             limited = method == "POST" and not self._take_write_token()
+            if method == "POST":
+                self.state.writes.append((time.monotonic(), 429 if limited else 200))
         if limited:
             return 429, _RATE_LIMITED, {}
         if fault is not None and fault.when == "before":
