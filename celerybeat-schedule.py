@@ -20,4 +20,11 @@ SCHEDULE = {
         "schedule": 60.0,
         "options": {"expires": 55},
     },
+    # Send queued emails that are due: retries after a transient SMTP error,
+    # thank-you and pre-dunning emails. Plan emails are sent by their step.
+    "dispatch-outbox": {
+        "task": "recovery.dispatch_outbox",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
 }

@@ -70,16 +70,16 @@ def tick(at: str | None, sync: bool) -> None:
             ) from None
         clock.set_now(instant)
         ticking.follow_simulated_clock(settings, instant)
-    publish_events = publish_steps = None
+    publish_events = publish_steps = publish_messages = None
     if not sync:
-        from recovery.tasks import publish_event_batch, publish_step_batch
+        from recovery.tasks import publish_event_batch, publish_messages, publish_step_batch
 
         publish_events, publish_steps = publish_event_batch, publish_step_batch
-    result = ticking.run_pass(settings, sync, publish_events, publish_steps)
+    result = ticking.run_pass(settings, sync, publish_events, publish_steps, publish_messages)
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items()))
     click.echo(
-        f"{clock.now():%Y-%m-%d %H:%M:%S}Z: {result.events} event(s), {result.steps} step(s)"
-        + (f" ({outcomes})" if outcomes else "")
+        f"{clock.now():%Y-%m-%d %H:%M:%S}Z: {result.events} event(s), {result.steps} step(s),"
+        f" {result.emails} email(s)" + (f" ({outcomes})" if outcomes else "")
     )
 
 

@@ -25,6 +25,7 @@ ENVIRONMENTS = ("development", "production")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 RECOVERY_MODES = ("auto", "assist", "take_over")
+SMTP_SECURITY = ("none", "starttls", "tls")
 
 
 class ConfigError(Exception):
@@ -55,6 +56,20 @@ class Settings:
     step_lease_seconds: int = 300
     dispatch_batch_size: int = 500
     card_update_min_gap_seconds: int = 300
+    # The customer side (see outbox.py, mailer.py, links.py).
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_username: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_security: str = "starttls"
+    email_from: str = "Billing <billing@example.com>"
+    outbox_dir: str = "var/outbox"
+    brand_name: str = "Our service"
+    brand_support_email: str = "support@example.com"
+    brand_logo_url: str | None = None
+    brand_accent_color: str = "#635bff"
+    link_ttl_days: int = 14
+    link_clicks_per_minute: int = 30
 
     @property
     def production(self) -> bool:
@@ -85,6 +100,22 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum:
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name}={value} is out of range ({minimum}..{maximum})")
     return value
+
+
+def _email(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    address = value.rsplit("<", 1)[-1].rstrip(">").strip()
+    if address.count("@") != 1 or not all(address.split("@")) or any(c in address for c in " ,"):
+        raise ConfigError(f"{name} must be an email address (optionally 'Name <address>')")
+    return value
+
+
+def _colour(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    digits = value.removeprefix("#")
+    if len(digits) not in (3, 6) or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise ConfigError(f"{name}={value!r} is not a hex colour such as #635bff")
+    return "#" + digits.lower()
 
 
 def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]):
@@ -150,6 +181,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         step_lease_seconds=_int(env, "STEP_LEASE_SECONDS", 300, 5, 86_400),
         dispatch_batch_size=_int(env, "DISPATCH_BATCH_SIZE", 500, 1, 10_000),
         card_update_min_gap_seconds=_int(env, "CARD_UPDATE_MIN_GAP_SECONDS", 300, 0, 86_400),
+        smtp_host=env.get("SMTP_HOST", "").strip() or None,
+        smtp_port=_int(env, "SMTP_PORT", 587, 1, 65_535),
+        smtp_username=env.get("SMTP_USERNAME", "").strip() or None,
+        smtp_password=env.get("SMTP_PASSWORD", "") or None,
+        smtp_security=_choice(env, "SMTP_SECURITY", SMTP_SECURITY, "starttls"),
+        email_from=_email(env, "EMAIL_FROM", "Billing <billing@example.com>"),
+        outbox_dir=env.get("OUTBOX_DIR", "").strip() or "var/outbox",
+        brand_name=env.get("BRAND_NAME", "").strip() or "Our service",
+        brand_support_email=_email(env, "BRAND_SUPPORT_EMAIL", "support@example.com"),
+        brand_logo_url=_url(env, "BRAND_LOGO_URL", None, ("https", "http")),
+        brand_accent_color=_colour(env, "BRAND_ACCENT_COLOR", "#635bff"),
+        link_ttl_days=_int(env, "LINK_TTL_DAYS", 14, 1, 90),
+        link_clicks_per_minute=_int(env, "LINK_CLICKS_PER_MINUTE", 30, 1, 100_000),
     )
 
 

@@ -16,7 +16,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from recovery import clock, engine, stripe_api
+from recovery import clock, engine, links, outbox, stripe_api
 from recovery.classify import classify
 from recovery.db import insert_ignore
 from recovery.models import AuditEntry, CaseStatus, Customer, RecoveryCase, can_move
@@ -83,6 +83,9 @@ def close_case(
     for key, value in fields.items():
         setattr(case, key, value)
     engine.cancel_steps(session, case)
+    links.revoke_case_links(session, case.id, now, "closed")
+    if status is CaseStatus.RECOVERED:
+        outbox.on_case_recovered(session, case, now)
     _audit(session, case, f"case_{status.value}", previous=previous)
     log.info("case_closed", case_id=case.id, invoice_id=case.invoice_id, status=status.value)
     return True
@@ -148,6 +151,7 @@ def decline_details(invoice: dict[str, Any]) -> dict[str, Any]:
         or ("card" if card else None),
         "card_brand": card.get("brand"),
         "card_fingerprint": card.get("fingerprint"),
+        "card_last4": card.get("last4"),
         "card_exp_month": card.get("exp_month"),
         "card_exp_year": card.get("exp_year"),
     }
@@ -311,17 +315,50 @@ def _card_change_customer(event: dict) -> str | None:
     return None
 
 
+def _make_saved_card_default(session: Session, event: dict, customer_id: str) -> None:
+    """A card saved through our setup link becomes the one invoices use.
+
+    Checkout in setup mode only attaches the card; Stripe charges an invoice
+    to the subscription's default card, else the customer's, so both are set
+    (the subscription's only where it names one)."""
+    intent_id = _id(event["data"]["object"].get("setup_intent"))
+    if not intent_id:
+        return
+    pm_id = _id(stripe_api.retrieve_setup_intent(intent_id).get("payment_method"))
+    if not pm_id:
+        return
+    stripe_api.set_default_payment_method(customer_id, pm_id, f"default-pm-{event['id']}")
+    subscriptions = session.scalars(
+        select(RecoveryCase.subscription_id).where(
+            RecoveryCase.stripe_customer_id == customer_id,
+            RecoveryCase.status == CaseStatus.OPEN.value,
+            RecoveryCase.subscription_id.is_not(None),
+        )
+    ).all()
+    for subscription_id in set(subscriptions):
+        if stripe_api.retrieve_subscription(subscription_id).get("default_payment_method"):
+            stripe_api.update_subscription(
+                subscription_id,
+                f"default-pm-{event['id']}-{subscription_id}",
+                default_payment_method=pm_id,
+            )
+
+
 def on_card_changed(session: Session, event: dict, now: datetime) -> str:
     customer_id = _card_change_customer(event)
     if not customer_id:
         return IGNORED
+    if event["type"] == "checkout.session.completed":
+        _make_saved_card_default(session, event, customer_id)
     changed_at = _ts(event["created"])
     customer = upsert_customer(session, customer_id)
     if customer.card_updated_at is None or changed_at > customer.card_updated_at:
         customer.card_updated_at = changed_at
     if event["type"] == "customer.updated":
-        settings = event["data"]["object"].get("invoice_settings") or {}
+        obj = event["data"]["object"]
+        settings = obj.get("invoice_settings") or {}
         customer.default_payment_method = _id(settings.get("default_payment_method"))
+        customer.locale = next(iter(obj.get("preferred_locales") or []), customer.locale)
     open_cases = session.scalars(
         select(RecoveryCase)
         .where(
@@ -333,6 +370,30 @@ def on_card_changed(session: Session, event: dict, now: datetime) -> str:
         _audit(session, case, "card_updated", event_id=event["id"], event_type=event["type"])
         engine.on_card_updated(session, case, changed_at, now)
     log.info("card_updated", customer_id=customer.id, open_cases=len(open_cases))
+    return PROCESSED
+
+
+def on_card_expiring(session: Session, event: dict, now: datetime) -> str:
+    """Pre-dunning: one email per card and expiry, before a renewal fails."""
+    card = event["data"]["object"]
+    customer_id = _id(card.get("customer"))
+    month, year = card.get("exp_month"), card.get("exp_year")
+    if not customer_id or not month or not year:
+        return IGNORED
+    customer = upsert_customer(session, customer_id)
+    if not customer.email:
+        known = stripe_api.retrieve_customer(customer_id)
+        customer.email, customer.name = known.get("email"), known.get("name") or customer.name
+        customer.locale = next(iter(known.get("preferred_locales") or []), customer.locale)
+    which = card.get("fingerprint") or card.get("id")
+    outbox.enqueue(
+        session,
+        f"card_expiring:{customer_id}:{which}:{year}-{month:02d}",
+        "card_expiring",
+        f"card_expiring:{card.get('brand') or 'card'}:{card.get('last4') or ''}:{year}-{month}",
+        now,
+        customer_id=customer.id,
+    )
     return PROCESSED
 
 
@@ -353,6 +414,7 @@ HANDLERS: dict[str, Handler] = {
     "customer.updated": on_card_changed,
     "setup_intent.succeeded": on_card_changed,
     "checkout.session.completed": on_card_changed,
+    "customer.source.expiring": on_card_expiring,
 }
 
 

@@ -177,6 +177,7 @@ class RecoveryCase(Base):
     payment_method_type: Mapped[str | None] = mapped_column(String(32))
     card_brand: Mapped[str | None] = mapped_column(String(32))
     card_fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    card_last4: Mapped[str | None] = mapped_column(String(4))
     card_exp_month: Mapped[int | None] = mapped_column(Integer)
     card_exp_year: Mapped[int | None] = mapped_column(Integer)
     # Stripe's `created` of the newest failure applied, so a stale one is not.
@@ -268,21 +269,29 @@ class CardAttempt(Base):
 
 
 class Message(Base):
-    """An email of a case's plan: at most one per case and step."""
+    """An email in the outbox: at most one per key (a case's plan step, or a
+    card and expiry for pre-dunning), so no step is ever sent twice."""
 
     __tablename__ = "messages"
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
-    case_id: Mapped[int] = mapped_column(ForeignKey("recovery_cases.id"))
+    key: Mapped[str] = mapped_column(String(160), unique=True)
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     step: Mapped[str] = mapped_column(String(64))
     template: Mapped[str] = mapped_column(String(64))
+    # pending → sending → sent | skipped | failed (permanent, or a worker lost
+    # mid-send: never resent, so a step is delivered at most once).
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+    smtp_message_id: Mapped[str | None] = mapped_column(String(255))
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    __table_args__ = (UniqueConstraint("case_id", "step", name="uq_messages_case_id_step"),)
+    __table_args__ = (Index("ix_messages_status_next_attempt_at", "status", "next_attempt_at"),)
 
 
 class RecoveryLink(Base):
@@ -291,12 +300,17 @@ class RecoveryLink(Base):
     __tablename__ = "recovery_links"
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
-    case_id: Mapped[int] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
+    # A case's link, or (pre-dunning, opt-out) only a customer's.
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     purpose: Mapped[str] = mapped_column(String(16))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # closed | superseded | operator
+    revoked_reason: Mapped[str | None] = mapped_column(String(16))
     first_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     click_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -23,14 +23,13 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import select, update
 
-from recovery import engine, ratelimit, stripe_api
+from recovery import engine, outbox, ratelimit, stripe_api
 from recovery.classify import classify
 from recovery.config import Settings
-from recovery.db import insert_ignore, session_scope
+from recovery.db import session_scope
 from recovery.events import close_case
 from recovery.models import (
     CaseStatus,
-    Message,
     RecoveryAttempt,
     RecoveryCase,
     StepKind,
@@ -275,6 +274,7 @@ def execute_retry(step: Step, now: datetime, settings: Settings) -> str:
             # A new card: its own ledger applies, the old card's decline does not.
             case.payment_method_id = card.get("id")
             case.card_fingerprint, case.card_brand = card["fingerprint"], card.get("brand")
+            case.card_last4 = card.get("last4")
             case.card_exp_month, case.card_exp_year = card.get("exp_month"), card.get("exp_year")
         forced = step.step.startswith("retry:forced:")  # an operator, with a reason
         allowed = now if forced else engine.earliest_retry(session, case, now, settings)
@@ -360,7 +360,7 @@ def _rejected(step: Step, now: datetime, exc: Exception) -> str:
 
 
 def execute_email(step: Step, now: datetime, settings: Settings) -> str:
-    """Queue the email in the outbox (the customer side sends it)."""
+    """Queue the step's email in the outbox and send it."""
     with session_scope() as session:
         case = _locked_case(session, step.case_id)
         if case.status != CaseStatus.OPEN.value or case.paused_at is not None:
@@ -383,21 +383,11 @@ def execute_email(step: Step, now: datetime, settings: Settings) -> str:
         number = int(step.step.rsplit(":", 1)[-1]) if step.step[-1].isdigit() else 0
         if number < len(plan.emails):
             template = plan.emails[number].template
-        insert_ignore(
-            session,
-            Message.__table__,
-            {
-                "case_id": case.id,
-                "step": step.step,
-                "template": template,
-                "status": "pending",
-                "attempts": 0,
-                "created_at": now,
-            },
-            ["case_id", "step"],
-        )
+        key = outbox.case_key(case.id, step.step)
+        outbox.enqueue(session, key, template, step.step, now, case_id=case.id)
         _finish(session, step, now, "queued")
-    return "queued"
+    # Sent here and now; a failure is retried by the outbox, not by the step.
+    return outbox.send_now(key, now, settings) or "queued"
 
 
 def execute_final(step: Step, now: datetime, settings: Settings) -> str:

@@ -200,7 +200,11 @@ def cancel_subscription(subscription_id: str, idempotency_key: str) -> dict[str,
 
 
 def create_setup_checkout_session(
-    customer_id: str, success_url: str, cancel_url: str, idempotency_key: str
+    customer_id: str,
+    success_url: str,
+    cancel_url: str,
+    idempotency_key: str,
+    currency: str | None = None,
 ) -> dict[str, Any]:
     """A Stripe-hosted page where the customer saves a new card."""
     params = {
@@ -210,6 +214,8 @@ def create_setup_checkout_session(
         "success_url": success_url,
         "cancel_url": cancel_url,
     }
+    if currency:
+        params["currency"] = currency
     return _call(client().v1.checkout.sessions.create, params, _effect(idempotency_key))
 
 
@@ -225,3 +231,19 @@ def create_billing_portal_session(
 
 def list_events(**params: Any) -> dict[str, Any]:
     return _call(client().v1.events.list, params)
+
+
+def retrieve_setup_intent(setup_intent_id: str) -> dict[str, Any]:
+    return _call(client().v1.setup_intents.retrieve, setup_intent_id)
+
+
+def set_default_payment_method(
+    customer_id: str, payment_method_id: str, idempotency_key: str
+) -> dict[str, Any]:
+    """Make the card the one invoices are charged to from now on."""
+    return _call(
+        client().v1.customers.update,
+        customer_id,
+        {"invoice_settings": {"default_payment_method": payment_method_id}},
+        _effect(idempotency_key),
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from recovery import clock, inbox, steps
+from recovery import clock, inbox, outbox, steps
 from recovery.config import get_settings
 from recovery.db import reset_engine
 from recovery.observability import configure
@@ -84,6 +84,7 @@ def process_events(event_ids: list[int]) -> None:
     # Steps the events made due now (a card update's retry, a first email)
     # run at once rather than at the next dispatch tick.
     steps.dispatch(_now(), get_settings(), publish_step_batch)
+    outbox.dispatch(_now(), publish_messages)
 
 
 def publish_event_batch(event_ids: list[int]) -> None:
@@ -99,7 +100,9 @@ def relay_inbox() -> int:
 
 @app.task(name="recovery.execute_steps")
 def execute_steps(claims: list[list[int]]) -> None:
-    steps.execute_all([(step_id, claim) for step_id, claim in claims], _now(), get_settings())
+    outcomes = steps.execute_all([(s, claim) for s, claim in claims], _now(), get_settings())
+    if "paid" in outcomes.values():  # a thank-you may be queued
+        outbox.dispatch(_now(), publish_messages)
 
 
 def publish_step_batch(claims: list[steps.Claim]) -> None:
@@ -112,3 +115,20 @@ def publish_step_batch(claims: list[steps.Claim]) -> None:
 @app.task(name="recovery.dispatch_steps")
 def dispatch_steps() -> int:
     return steps.dispatch(_now(), get_settings(), publish_step_batch)
+
+
+@app.task(name="recovery.send_messages")
+def send_messages(message_ids: list[int]) -> None:
+    outbox.send_all(message_ids, _now(), get_settings())
+
+
+def publish_messages(message_ids: list[int]) -> None:
+    # A failed publish leaves the emails claimed; their lease returns them.
+    for start in range(0, len(message_ids), STEP_CHUNK):
+        send_messages.apply_async(args=[message_ids[start : start + STEP_CHUNK]], retry=False)
+
+
+@app.task(name="recovery.dispatch_outbox")
+def dispatch_outbox() -> int:
+    outbox.release_lapsed(_now())
+    return outbox.dispatch(_now(), publish_messages)

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import structlog
 
-from recovery import clock, inbox, steps
+from recovery import clock, inbox, outbox, steps
 from recovery.config import Settings
 
 log = structlog.get_logger("recovery.tick")
@@ -24,6 +24,7 @@ log = structlog.get_logger("recovery.tick")
 class PassResult:
     events: int = 0
     steps: int = 0
+    emails: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
@@ -43,7 +44,9 @@ def follow_simulated_clock(settings: Settings, at: datetime) -> None:
         log.info("stripe_clock_not_set", error=type(exc).__name__)
 
 
-def run_pass(settings: Settings, sync: bool, publish_events=None, publish_steps=None) -> PassResult:
+def run_pass(
+    settings: Settings, sync: bool, publish_events=None, publish_steps=None, publish_messages=None
+) -> PassResult:
     """Process due events and steps as of clock.now(); in-process when `sync`."""
     now = clock.now()
     result = PassResult()
@@ -62,4 +65,12 @@ def run_pass(settings: Settings, sync: bool, publish_events=None, publish_steps=
             result.outcomes[key] = result.outcomes.get(key, 0) + 1
 
     result.steps = steps.dispatch(now, settings, run_here if sync else publish_steps)
+
+    def send_here(ids: list[int]) -> None:
+        for outcome in outbox.send_all(ids, now, settings).values():
+            key = f"email_{outcome or 'stale'}"
+            result.outcomes[key] = result.outcomes.get(key, 0) + 1
+
+    outbox.release_lapsed(now)
+    result.emails = outbox.dispatch(now, send_here if sync else publish_messages)
     return result

@@ -1,4 +1,5 @@
-"""The web app: the Stripe webhook receiver and the health routes (ASGI).
+"""The web app: the Stripe webhook receiver, the customers' recovery links
+(web_links.py) and the health routes (ASGI).
 
 Framework-free ASGI rather than WSGI: the receiver is the hot path during
 billing runs. Measured on the 2-core bench machine, gunicorn's threaded WSGI
@@ -25,6 +26,7 @@ from recovery import clock
 from recovery.config import Settings, get_settings
 from recovery.db import get_engine
 from recovery.inbox_writer import InboxWriter
+from recovery.web_links import make_links_app
 from recovery.webhooks import (
     MAX_BODY_BYTES,
     WebhookRejected,
@@ -131,6 +133,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 def make_app(settings: Settings | None = None):
     settings = settings or get_settings()
     writer = InboxWriter(get_engine())
+    customer_pages = make_links_app(settings)
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -142,6 +145,8 @@ def make_app(settings: Settings | None = None):
             if method != "POST":
                 return await respond(send, 405, {"error": "use POST"})
             return await receive_webhook(scope, receive, send, settings, writer)
+        if path.startswith(("/r/", "/u/")):
+            return await customer_pages(scope, receive, send)
         if path == "/healthz":
             return await respond(send, 200, {"status": "ok"})
         if path == "/readyz":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ BASE_ENV = {
     "LOG_FORMAT": "json",
     "LOG_LEVEL": "INFO",
     "EVENT_MAX_ATTEMPTS": "3",
+    # The file sink, when a test sends email without an SMTP server.
+    "OUTBOX_DIR": tempfile.mkdtemp(prefix="recovery-outbox-"),
 }
 
 

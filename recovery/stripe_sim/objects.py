@@ -293,3 +293,21 @@ def event(
         pending_webhooks=1,
     )
     return evt
+
+
+def setup_intent(now: int, customer_id: str, pm_id: str, livemode: bool) -> dict[str, Any]:
+    obj = example("setup_intent")
+    intent_id = new_id("seti")
+    obj.update(
+        id=intent_id,
+        client_secret=f"{intent_id}_secret_{secrets.token_hex(12)}",
+        created=now,
+        customer=customer_id,
+        payment_method=pm_id,
+        status="succeeded",
+        last_setup_error=None,
+        next_action=None,
+        livemode=livemode,
+        payment_method_configuration_details=None,
+    )
+    return obj

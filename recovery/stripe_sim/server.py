@@ -395,6 +395,10 @@ class StripeSim:
                 return 200, self._expand(self.get("payment_intent", parts[1]), expand)
             case ("GET", "customers", 2):
                 return 200, self._expand(self.get("customer", parts[1]), expand)
+            case ("GET", "setup_intents", 2):
+                return 200, self.get("setup_intent", parts[1])
+            case ("POST", "customers", 2):
+                return 200, self._update_customer(parts[1], params)
             case ("GET", "payment_methods", 2):
                 return 200, self.get("payment_method", parts[1])
             case ("GET", "subscriptions", 2):
@@ -605,6 +609,36 @@ class StripeSim:
         self.emit("customer.updated", customer, previous)
         return pm
 
+    def _update_customer(self, customer_id: str, params: dict) -> dict:
+        customer = self.get("customer", customer_id)
+        settings = params.get("invoice_settings") or {}
+        if "default_payment_method" in settings:
+            pm = self.get("payment_method", settings["default_payment_method"])
+            if pm["customer"] != customer_id:
+                raise _invalid("The payment method is not attached to this customer.")
+            previous = {"invoice_settings": dict(customer["invoice_settings"])}
+            customer["invoice_settings"]["default_payment_method"] = pm["id"]
+            self.emit("customer.updated", customer, previous)
+        return customer
+
+    def complete_checkout(self, session_id: str, card: dict) -> dict:
+        """The customer enters a card on the hosted setup page. Like Stripe, it
+        saves the card and completes the session but changes no default."""
+        session = self.get("checkout.session", session_id)
+        if session["status"] != "open":
+            raise _invalid("This Checkout Session is no longer open.")
+        customer_id = session["customer"]
+        pm = self.put(objects.payment_method(self.now(), customer_id, card, self.state.livemode))
+        self.state.behaviors[pm["id"]] = CardBehavior.from_json(card.get("behavior", {}))
+        intent = self.put(
+            objects.setup_intent(self.now(), customer_id, pm["id"], self.state.livemode)
+        )
+        session.update(status="complete", setup_intent=intent["id"])
+        self.emit("payment_method.attached", pm)
+        self.emit("setup_intent.succeeded", intent)
+        self.emit("checkout.session.completed", session)
+        return session
+
     def _failed_invoice(self, body: dict) -> dict:
         """Customer, card, subscription and an invoice whose first attempt fails."""
         behavior = {
@@ -657,6 +691,8 @@ class StripeSim:
             data = json.loads(body or b"{}")
             with self.lock:
                 return (*self.control(method, path, data), {})
+        if path.startswith("/hosted/checkout/"):
+            return self._hosted_checkout(method, path.rsplit("/", 1)[-1], body)
         if not path.startswith("/v1/"):
             return 404, {"error": {"type": "invalid_request_error", "message": "Not found"}}, {}
         auth = headers.get("authorization", "")
@@ -711,6 +747,18 @@ class StripeSim:
         if fault is not None:  # "after": the effect happened; the answer is lost
             return self._fault_answer(fault)
         return status, answer, {"Idempotency-Key": key} if key else {}
+
+    def _hosted_checkout(self, method: str, session_id: str, body: bytes):
+        """Stripe's hosted page, reduced to what a test customer does: GET shows
+        the session, POST {"card": {...}} submits a card."""
+        with self.lock:
+            try:
+                if method == "POST":
+                    card = json.loads(body or b"{}").get("card", {})
+                    return 200, self.complete_checkout(session_id, card), {}
+                return 200, self.get("checkout.session", session_id), {}
+            except ApiError as exc:
+                return exc.status, {"error": exc.body}, {}
 
     def _take_write_token(self) -> bool:
         rate = self.state.write_rate

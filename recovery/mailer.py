@@ -1,0 +1,153 @@
+"""Getting an email out: SMTP from configuration, or .eml files for the
+embedded default. Errors come back sorted into transient (retry later) and
+permanent (record it for an operator)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import smtplib
+import ssl
+import threading
+import time
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid, parseaddr
+from functools import lru_cache
+from pathlib import Path
+
+from recovery.config import Settings
+from recovery.emails import Rendered
+
+_ADDRESS = re.compile(r"[^\s<>@]+@[^\s<>@]+")
+
+
+class SendFailed(Exception):
+    """The email was not accepted. `permanent`: trying again will not help."""
+
+    def __init__(self, reason: str, permanent: bool):
+        # SMTP replies often quote the recipient; keep addresses out of the
+        # record, the logs and Sentry.
+        super().__init__(_ADDRESS.sub("<address>", reason)[:300])
+        self.permanent = permanent
+
+
+def build(
+    rendered: Rendered,
+    to: str,
+    settings: Settings,
+    message_id: str | None = None,
+    opt_out_url: str | None = None,
+) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = settings.email_from
+    message["To"] = to
+    message["Subject"] = rendered.subject
+    message["Date"] = formatdate(localtime=False, usegmt=True)
+    domain = parseaddr(settings.email_from)[1].rsplit("@", 1)[-1] or None
+    message["Message-ID"] = message_id or make_msgid(domain=domain)
+    message["Auto-Submitted"] = "auto-generated"
+    if opt_out_url:
+        # RFC 8058 one-click unsubscribe: mail clients POST to the address.
+        message["List-Unsubscribe"] = f"<{opt_out_url}>"
+        message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
+
+
+class FileOutbox:
+    """Writes each email as an .eml file: the embedded default sends nothing."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def send(self, message: EmailMessage) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9.-]", "_", message["Message-ID"].strip("<>"))
+        final = self.directory / f"{time.time_ns()}-{name}.eml"
+        partial = final.with_suffix(".eml.part")
+        partial.write_bytes(bytes(message))
+        partial.rename(final)  # a reader never sees half a file
+
+
+class SmtpTransport:
+    """One SMTP connection per thread, reused across emails and reopened when
+    the server drops it."""
+
+    def __init__(self, settings: Settings, timeout: float = 30.0):
+        self.settings = settings
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _connect(self) -> smtplib.SMTP:
+        s = self.settings
+        if s.smtp_security == "tls":
+            conn = smtplib.SMTP_SSL(
+                s.smtp_host, s.smtp_port, timeout=self.timeout, context=ssl.create_default_context()
+            )
+        else:
+            conn = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=self.timeout)
+            if s.smtp_security == "starttls":
+                conn.starttls(context=ssl.create_default_context())
+        if s.smtp_username:
+            conn.login(s.smtp_username, s.smtp_password or "")
+        return conn
+
+    def _connection(self) -> smtplib.SMTP:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def send(self, message: EmailMessage) -> None:
+        for attempt in (1, 2):
+            try:
+                refused = self._connection().send_message(message)
+            except smtplib.SMTPServerDisconnected as exc:
+                self._drop()
+                if attempt == 2:  # a reused connection may have timed out; try a fresh one
+                    raise SendFailed(f"server disconnected: {exc}", permanent=False) from None
+                continue
+            except smtplib.SMTPRecipientsRefused as exc:
+                codes = [code for code, _ in exc.recipients.values()]
+                raise SendFailed(
+                    f"recipient refused: {codes}", permanent=all(c >= 500 for c in codes)
+                ) from None
+            except smtplib.SMTPAuthenticationError as exc:
+                self._drop()
+                raise SendFailed(f"authentication failed: {exc.smtp_code}", False) from None
+            except smtplib.SMTPResponseException as exc:
+                self._reset_after_error()
+                message_text = exc.smtp_error.decode(errors="replace")
+                raise SendFailed(
+                    f"{exc.smtp_code} {message_text}", permanent=exc.smtp_code >= 500
+                ) from None
+            except (TimeoutError, smtplib.SMTPException, OSError) as exc:
+                self._drop()
+                raise SendFailed(f"{type(exc).__name__}: {exc}", permanent=False) from None
+            if refused:
+                raise SendFailed(f"recipient refused: {list(refused.values())}", permanent=True)
+            return
+
+    def _reset_after_error(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        try:
+            if conn is not None:
+                conn.rset()
+        except (smtplib.SMTPException, OSError):
+            self._drop()
+
+
+@lru_cache(maxsize=4)
+def transport_for(settings: Settings) -> SmtpTransport | FileOutbox:
+    """One transport per settings, so a worker keeps its SMTP connections."""
+    if settings.smtp_host:
+        return SmtpTransport(settings)
+    return FileOutbox(settings.outbox_dir)
