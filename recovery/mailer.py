@@ -10,6 +10,7 @@ import smtplib
 import ssl
 import threading
 import time
+import weakref
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from functools import lru_cache
@@ -71,13 +72,15 @@ class FileOutbox:
 
 
 class SmtpTransport:
-    """One SMTP connection per thread, reused across emails and reopened when
-    the server drops it."""
+    """A small pool of SMTP connections, reused across emails and threads and
+    reopened when the server drops one."""
 
     def __init__(self, settings: Settings, timeout: float = 30.0):
         self.settings = settings
         self.timeout = timeout
-        self._local = threading.local()
+        self._idle: list[smtplib.SMTP] = []
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._idle)
 
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
@@ -93,56 +96,70 @@ class SmtpTransport:
             conn.login(s.smtp_username, s.smtp_password or "")
         return conn
 
-    def _connection(self) -> smtplib.SMTP:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
+    def _take(self) -> smtplib.SMTP:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
 
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.close()
+    def _give_back(self, conn: smtplib.SMTP) -> None:
+        with self._lock:
+            self._idle.append(conn)
 
     def send(self, message: EmailMessage) -> None:
         for attempt in (1, 2):
             try:
-                refused = self._connection().send_message(message)
+                conn = self._take()
+            except (smtplib.SMTPException, OSError) as exc:
+                raise SendFailed(f"cannot connect: {type(exc).__name__}", permanent=False) from None
+            try:
+                refused = conn.send_message(message)
             except smtplib.SMTPServerDisconnected as exc:
-                self._drop()
-                if attempt == 2:  # a reused connection may have timed out; try a fresh one
+                _close(conn)
+                if attempt == 2:  # a pooled connection may have timed out; try a fresh one
                     raise SendFailed(f"server disconnected: {exc}", permanent=False) from None
                 continue
             except smtplib.SMTPRecipientsRefused as exc:
+                self._reset(conn)
                 codes = [code for code, _ in exc.recipients.values()]
                 raise SendFailed(
                     f"recipient refused: {codes}", permanent=all(c >= 500 for c in codes)
                 ) from None
-            except smtplib.SMTPAuthenticationError as exc:
-                self._drop()
-                raise SendFailed(f"authentication failed: {exc.smtp_code}", False) from None
             except smtplib.SMTPResponseException as exc:
-                self._reset_after_error()
-                message_text = exc.smtp_error.decode(errors="replace")
-                raise SendFailed(
-                    f"{exc.smtp_code} {message_text}", permanent=exc.smtp_code >= 500
-                ) from None
-            except (TimeoutError, smtplib.SMTPException, OSError) as exc:
-                self._drop()
+                self._reset(conn)
+                text = exc.smtp_error.decode(errors="replace")
+                permanent = exc.smtp_code >= 500
+                raise SendFailed(f"{exc.smtp_code} {text}", permanent=permanent) from None
+            except (smtplib.SMTPException, OSError) as exc:
+                _close(conn)
                 raise SendFailed(f"{type(exc).__name__}: {exc}", permanent=False) from None
+            self._give_back(conn)
             if refused:
                 raise SendFailed(f"recipient refused: {list(refused.values())}", permanent=True)
             return
 
-    def _reset_after_error(self) -> None:
-        conn = getattr(self._local, "conn", None)
+    def _reset(self, conn: smtplib.SMTP) -> None:
         try:
-            if conn is not None:
-                conn.rset()
+            conn.rset()
         except (smtplib.SMTPException, OSError):
-            self._drop()
+            _close(conn)
+            return
+        self._give_back(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            _close_all(self._idle)
+
+
+def _close(conn: smtplib.SMTP) -> None:
+    with contextlib.suppress(smtplib.SMTPException, OSError):
+        conn.quit()
+    conn.close()
+
+
+def _close_all(idle: list[smtplib.SMTP]) -> None:
+    while idle:
+        _close(idle.pop())
 
 
 @lru_cache(maxsize=4)

@@ -196,3 +196,49 @@ def private_redis() -> Iterator:
     server = PrivateRedis()
     yield server
     server.stop()
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) that keeps what it receives; `refuse`
+    queues replies to give instead of accepting (e.g. "451 4.3.0 try later")."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list = []
+        self.refuse: list[str] = []
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        import email
+        from email import policy
+
+        if self.refuse:
+            return self.refuse.pop(0)
+        message = email.message_from_bytes(envelope.content, policy=policy.default)
+        self.messages.append((envelope.rcpt_tos, message))
+        return "250 OK"
+
+    def env(self) -> dict[str, str]:
+        return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.port), "SMTP_SECURITY": "none"}
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """An SMTP server on a free port, configured as SMTP_HOST for the test."""
+    from recovery.config import get_settings
+
+    sink = SmtpSink()
+    sink.controller.start()
+    previous = {key: os.environ.get(key) for key in sink.env()}
+    os.environ.update(sink.env())
+    get_settings.cache_clear()
+    yield sink
+    sink.controller.stop()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()

@@ -1,0 +1,243 @@
+"""Recovery links over real HTTP: redirects only to Stripe, one page for every
+dead link, no token leaks, clicks counted, a per-client limit."""
+
+from __future__ import annotations
+
+import http.client
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy import event, select, update
+
+from recovery import clock, links, tick
+from recovery.config import get_settings, load_settings
+from recovery.db import get_engine, session_scope
+from recovery.models import RecoveryCase, RecoveryLink
+from recovery.redeem import allowed_redirect
+
+from .factories import sim_post
+
+
+@pytest.fixture
+def web(db, sim):
+    """The web app (receiver + links) over HTTP, with a small click limit."""
+    from recovery.devserver import start_asgi_in_thread
+    from recovery.web import make_app
+
+    server = start_asgi_in_thread(make_app(get_settings()))
+    yield server.url
+    server.stop()
+
+
+def get(base: str, path: str, method: str = "GET") -> http.client.HTTPResponse:
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request(method, path)
+    response = conn.getresponse()
+    response.body = response.read()
+    conn.close()
+    return response
+
+
+def open_case(sim, web, behavior: dict | None = None) -> RecoveryCase:
+    sim_post(
+        sim.url,
+        "/_sim/webhook_endpoints",
+        {"url": f"{web}/webhooks/stripe", "secret": "whsec_test_current"},
+    )
+    scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {"behavior": behavior or {}})
+    sim.flush()
+    tick.run_pass(get_settings(), sync=True)
+    with session_scope() as session:
+        return session.scalars(
+            select(RecoveryCase).where(RecoveryCase.invoice_id == scenario["invoice"])
+        ).one()
+
+
+def mint(case: RecoveryCase, purpose=links.Purpose.UPDATE_CARD, ttl=timedelta(days=14)) -> str:
+    with session_scope() as session:
+        return links.mint(
+            session, purpose, clock.now(), ttl, case_id=case.id, customer_id=case.customer_id
+        )
+
+
+def test_update_card_link_redirects_to_a_new_setup_session_on_stripe(sim, web):
+    case = open_case(sim, web)
+    token = mint(case)
+    answer = get(web, f"/r/{token}")
+    assert answer.status == 303
+    location = answer.getheader("Location")
+    assert location.startswith(f"{sim.url}/hosted/checkout/cs_test_")
+    session_id = location.rsplit("/", 1)[-1]
+    made = sim.state.objects[session_id]
+    assert (made["mode"], made["customer"]) == ("setup", case.stripe_customer_id)
+    assert made["success_url"].endswith("/r/card-saved") and token not in made["success_url"]
+    for header, value in (
+        ("Referrer-Policy", "no-referrer"),
+        ("Cache-Control", "no-store"),
+        ("X-Robots-Tag", "noindex, nofollow"),
+    ):
+        assert answer.getheader(header) == value
+    with session_scope() as session:
+        link = session.scalars(select(RecoveryLink)).all()
+        clicked = [row for row in link if row.click_count]
+    assert len(clicked) == 1 and clicked[0].first_clicked_at is not None
+    assert get(web, f"/r/{token}").status == 303  # a second click, a second session
+    with session_scope() as session:
+        assert session.get(RecoveryLink, clicked[0].id).click_count == 2
+
+
+def test_pay_link_goes_to_the_hosted_invoice_page(sim, web):
+    case = open_case(sim, web)
+    answer = get(web, f"/r/{mint(case, links.Purpose.PAY)}")
+    assert answer.status == 303
+    assert answer.getheader("Location") == f"{sim.url}/hosted/invoices/{case.invoice_id}"
+
+
+def test_dead_links_all_get_one_page_with_one_status(sim, web):
+    case = open_case(sim, web)
+    expired = mint(case, links.Purpose.PAY, ttl=timedelta(seconds=-1))
+    superseded = mint(case)
+    mint(case)  # the newer link for the same purpose supersedes the last
+    other = open_case(sim, web, {"decline_code": "expired_card"})
+    revoked = mint(other)
+    with session_scope() as session:
+        links.revoke_case_links(session, other.id, clock.now(), "operator")
+    forged = links.new_token()
+    answers = [get(web, f"/r/{t}") for t in (forged, expired, superseded, revoked)]
+    assert {a.status for a in answers} == {404}
+    assert len({a.body for a in answers}) == 1
+    assert b"support@example.com" in answers[0].body
+    assert all(a.getheader("Location") is None for a in answers)
+
+
+def test_forged_and_expired_tokens_do_the_same_database_work(sim, web):
+    case = open_case(sim, web)
+    expired = mint(case, ttl=timedelta(seconds=-1))
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", record)
+    try:
+        from recovery import redeem
+
+        for token in (expired, links.new_token()):
+            redeem.redeem(token, clock.now(), get_settings())
+            statements.append("--")
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", record)
+    first, second, _ = "\n".join(statements).split("--")
+    # Same statements, same order: a stopwatch learns nothing the page does not say.
+    assert first.strip() == second.strip() and "UPDATE recovery_links" in first
+
+
+def test_a_paid_case_shows_all_set(sim, web):
+    case = open_case(sim, web)
+    token = mint(case)
+    sim_post(sim.url, f"/_sim/customers/{case.stripe_customer_id}/cards", {})
+    sim_post(sim.url, f"/_sim/invoices/{case.invoice_id}/attempt")
+    sim.flush()
+    tick.run_pass(get_settings(), sync=True)
+    answer = get(web, f"/r/{token}")
+    assert answer.status == 200 and b"all set" in answer.body
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/r/{token}/https://evil.example",
+        "/r//evil.example",
+        "/r/%2F%2Fevil.example",
+        "/r/..%2F..%2Fwebhooks%2Fstripe",
+        "/r/https:%2F%2Fevil.example",
+        "/r/{token}%00",
+    ],
+)
+def test_crafted_paths_never_redirect(sim, web, path):
+    token = mint(open_case(sim, web))
+    answer = get(web, path.format(token=token))
+    assert answer.status == 404 and answer.getheader("Location") is None
+
+
+def test_parameters_cannot_steer_the_redirect(sim, web):
+    token = mint(open_case(sim, web))
+    for query in ("?next=https://evil.example", "?return_to=//evil.example", "?url=javascript:1"):
+        answer = get(web, f"/r/{token}{query}")
+        assert answer.status == 303
+        assert answer.getheader("Location").startswith(f"{sim.url}/hosted/checkout/")
+
+
+def test_an_address_off_the_allow_list_is_never_followed(sim, web):
+    case = open_case(sim, web)
+    with session_scope() as session:
+        session.execute(
+            update(RecoveryCase)
+            .where(RecoveryCase.id == case.id)
+            .values(hosted_invoice_url="https://evil.example/pay")
+        )
+    answer = get(web, f"/r/{mint(case, links.Purpose.PAY)}")
+    assert answer.status == 503 and answer.getheader("Location") is None
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://checkout.stripe.com/c/pay/cs_test_a1", True),
+        ("https://invoice.stripe.com/i/acct_1/test_x", True),
+        ("http://checkout.stripe.com/c/pay/cs_test_a1", False),
+        ("https://checkout.stripe.com.evil.example/c", False),
+        ("https://evil.example@checkout.stripe.com/c", False),
+        ("https://checkout.stripe.com:8443/c", False),
+        ("https://stripe.com.evil.example/", False),
+        ("javascript:alert(1)", False),
+        ("//checkout.stripe.com/c", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_redirect_allow_list(url, allowed):
+    assert allowed_redirect(url, load_settings({})) is allowed
+
+
+def test_clicks_are_limited_per_client(db, sim, monkeypatch):
+    from recovery.devserver import start_asgi_in_thread
+    from recovery.web import make_app
+
+    monkeypatch.setenv("LINK_CLICKS_PER_MINUTE", "3")
+    get_settings.cache_clear()
+    server = start_asgi_in_thread(make_app(get_settings()))
+    try:
+        forged = links.new_token()
+        statuses = [get(server.url, f"/r/{forged}").status for _ in range(5)]
+    finally:
+        server.stop()
+        monkeypatch.delenv("LINK_CLICKS_PER_MINUTE")
+        get_settings.cache_clear()
+    assert statuses == [404, 404, 404, 429, 429]
+
+
+def test_opt_out_needs_a_post_and_takes_effect_at_once(sim, web):
+    case = open_case(sim, web)
+    with session_scope() as session:
+        token = links.mint(
+            session,
+            links.Purpose.OPT_OUT,
+            clock.now(),
+            timedelta(days=1),
+            customer_id=case.customer_id,
+        )
+    shown = get(web, f"/u/{token}")
+    assert shown.status == 200 and b'<form method="post"' in shown.body
+    from recovery.models import Customer
+
+    with session_scope() as session:
+        assert session.get(Customer, case.customer_id).reminders_opted_out_at is None
+    assert get(web, f"/u/{token}", method="POST").status == 200
+    with session_scope() as session:
+        assert session.get(Customer, case.customer_id).reminders_opted_out_at is not None
+    # An opt-out token opens no payment page, and a payment link stops nothing.
+    assert get(web, f"/r/{token}").status == 404
+    assert get(web, f"/u/{mint(case)}", method="POST").status == 404

@@ -1,0 +1,208 @@
+"""Emails through a real SMTP server: content, one send per step under
+concurrency, transient and permanent failures, opt-out, nothing personal in logs."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import structlog
+from sqlalchemy import select, update
+
+from recovery import clock, mailer, outbox, tick
+from recovery.config import get_settings
+from recovery.db import session_scope
+from recovery.models import Customer, Message, RecoveryCase
+
+from .factories import sim_post
+
+T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def world(sim, receiver, smtp_sink):
+    sim_post(
+        sim.url,
+        "/_sim/webhook_endpoints",
+        {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
+    )
+    clock.set_now(T0)
+    tick.follow_simulated_clock(get_settings(), T0)
+    yield sim, smtp_sink
+    clock.set_now(None)
+
+
+def fail(sim, **behavior) -> str:
+    scenario = sim_post(
+        sim.url,
+        "/_sim/scenarios/failed_invoice",
+        {
+            "behavior": {"decline_code": "insufficient_funds", **behavior},
+            "email": "jenny.rosen@example.com",
+            "name": "Jenny Rosen",
+            "card": {"brand": "visa", "last4": "4242"},
+        },
+    )
+    sim.flush()
+    return scenario["invoice"]
+
+
+def messages() -> list[Message]:
+    with session_scope() as session:
+        return list(session.scalars(select(Message).order_by(Message.id)))
+
+
+def test_first_email_is_delivered_over_smtp_with_both_parts(world):
+    sim, sink = world
+    fail(sim)
+    result = tick.run_pass(get_settings(), sync=True)
+    assert result.outcomes.get("sent") == 1
+    [(recipients, message)] = sink.messages
+    assert recipients == ["jenny.rosen@example.com"]
+    assert message["Subject"] == "Your Our service payment did not go through"
+    assert message["From"] == "Billing <billing@example.com>"
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    text = message.get_body(("plain",)).get_content()
+    html = message.get_body(("html",)).get_content()
+    assert "$20.00" in text and "$20.00" in html and "Visa ending in 4242" in text
+    assert "Hi Jenny," in text and "your bank declined the payment" in text
+    link = next(w for w in text.split() if "/r/" in w)
+    assert link.startswith(get_settings().public_base_url + "/r/") and f'href="{link}"' in html
+    [row] = messages()
+    assert (row.status, row.template, row.attempts) == ("sent", "payment_failed", 1)
+    assert row.smtp_message_id == message["Message-ID"]
+
+
+def test_concurrent_senders_send_a_step_once(world):
+    sim, sink = world
+    fail(sim)
+    tick.run_pass(get_settings(), sync=True)
+    sink.messages.clear()
+    with session_scope() as session:
+        [row] = session.scalars(select(Message)).all()
+        key = row.key
+        # Back to pending, as if queued and not yet sent; redelivered steps
+        # then try to queue the same email again.
+        session.execute(update(Message).values(status="pending", attempts=0))
+        queued_again = [outbox.enqueue(session, key, row.template, row.step, T0) for _ in range(3)]
+    assert queued_again == [False, False, False]
+    barrier = threading.Barrier(6)
+    outcomes = []
+
+    def sender():
+        barrier.wait()
+        ids = outbox.claim(T0, 10)
+        outcomes.extend(outbox.send_all(ids, T0, get_settings()).values())
+        outcomes.extend(outbox.send_all([row.id], T0, get_settings()).values())  # a stale task
+
+    threads = [threading.Thread(target=sender) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(sink.messages) == 1
+    assert outcomes.count("sent") == 1 and set(outcomes) == {"sent", None}
+    assert len(messages()) == 1
+
+
+def test_transient_smtp_error_is_retried_later_permanent_is_recorded(world):
+    sim, sink = world
+    sink.refuse = ["451 4.3.0 Mailbox busy <jenny.rosen@example.com>, try later"]
+    fail(sim)
+    tick.run_pass(get_settings(), sync=True)
+    [row] = messages()
+    assert row.status == "pending" and row.next_attempt_at > T0 and not sink.messages
+    assert "jenny.rosen" not in row.last_error and "451" in row.last_error
+    later = row.next_attempt_at
+    clock.set_now(later)
+    tick.run_pass(get_settings(), sync=True)
+    assert [m.status for m in messages()] == ["sent"] and len(sink.messages) == 1
+
+    sink.refuse = ["550 5.1.1 <jenny.rosen@example.com>: no such user"]
+    second = fail(sim)
+    tick.run_pass(get_settings(), sync=True)
+    row = next(m for m in messages() if m.status != "sent")
+    assert row.status == "failed" and row.last_error.startswith("550")
+    assert "jenny.rosen" not in row.last_error
+    with session_scope() as session:
+        assert (
+            session.scalars(
+                select(RecoveryCase.status).where(RecoveryCase.invoice_id == second)
+            ).one()
+            == "open"
+        )
+
+
+def test_opted_out_customer_gets_no_more_reminders(world):
+    sim, sink = world
+    fail(sim)
+    tick.run_pass(get_settings(), sync=True)
+    assert len(sink.messages) == 1
+    with session_scope() as session:
+        session.execute(update(Customer).values(reminders_opted_out_at=T0))
+    for hours in range(12, 24 * 9, 12):
+        clock.set_now(T0 + timedelta(hours=hours))
+        tick.follow_simulated_clock(get_settings(), clock.now())
+        tick.run_pass(get_settings(), sync=True)
+    assert len(sink.messages) == 1
+    later = [m for m in messages() if m.status != "sent"]
+    assert later and {(m.status, m.last_error) for m in later} == {
+        ("skipped", "customer opted out of reminders")
+    }
+
+
+def test_a_worker_lost_mid_send_is_never_sent_again(world):
+    sim, sink = world
+    fail(sim)
+    tick.run_pass(get_settings(), sync=True)
+    sink.messages.clear()
+    # The email was handed to SMTP when its worker died: the row says "sending".
+    with session_scope() as session:
+        session.execute(update(Message).values(status="sending", lease_until=T0))
+    clock.set_now(T0 + timedelta(minutes=6))
+    tick.run_pass(get_settings(), sync=True)
+    [row] = messages()
+    assert row.status == "failed" and "not sent again" in row.last_error
+    assert not sink.messages
+
+
+def test_a_worker_lost_before_smtp_leaves_the_email_to_be_sent(world):
+    sim, sink = world
+    fail(sim)
+    tick.run_pass(get_settings(), sync=True)
+    sink.messages.clear()
+    with session_scope() as session:
+        session.execute(update(Message).values(status="claimed", lease_until=T0))
+    clock.set_now(T0 + timedelta(minutes=6))
+    tick.run_pass(get_settings(), sync=True)
+    assert [m.status for m in messages()] == ["sent"] and len(sink.messages) == 1
+
+
+def test_logs_hold_no_address_and_no_token(world):
+    sim, sink = world
+    with structlog.testing.capture_logs() as captured:
+        fail(sim)
+        tick.run_pass(get_settings(), sync=True)
+    [(_, message)] = sink.messages
+    text = message.get_body(("plain",)).get_content()
+    tokens = [w.rsplit("/", 1)[-1] for w in text.split() if "/r/" in w or "/u/" in w]
+    assert tokens and captured
+    dumped = repr(captured)
+    assert "jenny.rosen@example.com" not in dumped and "Jenny Rosen" not in dumped
+    assert not any(token in dumped for token in tokens)
+
+
+def test_file_sink_writes_one_eml_per_email(tmp_path):
+    from email import message_from_bytes, policy
+
+    from recovery import emails
+    from recovery.config import load_settings
+
+    settings = load_settings({"OUTBOX_DIR": str(tmp_path)})
+    transport = mailer.transport_for(settings)
+    rendered = emails.render("recovered", emails.sample_facts("recovered"), settings)
+    transport.send(mailer.build(rendered, "jenny.rosen@example.com", settings))
+    [path] = tmp_path.glob("*.eml")
+    parsed = message_from_bytes(path.read_bytes(), policy=policy.default)
+    assert parsed["To"] == "jenny.rosen@example.com" and parsed.is_multipart()
