@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from recovery import clock
 from recovery.config import ConfigError, get_settings
@@ -383,8 +384,9 @@ def events_replay(refs: tuple[str, ...], failed: bool) -> None:
 
 
 from recovery.cli_cases import COMMANDS  # noqa: E402 - after the group they join
+from recovery.cli_customers import COMMANDS as CUSTOMER_COMMANDS  # noqa: E402
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, *CUSTOMER_COMMANDS]:
     cli.add_command(_command)
 
 
@@ -394,6 +396,15 @@ def main() -> None:
     except ConfigError as exc:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(2)
+    except DBAPIError as exc:
+        # The driver's first line only: the statement and the URL stay out.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        click.echo(
+            f"database unavailable: {reason} (is it running, and migrated with"
+            " `recovery db upgrade`?)",
+            err=True,
+        )
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -269,8 +269,17 @@ def cases_show(ref: str, as_json: bool) -> None:
                 }
             )
         messages = [
-            {"step": m.step, "template": m.template, "status": m.status, "sent_at": m.sent_at}
-            for m in session.scalars(select(Message).where(Message.case_id == case.id))
+            {
+                "step": m.step,
+                "template": m.template,
+                "status": m.status,
+                "attempts": m.attempts,
+                "sent_at": m.sent_at,
+                "last_error": m.last_error,
+            }
+            for m in session.scalars(
+                select(Message).where(Message.case_id == case.id).order_by(Message.id)
+            )
         ]
         links = [
             {
@@ -305,6 +314,12 @@ def cases_show(ref: str, as_json: bool) -> None:
         click.echo(
             f"  {s['due_at']:%Y-%m-%d %H:%M}  {s['step']:<34} {s['status']:<10} "
             f"{s['outcome'] or ''} {s['decline_code'] or ''}"
+        )
+    click.echo("\nemails:")
+    for m in messages:
+        when = f"{m['sent_at']:%Y-%m-%d %H:%M}" if m["sent_at"] else " " * 16
+        click.echo(
+            f"  {when}  {m['template']:<24} {m['status']:<8} {m['last_error'] or ''}".rstrip()
         )
     nxt = data["next_step"]
     click.echo(f"\nnext step: {nxt['step'] + ' at ' + str(nxt['due_at']) if nxt else 'none'}")

@@ -206,3 +206,33 @@ def test_file_sink_writes_one_eml_per_email(tmp_path):
     [path] = tmp_path.glob("*.eml")
     parsed = message_from_bytes(path.read_bytes(), policy=policy.default)
     assert parsed["To"] == "jenny.rosen@example.com" and parsed.is_multipart()
+
+
+def test_pre_dunning_once_per_card_and_expiry(world):
+    sim, sink = world
+    customer = sim_post(
+        sim.url,
+        "/_sim/customers",
+        {
+            "email": "jenny.rosen@example.com",
+            "name": "Jenny Rosen",
+            "card": {"brand": "visa", "last4": "4242", "exp_month": 11, "exp_year": 2026},
+        },
+    )
+    for _ in range(2):  # Stripe may send the notice again
+        sim_post(sim.url, f"/_sim/customers/{customer['id']}/card_expiring", {})
+    sim.flush()
+    tick.run_pass(get_settings(), sync=True)
+    tick.run_pass(get_settings(), sync=True)
+    [(to, message)] = sink.messages
+    assert to == ["jenny.rosen@example.com"]
+    text = message.get_body(("plain",)).get_content()
+    assert "Visa ending in 4242" in text and "November 2026" in text
+    link = next(word for word in text.split() if "/r/" in word)
+    token = link.rsplit("/", 1)[-1]
+    from recovery import redeem
+
+    answer = redeem.redeem(token, T0, get_settings())
+    assert answer.status == 303 and "/hosted/checkout/" in answer.location
+    [row] = messages()
+    assert (row.template, row.case_id, row.status) == ("card_expiring", None, "sent")

@@ -311,3 +311,19 @@ def setup_intent(now: int, customer_id: str, pm_id: str, livemode: bool) -> dict
         payment_method_configuration_details=None,
     )
     return obj
+
+
+def expiring_card(customer_id: str, pm: dict[str, Any]) -> dict[str, Any]:
+    """The card object of `customer.source.expiring`, from the customer's card."""
+    obj = example("card")
+    details = pm["card"]
+    obj.update(
+        id=new_id("card"),
+        customer=customer_id,
+        brand=details["brand"].title(),
+        last4=details["last4"],
+        exp_month=details["exp_month"],
+        exp_year=details["exp_year"],
+        fingerprint=details["fingerprint"],
+    )
+    return obj

@@ -505,6 +505,15 @@ class StripeSim:
                 return 200, self._create_customer(body)
             case ("POST", "customers", customer_id, "cards"):
                 return 200, self._change_card(customer_id, body)
+            case ("POST", "customers", customer_id, "card_expiring"):
+                # Stripe's notice that the customer's card expires this month.
+                customer = self.get("customer", customer_id)
+                pm = self.get(
+                    "payment_method", customer["invoice_settings"]["default_payment_method"]
+                )
+                return 200, self.emit(
+                    "customer.source.expiring", objects.expiring_card(customer_id, pm)
+                )
             case ("POST", "payment_methods", pm_id, "behavior"):
                 self.get("payment_method", pm_id)
                 self.state.behaviors[pm_id] = CardBehavior.from_json(body)

@@ -1,0 +1,169 @@
+"""Operator commands for the customer side: emails and links."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from sqlalchemy import select
+
+from recovery import clock, emails, mailer
+from recovery.cli_cases import _case, _emit_json, _operator
+from recovery.config import get_settings
+
+
+@click.group("emails")
+def emails_group() -> None:
+    """Dunning emails: preview them, send a test, list the outbox."""
+
+
+def _facts_for_case(ref: str, name: str, locale: str | None) -> emails.Facts:
+    import dataclasses
+
+    from recovery import outbox
+    from recovery.db import session_scope
+    from recovery.models import Customer, Message
+
+    with session_scope() as session:
+        case = _case(session, ref)
+        customer = session.get(Customer, case.customer_id) if case.customer_id else None
+        if customer is None:
+            raise click.ClickException(f"case {case.id} has no customer to write to")
+        # A preview mints no link: it shows where links go, not working ones.
+        preview = Message(case_id=case.id, template=name, step="preview", key="preview")
+        facts = outbox.facts_for(session, preview, case, customer, get_settings(), clock.now())
+        session.rollback()
+    sample = "https://billing.example.com/r/preview-link"
+    return dataclasses.replace(
+        facts,
+        locale=locale or facts.locale,
+        action_url=sample if facts.action_url else None,
+        opt_out_url="https://billing.example.com/u/preview-link" if facts.opt_out_url else None,
+    )
+
+
+@emails_group.command("preview")
+@click.argument("name", type=click.Choice(emails.NAMES))
+@click.option("--case", "case_ref", help="Render with this case's facts (id or in_…).")
+@click.option("--locale", help="Locale for amounts and dates, e.g. de_DE, ja_JP.")
+@click.option("--currency", default="usd", show_default=True, help="Sample data only.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the HTML.")
+@click.option("--text", "show_text", is_flag=True, help="Print the plain-text part.")
+def emails_preview(name, case_ref, locale, currency, out, show_text) -> None:
+    """Render an email with a real case or realistic sample data.
+
+    \b
+    Examples:
+      recovery emails preview payment_failed --locale de_DE --currency eur --out pf.html
+      recovery emails preview final_notice --case in_1MtHbELkdIwHu7ix --text
+    """
+    if case_ref:
+        facts = _facts_for_case(case_ref, name, locale)
+    else:
+        facts = emails.sample_facts(name, locale or "en_US", currency)
+    rendered = emails.render(name, facts, get_settings())
+    click.echo(f"Subject: {rendered.subject}")
+    if show_text or not out:
+        click.echo("")
+        click.echo(rendered.text)
+    if out:
+        out.write_text(rendered.html, encoding="utf-8")
+        click.echo(f"HTML written to {out}")
+
+
+@emails_group.command("send-test")
+@click.argument("name", type=click.Choice(emails.NAMES))
+@click.option("--to", "address", required=True, help="Where to send it.")
+@click.option("--locale", default="en_US", show_default=True)
+@click.option("--currency", default="usd", show_default=True)
+def emails_send_test(name, address, locale, currency) -> None:
+    """Send one email with sample data through the configured transport.
+
+    \b
+    Example:
+      recovery emails send-test payment_failed --to me@example.com
+    """
+    if "@" not in address:
+        raise click.BadParameter(f"{address!r} is not an email address", param_hint="--to")
+    settings = get_settings()
+    rendered = emails.render(name, emails.sample_facts(name, locale, currency), settings)
+    message = mailer.build(rendered, address, settings)
+    message.replace_header("Subject", f"[test] {rendered.subject}")
+    try:
+        mailer.transport_for(settings).send(message)
+    except mailer.SendFailed as failed:
+        raise click.ClickException(f"not sent: {failed}") from None
+    where = (
+        f"{settings.smtp_host}:{settings.smtp_port}" if settings.smtp_host else settings.outbox_dir
+    )
+    click.echo(f"sent {name} via {where}")
+
+
+@emails_group.command("list")
+@click.option(
+    "--status", type=click.Choice(["pending", "claimed", "sending", "sent", "skipped", "failed"])
+)
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def emails_list(status, limit, as_json) -> None:
+    """The outbox, newest first; `--status failed` shows what needs a look.
+
+    \b
+    Example:
+      recovery emails list --status failed
+    """
+    from recovery.db import session_scope
+    from recovery.models import Message
+
+    with session_scope() as session:
+        query = select(Message).order_by(Message.id.desc()).limit(limit)
+        if status:
+            query = query.where(Message.status == status)
+        rows = [
+            {
+                "id": m.id,
+                "case_id": m.case_id,
+                "template": m.template,
+                "status": m.status,
+                "attempts": m.attempts,
+                "sent_at": m.sent_at,
+                "last_error": m.last_error,
+            }
+            for m in session.scalars(query)
+        ]
+    if as_json:
+        return _emit_json(rows)
+    for r in rows:
+        click.echo(
+            f"{r['id']:>7}  case {r['case_id'] or '-':<7} {r['template']:<24} {r['status']:<8}"
+            f" {r['attempts']:>2}  {r['last_error'] or ''}".rstrip()
+        )
+
+
+@click.group("links")
+def links_group() -> None:
+    """Customers' recovery links."""
+
+
+@links_group.command("revoke")
+@click.argument("ref")
+@click.option("--reason", default="operator", show_default=True, help="Written to the audit log.")
+def links_revoke(ref: str, reason: str) -> None:
+    """Revoke every live link of a case (id or in_…): they show the expired page.
+
+    \b
+    Example:
+      recovery links revoke 42 --reason "customer asked us to stop"
+    """
+    from recovery import engine, links
+    from recovery.db import session_scope
+
+    with session_scope() as session:
+        case = _case(session, ref)
+        count = links.revoke_case_links(session, case.id, clock.now(), "operator")
+        engine.audit(session, case, _operator(), "links_revoked", count=count, reason=reason)
+    click.echo(json.dumps({"case": case.id, "revoked": count}))
+
+
+COMMANDS = [emails_group, links_group]
