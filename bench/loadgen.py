@@ -1,6 +1,7 @@
 """Load generator: distinct signed Stripe events over HTTP, from its own process.
 
     python bench/loadgen.py URL COUNT CONCURRENCY SECRET
+    python bench/loadgen.py --get URL_PREFIX PATHS_FILE CONCURRENCY   (one GET per line)
 
 Prints one JSON line: sent, accepted (2xx), errors, seconds, events/s, p50/p99 ms.
 Requests are built and signed before the clock starts; the loop is bounded by
@@ -71,6 +72,7 @@ async def worker(connection, host, port, queue, latencies: list[float], stats: d
             continue
         latencies.append(time.perf_counter() - started)
         stats["accepted" if 200 <= status < 300 else "refused"] += 1
+        stats["status"][status] = stats["status"].get(status, 0) + 1
         if close:
             writer.close()
             reader = writer = None
@@ -78,11 +80,19 @@ async def worker(connection, host, port, queue, latencies: list[float], stats: d
         writer.close()
 
 
+def build_gets(prefix: str, paths: list[str]) -> list[bytes]:
+    netloc = urlsplit(prefix).netloc
+    return [f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\n\r\n".encode() for path in paths]
+
+
 async def run(url: str, count: int, concurrency: int, secret: str) -> dict:
+    return await run_requests(url, build_requests(url, count, secret), concurrency)
+
+
+async def run_requests(url: str, requests: list[bytes], concurrency: int) -> dict:
     parts = urlsplit(url)
-    requests = build_requests(url, count, secret)
     latencies: list[float] = []
-    stats = {"accepted": 0, "refused": 0, "errors": 0}
+    stats = {"accepted": 0, "refused": 0, "errors": 0, "status": {}}
     # Connections are opened one by one before the clock starts, as a server
     # meets them over time: opened all at once, the first gunicorn worker to
     # wake accepts the whole burst and the others sit idle.
@@ -115,5 +125,11 @@ async def run(url: str, count: int, concurrency: int, secret: str) -> dict:
 
 
 if __name__ == "__main__":
-    url, count, concurrency, secret = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    print(json.dumps(asyncio.run(run(url, count, concurrency, secret))))
+    if sys.argv[1] == "--get":
+        prefix, paths_file, concurrency = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        with open(paths_file) as listed:
+            gets = build_gets(prefix, listed.read().split())
+        print(json.dumps(asyncio.run(run_requests(prefix, gets, concurrency))))
+    else:
+        url, count, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        print(json.dumps(asyncio.run(run(url, count, concurrency, sys.argv[4]))))

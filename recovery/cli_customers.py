@@ -21,7 +21,7 @@ def emails_group() -> None:
 def _facts_for_case(ref: str, name: str, locale: str | None) -> emails.Facts:
     import dataclasses
 
-    from recovery import outbox
+    from recovery import delivery
     from recovery.db import session_scope
     from recovery.models import Customer, Message
 
@@ -30,17 +30,15 @@ def _facts_for_case(ref: str, name: str, locale: str | None) -> emails.Facts:
         customer = session.get(Customer, case.customer_id) if case.customer_id else None
         if customer is None:
             raise click.ClickException(f"case {case.id} has no customer to write to")
-        # A preview mints no link: it shows where links go, not working ones.
         preview = Message(case_id=case.id, template=name, step="preview", key="preview")
-        facts = outbox.facts_for(session, preview, case, customer, get_settings(), clock.now())
-        session.rollback()
-    sample = "https://billing.example.com/r/preview-link"
-    return dataclasses.replace(
-        facts,
-        locale=locale or facts.locale,
-        action_url=sample if facts.action_url else None,
-        opt_out_url="https://billing.example.com/u/preview-link" if facts.opt_out_url else None,
-    )
+        # A preview mints no link: it shows where links go, not working ones.
+        urls = {
+            w.purpose: f"https://billing.example.com/{w.purpose.value}/preview-link"
+            for w in delivery.links_wanted(preview, case, customer)
+        }
+        dates = delivery.plan_dates(session, [case], get_settings())[case.id]
+        facts = delivery.facts(preview, case, customer, dates, urls, clock.now())
+    return dataclasses.replace(facts, locale=locale or facts.locale)
 
 
 @emails_group.command("preview")
@@ -88,8 +86,7 @@ def emails_send_test(name, address, locale, currency) -> None:
         raise click.BadParameter(f"{address!r} is not an email address", param_hint="--to")
     settings = get_settings()
     rendered = emails.render(name, emails.sample_facts(name, locale, currency), settings)
-    message = mailer.build(rendered, address, settings)
-    message.replace_header("Subject", f"[test] {rendered.subject}")
+    message = mailer.build(rendered, address, settings, subject_prefix="[test] ")
     try:
         mailer.transport_for(settings).send(message)
     except mailer.SendFailed as failed:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from recovery.models import Customer, RecoveryCase, RecoveryLink
@@ -38,6 +38,57 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """A link to mint: what for, and whose (a case's, or only a customer's)."""
+
+    purpose: Purpose
+    case_id: int | None = None
+    customer_id: int | None = None
+
+
+def mint_many(session: Session, wanted: list[Wanted], now: datetime, ttl: timedelta) -> list[str]:
+    """New links, superseding older ones of the same owner and purpose; returns
+    their tokens, in order, which are never stored."""
+    if not wanted:
+        return []
+    if any(w.case_id is None and w.customer_id is None for w in wanted):
+        raise ValueError("a link belongs to a case or a customer")
+    for purpose in {w.purpose for w in wanted} - {Purpose.OPT_OUT}:
+        of_purpose = [w for w in wanted if w.purpose is purpose]
+        owners = [
+            RecoveryLink.case_id.in_({w.case_id for w in of_purpose if w.case_id is not None}),
+            RecoveryLink.customer_id.in_({w.customer_id for w in of_purpose if w.case_id is None})
+            & RecoveryLink.case_id.is_(None),
+        ]
+        session.execute(
+            update(RecoveryLink)
+            .where(
+                or_(*owners),
+                RecoveryLink.purpose == purpose.value,
+                RecoveryLink.revoked_at.is_(None),
+            )
+            .values(revoked_at=now, revoked_reason="superseded")
+        )
+    tokens = [new_token() for _ in wanted]
+    session.execute(
+        insert(RecoveryLink),
+        [
+            {
+                "case_id": w.case_id,
+                "customer_id": w.customer_id,
+                "token_hash": token_hash(token),
+                "purpose": w.purpose.value,
+                "expires_at": now + (OPT_OUT_TTL if w.purpose is Purpose.OPT_OUT else ttl),
+                "click_count": 0,
+                "created_at": now,
+            }
+            for w, token in zip(wanted, tokens, strict=True)
+        ],
+    )
+    return tokens
+
+
 def mint(
     session: Session,
     purpose: Purpose,
@@ -46,32 +97,8 @@ def mint(
     case_id: int | None = None,
     customer_id: int | None = None,
 ) -> str:
-    """A new link; returns its token, which is never stored."""
-    if case_id is None and customer_id is None:
-        raise ValueError("a link belongs to a case or a customer")
-    if purpose is not Purpose.OPT_OUT:
-        owner = (
-            RecoveryLink.case_id == case_id
-            if case_id is not None
-            else (RecoveryLink.customer_id == customer_id) & RecoveryLink.case_id.is_(None)
-        )
-        session.execute(
-            update(RecoveryLink)
-            .where(owner, RecoveryLink.purpose == purpose.value, RecoveryLink.revoked_at.is_(None))
-            .values(revoked_at=now, revoked_reason="superseded")
-        )
-    token = new_token()
-    session.add(
-        RecoveryLink(
-            case_id=case_id,
-            customer_id=customer_id,
-            token_hash=token_hash(token),
-            purpose=purpose.value,
-            expires_at=now + (OPT_OUT_TTL if purpose is Purpose.OPT_OUT else ttl),
-            created_at=now,
-        )
-    )
-    return token
+    """One new link; returns its token."""
+    return mint_many(session, [Wanted(purpose, case_id, customer_id)], now, ttl)[0]
 
 
 def revoke_case_links(session: Session, case_id: int, now: datetime, reason: str) -> int:
@@ -102,52 +129,77 @@ class Clicked:
     customer_id: int | None
 
 
-def click(session: Session, token: str, now: datetime) -> Clicked | None:
-    """Record a click on the token's link and read it.
+_CLICKED = (
+    RecoveryLink.id,
+    RecoveryLink.customer_id,
+    RecoveryLink.purpose,
+    RecoveryLink.expires_at,
+    RecoveryLink.revoked_at,
+)
+_OWNER = (
+    RecoveryCase.status,
+    RecoveryCase.invoice_id,
+    RecoveryCase.hosted_invoice_url,
+    RecoveryCase.currency,
+    func.coalesce(Customer.stripe_customer_id, RecoveryCase.stripe_customer_id),
+)
 
-    A forged token, an expired one and a revoked one run the same two
-    statements, so the time taken tells them apart no better than the page.
+
+# Built once: constructing a CTE statement per click cost more CPU than the
+# database spent on it. Executions only bind the token's hash and the time.
+_COUNT_CLICK = (
+    update(RecoveryLink)
+    .where(RecoveryLink.token_hash == bindparam("hash_of_token"))
+    .values(
+        click_count=RecoveryLink.click_count + 1,
+        first_clicked_at=func.coalesce(RecoveryLink.first_clicked_at, bindparam("clicked_at")),
+        last_clicked_at=bindparam("clicked_at"),
+    )
+    .returning(*_CLICKED, RecoveryLink.case_id)
+)
+_CLICKED_CTE = _COUNT_CLICK.cte("clicked")
+_CLICK_POSTGRES = (
+    select(*_CLICKED_CTE.c, *_OWNER)
+    .select_from(_CLICKED_CTE)
+    .outerjoin(RecoveryCase, RecoveryCase.id == _CLICKED_CTE.c.case_id)
+    .outerjoin(Customer, Customer.id == _CLICKED_CTE.c.customer_id)
+)
+_READ_CLICKED = (
+    select(*_CLICKED, *_OWNER)
+    .select_from(RecoveryLink)
+    .outerjoin(RecoveryCase, RecoveryCase.id == RecoveryLink.case_id)
+    .outerjoin(Customer, Customer.id == RecoveryLink.customer_id)
+    .where(RecoveryLink.id == bindparam("clicked_link"))
+)
+
+
+def click(conn: Connection, token: str, now: datetime) -> Clicked | None:
+    """Record a click on the token's link and read it and its case.
+
+    On PostgreSQL this is one statement (the UPDATE in a CTE joined to the
+    case): a click costs one round trip. A forged, an expired and a revoked
+    token run the very same statement, so the time taken tells them apart no
+    better than the page does.
     """
-    row = session.execute(
-        update(RecoveryLink)
-        .where(RecoveryLink.token_hash == token_hash(token))
-        .values(
-            click_count=RecoveryLink.click_count + 1,
-            first_clicked_at=func.coalesce(RecoveryLink.first_clicked_at, now),
-            last_clicked_at=now,
-        )
-        .returning(
-            RecoveryLink.id,
-            RecoveryLink.customer_id,
-            RecoveryLink.purpose,
-            RecoveryLink.expires_at,
-            RecoveryLink.revoked_at,
-        )
-    ).one_or_none()
-    owner = session.execute(
-        select(
-            RecoveryCase.status,
-            RecoveryCase.invoice_id,
-            RecoveryCase.hosted_invoice_url,
-            RecoveryCase.currency,
-            func.coalesce(Customer.stripe_customer_id, RecoveryCase.stripe_customer_id),
-        )
-        .select_from(RecoveryLink)
-        .outerjoin(RecoveryCase, RecoveryCase.id == RecoveryLink.case_id)
-        .outerjoin(Customer, Customer.id == RecoveryLink.customer_id)
-        .where(RecoveryLink.id == (row.id if row is not None else -1))
-    ).one_or_none()
-    if row is None or owner is None:
+    values = {"hash_of_token": token_hash(token), "clicked_at": now}
+    if conn.dialect.name == "postgresql":
+        row = conn.execute(_CLICK_POSTGRES, values).one_or_none()
+    else:  # SQLite: no UPDATE inside a CTE; the same two statements for every token
+        found = conn.execute(_COUNT_CLICK, values).one_or_none()
+        link_id = found.id if found is not None else -1
+        row = conn.execute(_READ_CLICKED, {"clicked_link": link_id}).one_or_none()
+    if row is None:
         return None
-    status, invoice_id, hosted, currency, stripe_customer = owner
+    link_id, customer_id, purpose, expires_at, revoked_at = row[:5]
+    status, invoice_id, hosted, currency, stripe_customer = row[-5:]
     return Clicked(
-        link_id=row.id,
-        purpose=row.purpose,
-        live=row.revoked_at is None and row.expires_at > now,
+        link_id=link_id,
+        purpose=purpose,
+        live=revoked_at is None and expires_at > now,
         case_status=status,
         invoice_id=invoice_id,
         hosted_invoice_url=hosted,
         currency=currency,
         stripe_customer_id=stripe_customer,
-        customer_id=row.customer_id,
+        customer_id=customer_id,
     )

@@ -4,15 +4,18 @@ permanent (record it for an operator)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
+import secrets
 import smtplib
 import ssl
 import threading
 import time
 import weakref
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid, parseaddr
+from dataclasses import dataclass
+from email.header import Header
+from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,28 +35,74 @@ class SendFailed(Exception):
         self.permanent = permanent
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """An email ready for the wire: envelope, identity and the flattened bytes."""
+
+    sender: str
+    recipient: str
+    message_id: str
+    data: bytes
+
+
 def build(
     rendered: Rendered,
     to: str,
     settings: Settings,
-    message_id: str | None = None,
     opt_out_url: str | None = None,
-) -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = settings.email_from
-    message["To"] = to
-    message["Subject"] = rendered.subject
-    message["Date"] = formatdate(localtime=False, usegmt=True)
-    domain = parseaddr(settings.email_from)[1].rsplit("@", 1)[-1] or None
-    message["Message-ID"] = message_id or make_msgid(domain=domain)
-    message["Auto-Submitted"] = "auto-generated"
+    subject_prefix: str = "",
+) -> Outgoing:
+    # Written out by hand: the email package's generator took a third of the
+    # time of a send; this is the same multipart/alternative, and the tests
+    # read it back with the email package.
+    name, sender = parseaddr(settings.email_from)
+    domain = sender.rsplit("@", 1)[-1] or None
+    message_id = make_msgid(domain=domain)
+    subject = subject_prefix + rendered.subject
+    boundary = f"=_{secrets.token_hex(16)}"
+    headers = [
+        f"From: {formataddr((name, sender), charset='utf-8')}",
+        f"To: {to}",
+        f"Subject: {_header(subject)}",
+        f"Date: {formatdate(localtime=False, usegmt=True)}",
+        f"Message-ID: {message_id}",
+        "MIME-Version: 1.0",
+        "Auto-Submitted: auto-generated",
+    ]
     if opt_out_url:
         # RFC 8058 one-click unsubscribe: mail clients POST to the address.
-        message["List-Unsubscribe"] = f"<{opt_out_url}>"
-        message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-    message.set_content(rendered.text)
-    message.add_alternative(rendered.html, subtype="html")
-    return message
+        headers += [
+            f"List-Unsubscribe: <{opt_out_url}>",
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+        ]
+    headers.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
+    lines = [*headers, ""]
+    for subtype, body in (("plain", rendered.text), ("html", rendered.html)):
+        lines += [
+            f"--{boundary}",
+            f'Content-Type: text/{subtype}; charset="utf-8"',
+            "Content-Transfer-Encoding: base64",
+            "",
+            base64.encodebytes(body.encode()).decode("ascii").replace("\n", "\r\n"),
+        ]
+    lines += [f"--{boundary}--", ""]
+    return Outgoing(sender, to, message_id, "\r\n".join(lines).encode("ascii"))
+
+
+def plausible_address(address: str) -> bool:
+    """One @, no spaces or line breaks: nothing that could forge a header."""
+    local, _, domain = address.partition("@")
+    return (
+        bool(local and domain)
+        and "@" not in domain
+        and address.isprintable()
+        and not any(c.isspace() for c in address)
+    )
+
+
+def _header(value: str) -> str:
+    """A header value as RFC 2047 words when it is not plain ASCII."""
+    return value if value.isascii() else Header(value, "utf-8").encode()
 
 
 class FileOutbox:
@@ -62,12 +111,12 @@ class FileOutbox:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: Outgoing) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9.-]", "_", message["Message-ID"].strip("<>"))
+        name = re.sub(r"[^A-Za-z0-9.-]", "_", message.message_id.strip("<>"))
         final = self.directory / f"{time.time_ns()}-{name}.eml"
         partial = final.with_suffix(".eml.part")
-        partial.write_bytes(bytes(message))
+        partial.write_bytes(message.data)
         partial.rename(final)  # a reader never sees half a file
 
 
@@ -106,14 +155,14 @@ class SmtpTransport:
         with self._lock:
             self._idle.append(conn)
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: Outgoing) -> None:
         for attempt in (1, 2):
             try:
                 conn = self._take()
             except (smtplib.SMTPException, OSError) as exc:
                 raise SendFailed(f"cannot connect: {type(exc).__name__}", permanent=False) from None
             try:
-                refused = conn.send_message(message)
+                refused = conn.sendmail(message.sender, [message.recipient], message.data)
             except smtplib.SMTPServerDisconnected as exc:
                 _close(conn)
                 if attempt == 2:  # a pooled connection may have timed out; try a fresh one

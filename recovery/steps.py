@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import select, update
 
-from recovery import engine, outbox, ratelimit, stripe_api
+from recovery import delivery, engine, outbox, ratelimit, stripe_api
 from recovery.classify import classify
 from recovery.config import Settings
 from recovery.db import session_scope
@@ -387,7 +387,7 @@ def execute_email(step: Step, now: datetime, settings: Settings) -> str:
         outbox.enqueue(session, key, template, step.step, now, case_id=case.id)
         _finish(session, step, now, "queued")
     # Sent here and now; a failure is retried by the outbox, not by the step.
-    return outbox.send_now(key, now, settings) or "queued"
+    return delivery.send_now(key, now, settings) or "queued"
 
 
 def execute_final(step: Step, now: datetime, settings: Settings) -> str:

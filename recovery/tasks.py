@@ -9,7 +9,7 @@ from pathlib import Path
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from recovery import clock, inbox, outbox, steps
+from recovery import clock, delivery, inbox, outbox, steps
 from recovery.config import get_settings
 from recovery.db import reset_engine
 from recovery.observability import configure
@@ -119,7 +119,7 @@ def dispatch_steps() -> int:
 
 @app.task(name="recovery.send_messages")
 def send_messages(message_ids: list[int]) -> None:
-    outbox.send_all(message_ids, _now(), get_settings())
+    delivery.send_all(message_ids, _now(), get_settings())
 
 
 def publish_messages(message_ids: list[int]) -> None:

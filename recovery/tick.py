@@ -14,7 +14,7 @@ from datetime import datetime
 
 import structlog
 
-from recovery import clock, inbox, outbox, steps
+from recovery import clock, delivery, inbox, outbox, steps
 from recovery.config import Settings
 
 log = structlog.get_logger("recovery.tick")
@@ -67,7 +67,7 @@ def run_pass(
     result.steps = steps.dispatch(now, settings, run_here if sync else publish_steps)
 
     def send_here(ids: list[int]) -> None:
-        for outcome in outbox.send_all(ids, now, settings).values():
+        for outcome in delivery.send_all(ids, now, settings).values():
             key = f"email_{outcome or 'stale'}"
             result.outcomes[key] = result.outcomes.get(key, 0) + 1
 

@@ -10,7 +10,7 @@ import pytest
 import structlog
 from sqlalchemy import select, update
 
-from recovery import clock, mailer, outbox, tick
+from recovery import clock, delivery, mailer, outbox, tick
 from recovery.config import get_settings
 from recovery.db import session_scope
 from recovery.models import Customer, Message, RecoveryCase
@@ -90,17 +90,26 @@ def test_concurrent_senders_send_a_step_once(world):
     barrier = threading.Barrier(6)
     outcomes = []
 
+    errors = []
+
     def sender():
+        try:
+            send_twice()
+        except Exception as exc:  # noqa: BLE001 - a thread's failure fails the test below
+            errors.append(exc)
+
+    def send_twice():
         barrier.wait()
         ids = outbox.claim(T0, 10)
-        outcomes.extend(outbox.send_all(ids, T0, get_settings()).values())
-        outcomes.extend(outbox.send_all([row.id], T0, get_settings()).values())  # a stale task
+        outcomes.extend(delivery.send_all(ids, T0, get_settings()).values())
+        outcomes.extend(delivery.send_all([row.id], T0, get_settings()).values())  # a stale task
 
     threads = [threading.Thread(target=sender) for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert not errors
     assert len(sink.messages) == 1
     assert outcomes.count("sent") == 1 and set(outcomes) == {"sent", None}
     assert len(messages()) == 1

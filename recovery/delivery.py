@@ -1,0 +1,277 @@
+"""Sending what the outbox holds: check, link, render, deliver, at most once.
+
+A batch of claimed emails is prepared in one transaction (the re-checks, the
+links minted, both parts rendered). Then each goes to SMTP in turn, and one
+statement per email both marks the previous one `sent` and this one `sending`:
+at any moment at most one row of the batch is in doubt, and a worker that
+dies leaves exactly that one to an operator, the rest sent or still to send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import case as when
+
+from recovery import emails, engine, links, mailer, outbox
+from recovery.config import Settings
+from recovery.db import get_engine, session_scope
+from recovery.models import (
+    CaseStatus,
+    Customer,
+    Message,
+    RecoveryAttempt,
+    RecoveryCase,
+    StepKind,
+    StepStatus,
+)
+
+log = structlog.get_logger("recovery.delivery")
+
+MAX_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class Ready:
+    message_id: int
+    template: str
+    attempts: int
+    email: mailer.Outgoing
+
+
+def skip_reason(message: Message, case: RecoveryCase | None, customer: Customer | None):
+    """Why this email must not go out now, or None."""
+    if customer is None or not customer.email:
+        return "no email address"
+    if not mailer.plausible_address(customer.email):
+        return "invalid email address"
+    if message.template in emails.REMINDERS and customer.reminders_opted_out_at is not None:
+        return "customer opted out of reminders"
+    if case is None:
+        return None
+    if message.template == "recovered":
+        return None if case.status == CaseStatus.RECOVERED.value else "case not recovered"
+    if case.status != CaseStatus.OPEN.value:
+        return f"case {case.status}"
+    if case.paused_at is not None:
+        return "case paused"
+    return None
+
+
+def plan_dates(session, cases: list[RecoveryCase], settings: Settings) -> dict[int, tuple]:
+    """Per case: the next retry, the final action's date and what it does."""
+
+    def first(kind: StepKind):
+        return func.min(RecoveryAttempt.due_at).filter(RecoveryAttempt.kind == kind.value)
+
+    found = {
+        case_id: (retry, final)
+        for case_id, retry, final in session.execute(
+            select(RecoveryAttempt.case_id, first(StepKind.RETRY), first(StepKind.FINAL))
+            .where(
+                RecoveryAttempt.case_id.in_([c.id for c in cases]),
+                RecoveryAttempt.status == StepStatus.SCHEDULED.value,
+            )
+            .group_by(RecoveryAttempt.case_id)
+        )
+    }
+    dates = {}
+    for case in cases:
+        retry, final = found.get(case.id, (None, None))
+        action = None
+        if final is not None and case.category:
+            action = engine.plan_for(engine.Category(case.category), settings).final_action.value
+        dates[case.id] = (retry or case.next_payment_attempt, final, action)
+    return dates
+
+
+def links_wanted(message: Message, case, customer) -> list[links.Wanted]:
+    wanted = []
+    purpose = emails.link_purpose(message.template, case.category if case else None)
+    if purpose:
+        wanted.append(links.Wanted(links.Purpose(purpose), case.id if case else None, customer.id))
+    if message.template in emails.REMINDERS:
+        wanted.append(links.Wanted(links.Purpose.OPT_OUT, None, customer.id))
+    return wanted
+
+
+def facts(
+    message: Message, case, customer, dates: tuple | None, urls: dict, now: datetime
+) -> emails.Facts:
+    """What the email says, in the customer's terms; `urls` by link purpose."""
+    action_url = next((u for p, u in urls.items() if p is not links.Purpose.OPT_OUT), None)
+    common = {
+        "locale": customer.locale,
+        "timezone": customer.timezone,
+        "customer_name": customer.name,
+        "action_url": action_url,
+        "opt_out_url": urls.get(links.Purpose.OPT_OUT),
+    }
+    if case is None:  # pre-dunning: the card the expiry notice named
+        return emails.Facts(amount=0, currency="usd", **common, **_card_from_step(message.step))
+    next_retry, final_at, final_action = dates or (None, None, None)
+    return emails.Facts(
+        amount=case.amount_due,
+        currency=case.currency,
+        category=case.category,
+        decline_code=case.decline_code,
+        card_brand=case.card_brand,
+        card_last4=case.card_last4,
+        card_exp_month=case.card_exp_month,
+        card_exp_year=case.card_exp_year,
+        next_retry_at=next_retry if next_retry and next_retry > now else None,
+        final_at=final_at,
+        final_action=final_action,
+        **common,
+    )
+
+
+def _card_from_step(step: str) -> dict:
+    """`card_expiring:<brand>:<last4>:<year>-<month>`, as events.py names it."""
+    _, brand, last4, expiry = step.split(":", 3)
+    year, month = (int(part) for part in expiry.split("-"))
+    return {
+        "card_brand": brand,
+        "card_last4": last4,
+        "card_exp_year": year,
+        "card_exp_month": month,
+    }
+
+
+def prepare(ids: list[int], now: datetime, settings: Settings):
+    """Re-check, mint links and render a batch of claimed emails, in one
+    transaction. Returns the emails ready to send and the outcomes of the rest
+    (None: no longer ours)."""
+    outcomes: dict[int, str | None] = dict.fromkeys(ids)
+    with session_scope() as session:
+        rows = session.execute(
+            select(Message, RecoveryCase, Customer)
+            .outerjoin(RecoveryCase, RecoveryCase.id == Message.case_id)
+            .outerjoin(
+                Customer,
+                Customer.id == func.coalesce(Message.customer_id, RecoveryCase.customer_id),
+            )
+            .where(Message.id.in_(ids), Message.status == "claimed")
+            .order_by(Message.id)
+            .with_for_update(of=Message)
+        ).all()
+        live = []
+        for message, case, customer in rows:
+            reason = skip_reason(message, case, customer)
+            if reason is None:
+                live.append((message, case, customer))
+                continue
+            _mark(session, message.id, status="skipped", last_error=reason, lease_until=None)
+            outcomes[message.id] = "skipped"
+            log.info("email_skipped", message_id=message.id, template=message.template, why=reason)
+        dates = plan_dates(session, [c for _, c, _ in live if c is not None], settings)
+        wanted = [links_wanted(m, c, cu) for m, c, cu in live]
+        tokens = iter(
+            links.mint_many(
+                session,
+                [w for each in wanted for w in each],
+                now,
+                timedelta(days=settings.link_ttl_days),
+            )
+        )
+        ready = []
+        for (message, case, customer), its_links in zip(live, wanted, strict=True):
+            urls = {w.purpose: _url(settings, w.purpose, next(tokens)) for w in its_links}
+            said = facts(message, case, customer, dates.get(case.id) if case else None, urls, now)
+            rendered = emails.render(message.template, said, settings)
+            email = mailer.build(rendered, customer.email, settings, opt_out_url=said.opt_out_url)
+            ready.append(Ready(message.id, message.template, message.attempts, email))
+    return ready, outcomes
+
+
+def _url(settings: Settings, purpose: links.Purpose, token: str) -> str:
+    route = "u" if purpose is links.Purpose.OPT_OUT else "r"
+    return f"{settings.public_base_url}/{route}/{token}"
+
+
+def send_all(
+    ids: list[int], now: datetime, settings: Settings, transport=None
+) -> dict[int, str | None]:
+    """Send a batch of claimed emails; outcome per id (None: not ours to send)."""
+    transport = transport or mailer.transport_for(settings)
+    ready, outcomes = prepare(ids, now, settings)
+    previous: int | None = None
+    for item in ready:
+        if not _advance(previous, item, now):
+            outcomes[item.message_id], previous = None, None
+            continue
+        try:
+            transport.send(item.email)
+        except mailer.SendFailed as failed:
+            outcomes[item.message_id], previous = _failed(item, now, failed), None
+            continue
+        outcomes[item.message_id], previous = "sent", item.message_id
+        log.info("email_sent", message_id=item.message_id, template=item.template)
+    _advance(previous, None, now)
+    return outcomes
+
+
+_DONE = Message.id == bindparam("done_id")
+# Built once, executed with four values: one statement per email sent.
+_ADVANCE = (
+    update(Message)
+    .where(
+        Message.id.in_([bindparam("done_id"), bindparam("next_id")]),
+        when((_DONE, Message.status == "sending"), else_=Message.status == "claimed"),
+    )
+    .values(
+        status=when((_DONE, "sent"), else_="sending"),
+        sent_at=when((_DONE, bindparam("sent_moment")), else_=Message.sent_at),
+        lease_until=when((_DONE, None), else_=Message.lease_until),
+        last_error=when((_DONE, None), else_=Message.last_error),
+        smtp_message_id=when((_DONE, Message.smtp_message_id), else_=bindparam("next_message_id")),
+    )
+    .returning(Message.id)
+)
+
+
+def _advance(sent: int | None, sending: Ready | None, now: datetime) -> bool:
+    """Mark the email just delivered `sent` and the next one `sending`, in one
+    committed statement; False if the next one is no longer ours."""
+    if sent is None and sending is None:
+        return True
+    with get_engine().begin() as conn:
+        changed = conn.execute(
+            _ADVANCE,
+            {
+                "done_id": sent,
+                "next_id": sending.message_id if sending else None,
+                "sent_moment": now,
+                "next_message_id": sending.email.message_id if sending else None,
+            },
+        ).scalars()
+        return sending is None or sending.message_id in set(changed)
+
+
+def _mark(session, message_id: int, **values) -> None:
+    session.execute(update(Message).where(Message.id == message_id).values(**values))
+
+
+def _failed(item: Ready, now: datetime, failed: mailer.SendFailed) -> str:
+    permanent = failed.permanent or item.attempts >= MAX_ATTEMPTS
+    values = {"last_error": str(failed), "lease_until": None}
+    if permanent:
+        values["status"] = "failed"
+    else:
+        delay = timedelta(seconds=min(60 * 2 ** (item.attempts - 1), 6 * 3600))
+        values.update(status="pending", next_attempt_at=now + delay)
+    with session_scope() as session:
+        _mark(session, item.message_id, **values)
+    log.warning(
+        "email_failed", message_id=item.message_id, permanent=permanent, error=str(failed)[:120]
+    )
+    return "failed" if permanent else "retrying"
+
+
+def send_now(key: str, now: datetime, settings: Settings) -> str | None:
+    """Send one just-queued email at once rather than at the next sweep."""
+    ids = outbox.claim(now, 1, keys=[key])
+    return send_all(ids, now, settings).get(ids[0]) if ids else None
