@@ -239,16 +239,18 @@ def _advance(sent: int | None, sending: Ready | None, now: datetime) -> bool:
     if sent is None and sending is None:
         return True
     with get_engine().begin() as conn:
-        changed = conn.execute(
-            _ADVANCE,
-            {
-                "done_id": sent,
-                "next_id": sending.message_id if sending else None,
-                "sent_moment": now,
-                "next_message_id": sending.email.message_id if sending else None,
-            },
-        ).scalars()
-        return sending is None or sending.message_id in set(changed)
+        changed = set(
+            conn.execute(
+                _ADVANCE,
+                {
+                    "done_id": sent,
+                    "next_id": sending.message_id if sending else None,
+                    "sent_moment": now,
+                    "next_message_id": sending.email.message_id if sending else None,
+                },
+            ).scalars()
+        )
+    return sending is None or sending.message_id in changed
 
 
 def _mark(session, message_id: int, **values) -> None:

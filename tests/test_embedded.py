@@ -13,7 +13,9 @@ def test_dev_check_follows_a_payment_to_recovery(tmp_path):
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_"))
+        if not k.startswith(
+            ("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_", "OUTBOX_", "SMTP_")
+        )
     }
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
@@ -28,3 +30,6 @@ def test_dev_check_follows_a_payment_to_recovery(tmp_path):
     assert "decline insufficient_funds" in result.stdout
     assert "recovered: 2000 usd" in result.stdout
     assert (tmp_path / "var" / "recovery.sqlite3").exists()
+    # The customer was written to, in the file sink: the embedded default sends nothing.
+    sent = [p.read_bytes() for p in (tmp_path / "var" / "outbox").glob("*.eml")]
+    assert any(b"Subject: Your Our service payment did not go through" in m for m in sent)

@@ -1,0 +1,81 @@
+"""The customer side on SQLite, the embedded default: the outbox and links
+without PostgreSQL's SKIP LOCKED or UPDATE-in-CTE."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
+
+import pytest
+
+from recovery import delivery, links, migrate, outbox
+from recovery.config import get_settings
+from recovery.db import get_engine, session_scope
+from recovery.models import Customer, RecoveryCase
+
+from .conftest import reload_settings
+
+NOW = datetime(2026, 11, 2, 9, tzinfo=UTC)
+
+
+@pytest.fixture
+def sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'recovery.sqlite3'}"
+    migrate.upgrade(url)
+    reload_settings(DATABASE_URL=url, BROKER_URL="memory://", OUTBOX_DIR=str(tmp_path / "out"))
+    yield tmp_path
+    reload_settings()
+
+
+def test_outbox_and_links_on_sqlite(sqlite):
+    with session_scope() as session:
+        customer = Customer(stripe_customer_id="cus_1", email="jenny.rosen@example.com")
+        session.add(customer)
+        session.flush()
+        case = RecoveryCase(
+            invoice_id="in_1",
+            customer_id=customer.id,
+            stripe_customer_id="cus_1",
+            amount_due=1500,
+            currency="jpy",
+            category="retry",
+            hosted_invoice_url="https://invoice.stripe.com/i/acct_1/test_1",
+        )
+        session.add(case)
+        session.flush()
+        outbox.enqueue(
+            session,
+            outbox.case_key(case.id, "email:retry:0"),
+            "payment_failed",
+            "email:retry:0",
+            NOW,
+            case_id=case.id,
+        )
+        assert not outbox.enqueue(
+            session,
+            outbox.case_key(case.id, "email:retry:0"),
+            "payment_failed",
+            "email:retry:0",
+            NOW,
+            case_id=case.id,
+        )
+        case_id = case.id
+    ids = outbox.claim(NOW, 10)
+    assert outbox.claim(NOW, 10) == []  # claimed once
+    assert delivery.send_all(ids, NOW, get_settings()) == {ids[0]: "sent"}
+    [eml] = (sqlite / "out").glob("*.eml")
+    message = message_from_bytes(eml.read_bytes(), policy=policy.default)
+    assert "¥1,500" in message.get_body(("plain",)).get_content()
+
+    with session_scope() as session:
+        token = links.mint(session, links.Purpose.PAY, NOW, timedelta(days=1), case_id=case_id)
+    with get_engine().connect() as conn:
+        clicked = links.click(conn, token, NOW)
+        assert clicked.live and clicked.hosted_invoice_url.endswith("test_1")
+        assert links.click(conn, links.new_token(), NOW) is None
+        conn.commit()
+    from recovery import redeem
+
+    answer = redeem.redeem(token, NOW, get_settings())
+    assert (answer.status, answer.location) == (303, "https://invoice.stripe.com/i/acct_1/test_1")
+    assert redeem.redeem(token, NOW + timedelta(days=2), get_settings()).status == 404
