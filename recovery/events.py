@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 from recovery import clock, engine, links, outbox, stripe_api
 from recovery.classify import classify
 from recovery.db import insert_ignore
-from recovery.models import AuditEntry, CaseStatus, Customer, RecoveryCase, can_move
+from recovery.models import (
+    AuditEntry,
+    CaseStatus,
+    Customer,
+    RecoveryCase,
+    RecoveryLink,
+    can_move,
+)
 
 log = structlog.get_logger("recovery.events")
 
@@ -202,7 +209,11 @@ def on_payment_failed(
     for key, value in details.items():
         if value is not None:
             setattr(case, key, value)
-    stops_card = classify(engine.failure_of(case)).stops_card
+    reading = classify(engine.failure_of(case))
+    if case.first_category is None:
+        case.first_decline_code = case.decline_code or case.failure_code
+        case.first_category = reading.category.value
+    stops_card = reading.stops_card
     engine.record_card_attempt(session, case, details["charge_id"], created, "stripe", stops_card)
     engine.plan_case(session, case, now)
     _audit(
@@ -268,6 +279,18 @@ def on_action_required(session: Session, event: dict, now: datetime) -> str:
     return on_payment_failed(session, event, now, action_required=True)
 
 
+def recovery_path_of_payment(session: Session, case: RecoveryCase) -> str:
+    """Paid, not by our retry: through a pay or authenticate link of ours, or elsewhere."""
+    clicked = session.scalar(
+        select(RecoveryLink.id).where(
+            RecoveryLink.case_id == case.id,
+            RecoveryLink.purpose.in_(("pay", "authenticate")),
+            RecoveryLink.click_count > 0,
+        )
+    )
+    return "link" if clicked else "paid_elsewhere"
+
+
 def _closing(status: CaseStatus, amount_field: str | None = None):
     def handler(session: Session, event: dict, now: datetime) -> str:
         invoice = event["data"]["object"]
@@ -275,6 +298,8 @@ def _closing(status: CaseStatus, amount_field: str | None = None):
         if case is None:
             return PROCESSED
         fields = {"amount_recovered": invoice.get(amount_field)} if amount_field else {}
+        if status is CaseStatus.RECOVERED and case.status == CaseStatus.OPEN.value:
+            fields["recovery_path"] = recovery_path_of_payment(session, case)
         if not close_case(session, case, status, now, **fields):
             log.info("case_already_closed", case_id=case.id, status=case.status)
         return PROCESSED

@@ -184,6 +184,13 @@ class RecoveryCase(Base):
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Stripe's `created` of the first failure: the anchor of the plan.
     first_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Why it first failed, kept for the reports: later declines change the rest.
+    first_decline_code: Mapped[str | None] = mapped_column(String(64))
+    first_category: Mapped[str | None] = mapped_column(String(32))
+    # How it was recovered: retry | card_update | link | paid_elsewhere, and by
+    # which plan step (retry:2, retry:card-update:…) when ours.
+    recovery_path: Mapped[str | None] = mapped_column(String(16))
+    recovered_by_step: Mapped[str | None] = mapped_column(String(64))
     # The engine's reading of the decline (classify.Category) and who retries
     # (assist: Stripe's own retries run; take_over: we retry).
     category: Mapped[str | None] = mapped_column(String(32), index=True)

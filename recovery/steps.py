@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import select, update
 
-from recovery import delivery, engine, outbox, ratelimit, stripe_api
+from recovery import delivery, engine, events, outbox, ratelimit, stripe_api
 from recovery.classify import classify
 from recovery.config import Settings
 from recovery.db import session_scope
@@ -221,10 +221,21 @@ _CLOSING = {
 }
 
 
-def _close_from_invoice(session, case: RecoveryCase, invoice: dict, now: datetime) -> None:
+def _close_from_invoice(session, case: RecoveryCase, invoice: dict, now: datetime, step) -> None:
     status = _CLOSING.get(invoice.get("status") or "")
     if status is CaseStatus.RECOVERED:
-        close_case(session, case, status, now, amount_recovered=invoice.get("amount_paid"))
+        # Found paid. A step claimed before may itself have charged (its worker
+        # died waiting for the answer): then the recovery is that retry's.
+        ours = step.kind == StepKind.RETRY.value and step.claim > 1
+        close_case(
+            session,
+            case,
+            status,
+            now,
+            amount_recovered=invoice.get("amount_paid"),
+            recovery_path="retry" if ours else events.recovery_path_of_payment(session, case),
+            recovered_by_step=step.step if ours else None,
+        )
     elif status is not None:
         close_case(session, case, status, now)
 
@@ -266,7 +277,7 @@ def execute_retry(step: Step, now: datetime, settings: Settings) -> str:
     with session_scope() as session:
         case = _locked_case(session, step.case_id)
         if invoice.get("status") != "open":
-            _close_from_invoice(session, case, invoice, now)
+            _close_from_invoice(session, case, invoice, now, step)
             outcome = f"invoice_{invoice.get('status')}"
             _finish(session, step, now, outcome)
             return outcome
@@ -298,7 +309,13 @@ def execute_retry(step: Step, now: datetime, settings: Settings) -> str:
         case = _locked_case(session, step.case_id)
         engine.record_card_attempt(session, case, step.key, now, "recovery", False)
         close_case(
-            session, case, CaseStatus.RECOVERED, now, amount_recovered=paid.get("amount_paid")
+            session,
+            case,
+            CaseStatus.RECOVERED,
+            now,
+            amount_recovered=paid.get("amount_paid"),
+            recovery_path="card_update" if step.step.startswith("retry:card-update") else "retry",
+            recovered_by_step=step.step,
         )
         _finish(session, step, now, "paid", amount=paid.get("amount_paid"), currency=case.currency)
     log.info("retry_paid", invoice_id=invoice_id)
@@ -347,7 +364,7 @@ def _rejected(step: Step, now: datetime, exc: Exception) -> str:
     with session_scope() as session:
         case = _locked_case(session, step.case_id)
         if invoice is not None and invoice.get("status") != "open":
-            _close_from_invoice(session, case, invoice, now)
+            _close_from_invoice(session, case, invoice, now, step)
             _finish(session, step, now, f"invoice_{invoice.get('status')}")
             return f"invoice_{invoice.get('status')}"
         case.flag_reason = case.flag_reason or f"retry rejected by Stripe: {type(exc).__name__}"

@@ -106,6 +106,8 @@ def test_email_link_card_update_retry_recovered_thank_you(sim, smtp_sink, monkey
         # Retried in the same pass that saw the card, and paid.
         assert retry.step.startswith("retry:card-update") and retry.outcome == "paid"
         assert case.status == "recovered" and case.amount_recovered == 4900
+        assert (case.recovery_path, case.recovered_by_step) == ("card_update", retry.step)
+        assert (case.first_decline_code, case.first_category) == ("expired_card", "customer_action")
         assert "card_updated" in actions and result.outcomes.get("paid") == 1
         charged = sim.state.objects[sim.state.charges[-1][1]]
         assert charged["payment_method_details"]["card"]["last4"] == "4444"

@@ -272,3 +272,7 @@ def test_celery_worker_killed_mid_retry_completes_later_with_one_charge(
     step = retry_step()
     assert (step.status, step.claims) == ("done", 2)
     assert len(charges()) == 1
+    with session_scope() as session:
+        case = session.get(RecoveryCase, case_id)
+        # The charge the dead worker made is credited to that retry.
+        assert (case.recovery_path, case.recovered_by_step) == ("retry", "retry:1")
