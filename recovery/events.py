@@ -194,6 +194,18 @@ def on_payment_failed(
     if case.last_failure_at is not None and created < case.last_failure_at:
         log.info("stale_failure_ignored", invoice_id=invoice_id, case_id=case.id)
         return PROCESSED
+    attempt = invoice.get("attempt_count") or 0
+    if (
+        not action_required
+        and case.last_failure_at is not None
+        and 0 < attempt <= (case.attempt_count)
+    ):
+        # This attempt's decline is already recorded, by our own retry (which
+        # read it from Stripe's answer) or by this same event delivered twice:
+        # no need to fetch it again or to plan anew.
+        case.next_payment_attempt = _ts(invoice.get("next_payment_attempt"))
+        log.info("failure_already_recorded", invoice_id=invoice_id, case_id=case.id)
+        return PROCESSED
 
     case.last_failure_at = created
     case.first_failed_at = min(case.first_failed_at or created, created)

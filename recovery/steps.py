@@ -241,17 +241,18 @@ def _close_from_invoice(session, case: RecoveryCase, invoice: dict, now: datetim
 
 
 def _current_card(invoice: dict) -> dict | None:
-    """The card Stripe will charge: the invoice's, else the customer's default."""
-    pm_id = invoice.get("default_payment_method")
-    customer_id = invoice.get("customer")
-    if not pm_id and isinstance(customer_id, str):
-        customer = stripe_api.retrieve_customer(customer_id)
-        pm_id = (customer.get("invoice_settings") or {}).get("default_payment_method")
-    if isinstance(pm_id, dict):
-        pm_id = pm_id.get("id")
-    if not pm_id:
+    """The card Stripe will charge: the invoice's, else the customer's default
+    (expanded by retrieve_invoice_and_card; fetched only if they were not)."""
+    pm = invoice.get("default_payment_method")
+    customer = invoice.get("customer")
+    if not pm and isinstance(customer, str):
+        customer = stripe_api.retrieve_customer(customer)
+    if not pm and isinstance(customer, dict):
+        pm = (customer.get("invoice_settings") or {}).get("default_payment_method")
+    if isinstance(pm, str):
+        pm = stripe_api.retrieve_payment_method(pm)
+    if not pm:
         return None
-    pm = stripe_api.retrieve_payment_method(pm_id)
     return {"id": pm.get("id"), **(pm.get("card") or {})}
 
 
@@ -270,7 +271,7 @@ def execute_retry(step: Step, now: datetime, settings: Settings) -> str:
     try:
         # Ask Stripe before charging: the invoice may be paid, voided, or
         # charged by someone else since we planned this.
-        invoice = stripe_api.retrieve_invoice(invoice_id)
+        invoice = stripe_api.retrieve_invoice_and_card(invoice_id)
         card = _current_card(invoice) if invoice.get("status") == "open" else None
     except stripe_api.StripeUnavailable as exc:
         return _transient(step, now, exc)
@@ -432,7 +433,7 @@ def execute_final(step: Step, now: datetime, settings: Settings) -> str:
         case = _locked_case(session, step.case_id)
         if status is not None:
             close_case(session, case, status, now)
-        engine.audit(session, case, "engine", "final_action", action=action.value)
+        engine.audit(session, case, "engine", "final_action", final_action=action.value)
         _finish(session, step, now, action.value)
     return action.value
 

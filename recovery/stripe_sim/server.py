@@ -224,10 +224,15 @@ class StripeSim:
             raise _invalid("The customer has no default payment method", "payment_method")
         return self.get("payment_method", pm_id)
 
-    def attempt_payment(self, invoice: dict, pm: dict) -> tuple[dict, dict, dict | None]:
-        """Charge `pm` for `invoice`; returns (payment_intent, charge, card error or None)."""
+    def attempt_payment(
+        self, invoice: dict, pm: dict, on_session: bool = False
+    ) -> tuple[dict, dict, dict | None]:
+        """Charge `pm` for `invoice`; returns (payment_intent, charge, card error or None).
+        On session (the customer on the hosted page) an authentication succeeds."""
         now = self.now()
         behavior = self.state.behaviors.get(pm["id"], CardBehavior())
+        if on_session and behavior.mode == "authenticate":
+            behavior = CardBehavior()
         intent = objects.payment_intent(now, invoice, pm, self.state.livemode)
         chg = objects.charge(now, intent, pm, self.state.livemode)
         intent["latest_charge"] = chg["id"]
@@ -336,12 +341,16 @@ class StripeSim:
     # -- the Stripe API -------------------------------------------------------
 
     def _expand(self, obj: dict, expand: list[str]) -> dict:
+        """Stripe's `expand`: ids become objects, along dotted paths
+        ("customer.invoice_settings.default_payment_method")."""
         obj = copy.deepcopy(obj)
         for path in expand:
-            field_name = path.split(".")[0]
-            value = obj.get(field_name)
-            if isinstance(value, str) and value in self.state.objects:
-                obj[field_name] = copy.deepcopy(self.state.objects[value])
+            node = obj
+            for name in path.split("."):
+                value = node.get(name) if isinstance(node, dict) else None
+                if isinstance(value, str) and value in self.state.objects:
+                    value = node[name] = copy.deepcopy(self.state.objects[value])
+                node = value
         return obj
 
     def _list(self, kind: str, params: dict, url: str, match) -> dict[str, Any]:
@@ -702,6 +711,8 @@ class StripeSim:
                 return (*self.control(method, path, data), {})
         if path.startswith("/hosted/checkout/"):
             return self._hosted_checkout(method, path.rsplit("/", 1)[-1], body)
+        if path.startswith("/hosted/invoices/"):
+            return self._hosted_invoice(method, path.rsplit("/", 1)[-1], body)
         if not path.startswith("/v1/"):
             return 404, {"error": {"type": "invalid_request_error", "message": "Not found"}}, {}
         auth = headers.get("authorization", "")
@@ -766,6 +777,35 @@ class StripeSim:
                     card = json.loads(body or b"{}").get("card", {})
                     return 200, self.complete_checkout(session_id, card), {}
                 return 200, self.get("checkout.session", session_id), {}
+            except ApiError as exc:
+                return exc.status, {"error": exc.body}, {}
+
+    def _hosted_invoice(self, method: str, invoice_id: str, body: bytes):
+        """The hosted invoice page, reduced to what a test customer does: GET shows
+        the invoice, POST pays it, authenticating if the bank asks, with the card
+        on file or {"card": {...}} entered there."""
+        with self.lock:
+            try:
+                invoice = self.get("invoice", invoice_id)
+                if method != "POST":
+                    return 200, invoice, {}
+                if invoice["status"] != "open":
+                    raise _invalid(f"This invoice is {invoice['status']}.")
+                card = json.loads(body or b"{}").get("card")
+                pm = self.default_payment_method(invoice)
+                if card is not None:
+                    pm = self.put(
+                        objects.payment_method(
+                            self.now(), invoice["customer"], card, self.state.livemode
+                        )
+                    )
+                    self.state.behaviors[pm["id"]] = CardBehavior.from_json(
+                        card.get("behavior", {})
+                    )
+                _intent, _charge, error = self.attempt_payment(invoice, pm, on_session=True)
+                if error is not None:
+                    return 402, {"error": error}, {}
+                return 200, invoice, {}
             except ApiError as exc:
                 return exc.status, {"error": exc.body}, {}
 

@@ -1,0 +1,306 @@
+"""A month of failed renewals, worked by the real product on a simulated clock.
+
+Nothing here is scripted to succeed. The Stripe-compatible server declines
+each renewal as its card would; the signed webhook goes over HTTP to the real
+receiver; `tick` passes (the production code path) classify, plan, retry and
+email, hour by simulated hour; simulated customers read the .eml files the
+outbox wrote, open some, click the links in them over HTTP and, on Stripe's
+pages, save a new card or authenticate. Recoveries are whatever follows.
+
+    members ─▶ simulator: renewal declined ─signed webhook─▶ receiver ─▶ inbox
+    every simulated hour: tick (events, steps, emails) ─▶ .eml ─▶ customers act
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from recovery import clock
+from recovery.population import Member
+
+START = datetime(2026, 10, 1, tzinfo=UTC)
+_SECRET = "whsec_recovery_demo"  # noqa: S105 - the in-process simulator's, nothing else's
+
+
+@dataclass
+class Action:
+    at: datetime
+    member: Member
+    url: str
+    template: str
+
+
+@dataclass
+class Outcome:
+    stats: dict
+    checks: dict[str, bool]
+    emails_opened: int = 0
+    links_clicked: int = 0
+    cards_saved: int = 0
+    authenticated: int = 0
+    workdir: Path = field(default=Path("."))
+
+
+@contextmanager
+def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
+    """The process configured for one run in `workdir`, restored afterwards."""
+    from recovery import mailer, ratelimit, stripe_api
+    from recovery.config import get_settings
+    from recovery.db import reset_engine
+    from recovery.observability import configure
+
+    overrides = {
+        "RECOVERY_ENV": "development",
+        "DATABASE_URL": f"sqlite:///{workdir / 'recovery.sqlite3'}",
+        "BROKER_URL": "memory://",
+        "STRIPE_API_KEY": "sk_test_recovery_demo",
+        "STRIPE_WEBHOOK_SECRET": _SECRET,
+        "OUTBOX_DIR": str(workdir / "outbox"),
+        "SMTP_HOST": "",
+        # The simulator is in this process: no reason to pace writes to it.
+        "STRIPE_WRITE_RATE": "10000",
+        "LINK_CLICKS_PER_MINUTE": "100000",
+        "RECOVERY_PLANS_FILE": plans_file or "",
+        "LOG_LEVEL": "WARNING",
+    }
+    saved = {key: os.environ.get(key) for key in [*overrides, "STRIPE_API_BASE", "PUBLIC_BASE_URL"]}
+
+    def refresh() -> None:
+        get_settings.cache_clear()
+        stripe_api.client.cache_clear()
+        ratelimit.shared_bucket.cache_clear()
+        mailer.transport_for.cache_clear()
+        reset_engine()
+
+    os.environ.update(overrides)
+    refresh()
+    configure(get_settings())
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        refresh()
+        clock.set_now(None)
+
+
+def _post(url: str, body: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body or {}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _location(url: str) -> str | None:
+    """GET a recovery link without following it; the redirect's target."""
+    import http.client
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", parts.path)
+        answer = conn.getresponse()
+        answer.read()
+        return answer.getheader("Location") if answer.status == 303 else None
+    finally:
+        conn.close()
+
+
+class Customers:
+    """The simulated people: they read their mail and sometimes act on it."""
+
+    def __init__(self, members: list[Member], seed: int, outbox: Path):
+        self.by_email = {m.email: m for m in members}
+        self.seed = seed
+        self.outbox = outbox
+        self.seen: set[str] = set()
+        self.pending: list[Action] = []
+        self.counts = {"opened": 0, "clicked": 0, "cards_saved": 0, "authenticated": 0}
+
+    def read_mail(self, now: datetime) -> None:
+        if not self.outbox.exists():
+            return
+        # File names start with the time they were written: sorted is sent order.
+        new = sorted(
+            entry.name
+            for entry in os.scandir(self.outbox)
+            if entry.name.endswith(".eml") and entry.name not in self.seen
+        )
+        for name in new:
+            self.seen.add(name)
+            message = message_from_bytes((self.outbox / name).read_bytes(), policy=policy.default)
+            member = self.by_email.get(message["To"])
+            if member is None:
+                continue
+            text = message.get_body(("plain",)).get_content()
+            link = next((w for w in text.split() if "/r/" in w), None)
+            template = message["Subject"]
+            # One draw per member and email: the same seed, the same choices.
+            rng = random.Random(f"{self.seed}:{member.index}:{len(self.seen)}:{template}")
+            habits = member.habits
+            if rng.random() >= habits.opens:
+                continue
+            self.counts["opened"] += 1
+            if link is None or rng.random() >= habits.clicks:
+                continue
+            delay = timedelta(hours=rng.uniform(*habits.delay_hours))
+            self.pending.append(Action(now + delay, member, link, template))
+
+    def act(self, now: datetime, sim_url: str) -> int:
+        due = [a for a in self.pending if a.at <= now]
+        self.pending = [a for a in self.pending if a.at > now]
+        for action in due:
+            self.counts["clicked"] += 1
+            target = _location(action.url)
+            rng = random.Random(f"{self.seed}:{action.member.index}:{action.at.isoformat()}")
+            if target is None or rng.random() >= action.member.habits.completes:
+                continue
+            if "/hosted/checkout/" in target:
+                card = {"brand": rng.choice(("visa", "mastercard")), "last4": "4242"}
+                if _post(target, {"card": card})[0] == 200:
+                    self.counts["cards_saved"] += 1
+            elif "/hosted/invoices/" in target and _post(target)[0] == 200:
+                self.counts["authenticated"] += 1
+        return len(due)
+
+
+def run(
+    members: list[Member],
+    seed: int,
+    days: int,
+    workdir: Path,
+    plans_file: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Outcome:
+    """One simulated month for `members`; the database and outbox stay in `workdir`."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    with embedded(workdir, plans_file):
+        return _run(members, seed, days, workdir, progress)
+
+
+def _run(members, seed, days, workdir, progress) -> Outcome:
+    from recovery import migrate, stats, tick
+    from recovery.config import get_settings
+    from recovery.db import get_engine, session_scope
+    from recovery.devserver import start_asgi_in_thread, start_wsgi_in_thread
+    from recovery.stripe_sim import StripeSim
+    from recovery.web import make_app
+
+    migrate.upgrade(os.environ["DATABASE_URL"])
+    sim = StripeSim()
+    sim_server = start_wsgi_in_thread(sim.wsgi)
+    sim.state.base_url = sim_server.url
+    os.environ["STRIPE_API_BASE"] = sim_server.url
+    _refresh_settings()
+    web = start_asgi_in_thread(make_app(get_settings()))
+    # Links in the emails point at this receiver, where the customers click.
+    os.environ["PUBLIC_BASE_URL"] = web.url
+    _refresh_settings()
+    settings = get_settings()
+    customers = Customers(members, seed, workdir / "outbox")
+    invoices: dict[str, Member] = {}
+    try:
+        _post(
+            f"{sim_server.url}/_sim/webhook_endpoints",
+            {"url": f"{web.url}/webhooks/stripe", "secret": _SECRET},
+        )
+        queue = list(members)
+        hours = days * 24
+        for hour in range(hours + 1):
+            now = START + timedelta(hours=hour)
+            clock.set_now(now)
+            sim.state.clock_offset = now.timestamp() - datetime.now(UTC).timestamp()
+            while queue and queue[0].fails_at <= now:
+                member = queue.pop(0)
+                made = _post(
+                    f"{sim_server.url}/_sim/scenarios/failed_invoice",
+                    {
+                        "email": member.email,
+                        "name": member.name,
+                        "amount": member.amount,
+                        "currency": member.currency,
+                        "card": member.card(),
+                        "behavior": member.card()["behavior"],
+                    },
+                )[1]
+                invoices[made["invoice"]] = member
+            customers.act(now, sim_server.url)
+            sim.flush()
+            tick.run_pass(settings, sync=True)
+            sim.flush()
+            customers.read_mail(now)
+            if progress:
+                progress(1)
+        with session_scope() as session:
+            numbers = stats.compute(session)
+        checks = _checks(numbers, sim, invoices, get_engine())
+    finally:
+        web.stop()
+        sim_server.stop()
+    outcome = Outcome(numbers, checks, workdir=workdir)
+    outcome.emails_opened = customers.counts["opened"]
+    outcome.links_clicked = customers.counts["clicked"]
+    outcome.cards_saved = customers.counts["cards_saved"]
+    outcome.authenticated = customers.counts["authenticated"]
+    return outcome
+
+
+def _refresh_settings() -> None:
+    from recovery import stripe_api
+    from recovery.config import get_settings
+
+    get_settings.cache_clear()
+    stripe_api.client.cache_clear()
+
+
+def _checks(numbers: dict, sim, invoices: dict[str, Member], engine) -> dict[str, bool]:
+    """What must hold whatever the outcome: sums that add up, and agreement
+    with the Stripe-compatible server."""
+    from sqlalchemy import text
+
+    paid = {}
+    for invoice_id in invoices:
+        invoice = sim.state.objects[invoice_id]
+        if invoice["status"] == "paid":
+            paid[invoice["currency"]] = paid.get(invoice["currency"], 0) + invoice["amount_paid"]
+    statuses = {k: v for k, v in numbers["cases"].items() if k != "total"}
+    with engine.connect() as conn:
+        cases = conn.execute(text("SELECT count(*) FROM recovery_cases")).scalar()
+    # One subscriber, one customer, one invoice: a second successful charge
+    # for a customer would be a double charge.
+    charged: dict[str, int] = {}
+    for obj in sim.state.objects.values():
+        if obj.get("object") == "charge" and obj.get("paid"):
+            charged[obj["customer"]] = charged.get(obj["customer"], 0) + 1
+    return {
+        "one case per failed renewal": cases == len(invoices),
+        "every case in exactly one state": sum(statuses.values()) == numbers["cases"]["total"],
+        "recovered amounts match the server's paid invoices": numbers["recovered"]["amount"]
+        == dict(sorted(paid.items())),
+        "recoveries add up across paths": sum(p["recovered"] for p in numbers["by_path"])
+        == numbers["recovered"]["count"],
+        "no invoice paid twice": all(count <= 1 for count in charged.values()),
+    }
