@@ -385,8 +385,9 @@ def events_replay(refs: tuple[str, ...], failed: bool) -> None:
 
 from recovery.cli_cases import COMMANDS  # noqa: E402 - after the group they join
 from recovery.cli_customers import COMMANDS as CUSTOMER_COMMANDS  # noqa: E402
+from recovery.cli_operator import COMMANDS as OPERATOR_COMMANDS  # noqa: E402
 
-for _command in [*COMMANDS, *CUSTOMER_COMMANDS]:
+for _command in [*COMMANDS, *CUSTOMER_COMMANDS, *OPERATOR_COMMANDS]:
     cli.add_command(_command)
 
 

@@ -36,7 +36,7 @@ class Cause:
 
 
 CAUSES: tuple[Cause, ...] = (
-    Cause("insufficient_funds", 0.36, {"decline_code": "insufficient_funds"}, 0.6, (2, 16)),
+    Cause("insufficient_funds", 0.36, {"decline_code": "insufficient_funds"}, 0.5, (2, 20)),
     Cause("generic_decline", 0.15, {"decline_code": "generic_decline"}, 0.35, (1, 10)),
     Cause("do_not_honor", 0.09, {"decline_code": "do_not_honor"}, 0.3, (1, 10)),
     Cause("processing_error", 0.04, {"decline_code": "processing_error"}, 0.95, (0.05, 1)),
@@ -60,9 +60,9 @@ BRANDS = (("visa", 0.55), ("mastercard", 0.35), ("amex", 0.10))
 
 @dataclass(frozen=True)
 class Habits:
-    opens: float = 0.55  # opens an email
-    clicks: float = 0.45  # clicks its link, once opened
-    completes: float = 0.8  # finishes on Stripe's page (saves a card, authenticates)
+    opens: float = 0.5  # opens an email
+    clicks: float = 0.35  # clicks its link, once opened
+    completes: float = 0.7  # finishes on Stripe's page (saves a card, authenticates)
     delay_hours: tuple[float, float] = (0.5, 30.0)
 
 
