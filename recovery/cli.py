@@ -363,16 +363,29 @@ def events_show(ref: str) -> None:
 @events.command("replay")
 @click.argument("refs", nargs=-1)
 @click.option("--failed", is_flag=True, help="Replay every failed event.")
-def events_replay(refs: tuple[str, ...], failed: bool) -> None:
-    """Process events again: by id, or all --failed ones."""
+@click.option(
+    "--since",
+    help="Fetch Stripe's events since this instant (ISO 8601, within 30 days) into the inbox.",
+)
+def events_replay(refs: tuple[str, ...], failed: bool, since: str | None) -> None:
+    """Process events again: by id, all --failed ones, or fetched from Stripe --since.
+
+    \b
+    Examples:
+      recovery events replay evt_1NG8Du2eZvKYlo2CUI79vXWy
+      recovery events replay --failed
+      recovery events replay --since 2026-11-20T08:00Z   # after the receiver was down
+    """
     from sqlalchemy import select
 
     from recovery import inbox
     from recovery.db import session_scope
     from recovery.models import EventStatus, WebhookEvent
 
-    if not refs and not failed:
-        raise click.UsageError("name event ids or pass --failed")
+    if not refs and not failed and not since:
+        raise click.UsageError("name event ids, or pass --failed or --since")
+    if since:
+        return _replay_from_stripe(since)
     with session_scope() as session:
         ids = [_event_row(session, ref).id for ref in refs]
         if failed:
@@ -381,6 +394,34 @@ def events_replay(refs: tuple[str, ...], failed: bool) -> None:
             ).all()
     count = inbox.replay(ids, clock.now())
     click.echo(f"{count} event(s) queued again")
+
+
+def _replay_from_stripe(since: str) -> None:
+    from recovery import backfill, stripe_api
+
+    try:
+        instant = clock.parse_instant(since)
+    except ValueError:
+        raise click.BadParameter(
+            f"{since!r} is not an ISO 8601 instant", param_hint="--since"
+        ) from None
+    counts = {"new": 0}
+
+    def count(stored: bool) -> None:
+        counts["new"] += int(stored)
+
+    try:
+        seen, new = backfill.replay_since(instant, clock.now(), count)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    except stripe_api.StripeUnavailable as exc:
+        click.echo(
+            f"Stripe unavailable after {counts['new']} new event(s): {exc}; run it again", err=True
+        )
+        raise SystemExit(3) from None
+    click.echo(
+        f"{seen} event(s) from Stripe since {instant:%Y-%m-%d %H:%M}Z; {new} new in the inbox"
+    )
 
 
 from recovery.cli_cases import COMMANDS  # noqa: E402 - after the group they join

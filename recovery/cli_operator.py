@@ -168,4 +168,53 @@ def report(out: Path, since: str | None, title: str) -> None:
     click.echo(json.dumps({"report": str(out), "cases": numbers["cases"]["total"]}))
 
 
-COMMANDS = [demo, stats, report]
+@click.command()
+@click.option("--page-size", default=100, show_default=True, type=click.IntRange(1, 100))
+@click.option("--restart", is_flag=True, help="Start from the newest invoice again.")
+def sync(page_size: int, restart: bool) -> None:
+    """Backfill at install: open cases for Stripe's open invoices that failed.
+
+    Lists the account's open invoices page by page and queues a failure for
+    each one Stripe has tried to collect; the workers (or `recovery tick
+    --sync`) open the cases. Running it twice adds nothing; an interrupted
+    run resumes where it stopped.
+
+    \b
+    Examples:
+      recovery sync
+      recovery sync --restart && recovery tick --sync
+    """
+    from recovery import backfill, stripe_api
+
+    previous = backfill.last_sync()
+    if previous is not None and previous.completed_at is None and not restart:
+        click.echo(f"resuming after {previous.cursor} ({previous.seen} invoices seen)", err=True)
+    totals = {"seen": 0, "queued": 0}
+
+    def on_page(seen: int, queued: int) -> None:
+        # Stripe's lists carry no total, so progress is a running count.
+        totals["seen"] += seen
+        totals["queued"] += queued
+        click.echo(
+            f"\r{totals['seen']} invoices listed, {totals['queued']} failures queued",
+            err=True,
+            nl=False,
+        )
+
+    try:
+        state = backfill.sync_invoices(clock.now(), page_size, restart, on_page)
+    except stripe_api.StripeUnavailable as exc:
+        click.echo(
+            f"\nStripe unavailable after {totals['seen']} invoice(s): {exc}; run `recovery"
+            " sync` again to resume",
+            err=True,
+        )
+        raise SystemExit(3) from None
+    click.echo("", err=True)
+    click.echo(
+        f"{state.seen} open invoice(s) seen, {state.queued} failure(s) queued;"
+        " the workers open the cases (or run `recovery tick --sync`)"
+    )
+
+
+COMMANDS = [demo, stats, report, sync]

@@ -353,9 +353,31 @@ class StripeSim:
                 node = value
         return obj
 
+    def _list_events(self, params: dict, since: int) -> dict[str, Any]:
+        kind = params.get("type")
+        events = [
+            e for e in self.state.events if kind in (None, e["type"]) and e["created"] >= since
+        ]
+        # Newest first, like Stripe; equal times keep the order they happened in, reversed.
+        events = list(reversed(sorted(events, key=lambda e: e["created"])))
+        if params.get("starting_after"):
+            ids = [e["id"] for e in events]
+            if params["starting_after"] in ids:
+                events = events[ids.index(params["starting_after"]) + 1 :]
+        limit = int(params.get("limit") or 10)
+        if not 1 <= limit <= 100:
+            raise _invalid("limit must be between 1 and 100", "limit")
+        return {
+            "object": "list",
+            "data": events[:limit],
+            "has_more": len(events) > limit,
+            "url": "/v1/events",
+        }
+
     def _list(self, kind: str, params: dict, url: str, match) -> dict[str, Any]:
         items = [o for o in self.state.objects.values() if o.get("object") == kind and match(o)]
-        items.sort(key=lambda o: o.get("created", 0), reverse=True)
+        # Newest first, like Stripe, creation order breaking ties within a second.
+        items = list(reversed(sorted(items, key=lambda o: o.get("created", 0))))
         if params.get("starting_after"):
             ids = [o["id"] for o in items]
             if params["starting_after"] in ids:
@@ -435,15 +457,9 @@ class StripeSim:
                     )
                 )
             case ("GET", "events", 1):
-                events = [e for e in self.state.events if params.get("type") in (None, e["type"])]
-                events = sorted(events, key=lambda e: e["created"], reverse=True)
-                limit = int(params.get("limit") or 10)
-                return 200, {
-                    "object": "list",
-                    "data": events[:limit],
-                    "has_more": len(events) > limit,
-                    "url": "/v1/events",
-                }
+                created = params.get("created") or {}
+                since = int(created.get("gte", 0)) if isinstance(created, dict) else 0
+                return 200, self._list_events(params, since)
             case ("GET", "events", 2):
                 for evt in self.state.events:
                     if evt["id"] == parts[1]:
