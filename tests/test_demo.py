@@ -37,3 +37,45 @@ def test_demo_command_prints_a_summary_and_writes_the_report(tmp_path):
     assert "FAIL" not in result.output
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") >= 4 and "Recovery rate by cause" in html
+
+
+def test_simulate_compares_plans_on_the_same_population(tmp_path):
+    fewer = tmp_path / "fewer.toml"
+    fewer.write_text("[retry]\nretry_days = [3]\nmax_tries = 1\n")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "simulate",
+            "--plans",
+            str(fewer),
+            "--size",
+            "25",
+            "--days",
+            "12",
+            "--seed",
+            "4",
+            "--dir",
+            str(tmp_path / "runs"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    runs = json.loads(result.output[result.output.index("{") :])
+    assert set(runs) == {"default", "fewer"}
+    assert all(all(r["checks"].values()) for r in runs.values())
+    default, few = runs["default"]["stats"], runs["fewer"]["stats"]
+    assert default["cases"]["total"] == few["cases"]["total"] == 25
+    # One retry at most per soft decline: fewer retries, and never more recovered by retry.
+    assert few["retries"]["made"] < default["retries"]["made"]
+    by_retry = {
+        n: next(p for p in s["by_path"] if p["name"] == "retry")["recovered"]
+        for n, s in (("default", default), ("fewer", few))
+    }
+    assert by_retry["fewer"] <= by_retry["default"]
+
+
+def test_simulate_from_an_empty_database_is_a_clear_error(db, tmp_path):
+    result = CliRunner().invoke(cli, ["simulate", "--from-db", "--dir", str(tmp_path)])
+    assert result.exit_code == 1 and "no cases in the database" in result.output
