@@ -23,7 +23,37 @@ def _settings():
 
 @click.group()
 def cli() -> None:
-    """Win back failed Stripe subscription payments."""
+    """Win back failed Stripe subscription payments.
+
+    \b
+    Start here:
+      recovery demo                      a month of failures, worked on this machine
+      recovery dev                       the whole stack, live, on the embedded default
+    \b
+    Run it (docker-compose runs these):
+      recovery db upgrade                apply migrations
+      recovery serve                     webhook receiver and customer links
+      recovery worker                    Celery worker (events, steps, emails)
+      recovery beat                      the scheduler, exactly one
+    \b
+    Operate it:
+      recovery cases list | show         cases and their timelines
+      recovery retry | pause | resume | cancel
+      recovery stats | report            what recovery brought back
+      recovery emails preview | send-test | list
+      recovery links revoke
+      recovery sync                      backfill failed invoices at install
+      recovery events replay --since     catch up after downtime
+      recovery simulate                  backtest plans side by side
+      recovery tick --now ISO --sync     one pass as of an instant
+    \b
+    Configuration is the environment (see .env.example); a bad value stops
+    every command with one line naming it.
+    \b
+    Exit codes: 0 ok · 1 user error (unknown id, refused action) ·
+    2 usage (bad arguments or configuration) · 3 a service is unavailable
+    (database, Stripe).
+    """
     # Validate the whole configuration before any command does anything.
     get_settings()
 
@@ -33,13 +63,18 @@ def cli() -> None:
 
 @cli.group()
 def db() -> None:
-    """The schema."""
+    """The schema: Alembic migrations."""
 
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
-    """Apply migrations up to REVISION."""
+    """Apply migrations up to REVISION.
+
+    \b
+    Example:
+      DATABASE_URL=postgresql://recovery@db/recovery recovery db upgrade
+    """
     from recovery import migrate
 
     migrate.upgrade(_settings().database_url, revision)
@@ -55,7 +90,13 @@ def db_upgrade(revision: str) -> None:
 @click.option("--workers", default=2 * (os.cpu_count() or 1) + 1, show_default=True, type=int)
 @click.option("--dev", is_flag=True, help="One in-process uvicorn server, no gunicorn.")
 def serve(host: str, port: int, workers: int, dev: bool) -> None:
-    """Serve the webhook receiver and health routes."""
+    """Serve the webhook receiver, customer links and health routes.
+
+    \b
+    Examples:
+      recovery serve --host 0.0.0.0 --port 8000 --workers 4
+      recovery serve --dev          # one in-process server, for a laptop
+    """
     settings = _settings()
     if dev:
         from recovery.devserver import serve_asgi
@@ -92,7 +133,13 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
 @click.option("--pool", default=None, help="prefork (default with Redis) or solo.")
 @click.option("--beat", "with_beat", is_flag=True, help="Run the beat scheduler in-process.")
 def worker(concurrency: int | None, pool: str | None, with_beat: bool) -> None:
-    """Run a Celery worker."""
+    """Run a Celery worker: events, due steps, emails.
+
+    \b
+    Examples:
+      recovery worker --concurrency 4
+      recovery worker --beat        # with the scheduler embedded (one machine only)
+    """
     from recovery.tasks import app
 
     settings = _settings()
@@ -116,7 +163,12 @@ def worker(concurrency: int | None, pool: str | None, with_beat: bool) -> None:
 
 @cli.command()
 def beat() -> None:
-    """Run the beat scheduler (one per deployment)."""
+    """Run the beat scheduler (one per deployment).
+
+    \b
+    Example:
+      recovery beat
+    """
     from recovery.tasks import app
 
     os.makedirs("var", exist_ok=True)
@@ -129,7 +181,12 @@ def beat() -> None:
 @click.option("--webhook-url", default=None, help="Deliver signed events here.")
 @click.option("--webhook-secret", default=None, help="Signing secret (default: the configured).")
 def stripe_sim(host: str, port: int, webhook_url: str | None, webhook_secret: str | None) -> None:
-    """Run the Stripe-compatible server (point STRIPE_API_BASE at it)."""
+    """Run the Stripe-compatible server (point STRIPE_API_BASE at it).
+
+    \b
+    Example:
+      recovery stripe-sim --port 12111 --webhook-url http://127.0.0.1:8000/webhooks/stripe
+    """
     from recovery.devserver import serve_wsgi
     from recovery.stripe_sim import StripeSim
 
@@ -177,7 +234,13 @@ def _wait_http(url: str, seconds: float = 30) -> None:
     help="Send one failed payment through the stack, follow it to recovery, stop.",
 )
 def dev(check: bool) -> None:
-    """Run everything on this machine: simulator, receiver, worker and beat."""
+    """Run everything on this machine: simulator, receiver, worker and beat.
+
+    \b
+    Examples:
+      recovery dev            # keep it running; send declines from another shell
+      recovery dev --check    # decline, recover, and stop: a smoke test
+    """
     settings = _settings()
     env = dict(os.environ)
     env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{SIM_PORT}")
@@ -267,7 +330,12 @@ def _check_round_trip(sim_url: str) -> None:
 @click.option("--decline-code", default="insufficient_funds", show_default=True)
 @click.option("--sim-url", default=f"http://127.0.0.1:{SIM_PORT}", show_default=True)
 def send_test_event(decline_code: str, sim_url: str) -> None:
-    """Have the running simulator decline a renewal and send the webhook."""
+    """Have the running simulator decline a renewal and send the webhook.
+
+    \b
+    Example:
+      recovery send-test-event --decline-code expired_card
+    """
     scenario = _post(
         f"{sim_url}/_sim/scenarios/failed_invoice", {"behavior": {"decline_code": decline_code}}
     )
@@ -282,7 +350,7 @@ def send_test_event(decline_code: str, sim_url: str) -> None:
 
 @cli.group()
 def events() -> None:
-    """Stored Stripe events."""
+    """Stored Stripe events: the inbox."""
 
 
 def _event_row(session, ref: str):
@@ -307,8 +375,15 @@ def _event_row(session, ref: str):
 )
 @click.option("--type", "event_type")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
-def events_list(status: str | None, event_type: str | None, limit: int) -> None:
-    """The newest events first."""
+@click.option("--json", "as_json", is_flag=True)
+def events_list(status: str | None, event_type: str | None, limit: int, as_json: bool) -> None:
+    """The newest events first.
+
+    \b
+    Examples:
+      recovery events list --status failed
+      recovery events list --type invoice.payment_failed --json
+    """
     from sqlalchemy import select
 
     from recovery.db import session_scope
@@ -321,6 +396,25 @@ def events_list(status: str | None, event_type: str | None, limit: int) -> None:
         if event_type:
             query = query.where(WebhookEvent.type == event_type)
         rows = session.scalars(query).all()
+        if as_json:
+            click.echo(
+                json.dumps(
+                    [
+                        {
+                            "id": row.id,
+                            "stripe_event_id": row.stripe_event_id,
+                            "type": row.type,
+                            "status": row.status,
+                            "attempts": row.attempts,
+                            "received_at": row.received_at.isoformat(),
+                            "last_error": row.last_error,
+                        }
+                        for row in rows
+                    ],
+                    indent=2,
+                )
+            )
+            return
         click.echo(
             f"{'id':>6}  {'status':<10} {'tries':>5}  {'received (UTC)':<19}  "
             f"{'type':<34} stripe id"
@@ -336,7 +430,12 @@ def events_list(status: str | None, event_type: str | None, limit: int) -> None:
 @events.command("show")
 @click.argument("ref")
 def events_show(ref: str) -> None:
-    """One event: REF is the inbox id or the Stripe event id."""
+    """One event: REF is the inbox id or the Stripe event id.
+
+    \b
+    Example:
+      recovery events show evt_1NG8Du2eZvKYlo2CUI79vXWy
+    """
     from recovery.db import session_scope
 
     with session_scope() as session:

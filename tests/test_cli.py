@@ -59,3 +59,25 @@ def test_unknown_ids_are_a_clear_error(receiver):
         assert result.exit_code == 1
         assert "no event" in result.output and "Traceback" not in result.output
     assert run("events", "replay").exit_code == 2
+
+
+def test_help_reads_like_a_manual_with_examples_everywhere():
+    from click.testing import CliRunner
+
+    from recovery.cli import cli
+
+    top = CliRunner().invoke(cli, ["--help"]).output
+    assert "Exit codes: 0 ok" in top and "3 a service is unavailable" in top
+
+    def leaves(command, path=()):
+        subcommands = getattr(command, "commands", None)
+        if not subcommands:
+            yield path, command
+            return
+        for name, sub in subcommands.items():
+            yield from leaves(sub, (*path, name))
+
+    missing = [
+        " ".join(path) for path, command in leaves(cli) if "Example" not in (command.help or "")
+    ]
+    assert missing == []

@@ -33,3 +33,26 @@ def test_dev_check_follows_a_payment_to_recovery(tmp_path):
     # The customer was written to, in the file sink: the embedded default sends nothing.
     sent = [p.read_bytes() for p in (tmp_path / "var" / "outbox").glob("*.eml")]
     assert any(b"Subject: Your Our service payment did not go through" in m for m in sent)
+
+
+def test_demo_needs_no_servers(tmp_path):
+    """The README's first command, small, from a clean environment."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_", "OUTBOX_", "SMTP_")
+        )
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "recovery.cli", "demo", "--size", "25", "--days", "10"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "25 cases" in result.stdout and "FAIL" not in result.stdout
+    assert (tmp_path / "var" / "demo" / "report.html").exists()
