@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
@@ -73,8 +74,27 @@ def failure_event(invoice: dict, now: datetime) -> dict:
 
 def sync_invoices(
     now: datetime, page_size: int = 100, restart: bool = False, on_page=None
-) -> SyncCursor:
+) -> Progress:
     """Queue a failure for every open, attempted invoice; resumable."""
+    state = None
+    for state in sync_pages(now, page_size, restart):
+        if on_page:
+            on_page(state.page_seen, state.page_queued)
+    return state
+
+
+@dataclass
+class Progress:
+    seen: int
+    queued: int
+    page_seen: int
+    page_queued: int
+    cursor: str | None
+    completed_at: datetime | None
+
+
+def sync_pages(now: datetime, page_size: int = 100, restart: bool = False) -> Iterator[Progress]:
+    """sync_invoices, one page at a time: yields the progress after each page."""
     with session_scope() as session:
         state = session.get(SyncCursor, SYNC)
         if state is None or restart or state.completed_at is not None:
@@ -100,14 +120,12 @@ def sync_invoices(
                 state.cursor = cursor = invoices[-1]["id"]
             if not page.get("has_more") or not invoices:
                 state.completed_at = now
-            done = state.completed_at is not None
-            snapshot = SyncCursor(
-                name=state.name, cursor=state.cursor, seen=state.seen, queued=state.queued
+            progress = Progress(
+                state.seen, state.queued, len(invoices), queued, state.cursor, state.completed_at
             )
-        if on_page:
-            on_page(len(invoices), queued)
-        if done:
-            return snapshot
+        yield progress
+        if progress.completed_at is not None:
+            return
 
 
 def events_since(since: datetime, page_size: int = 100) -> Iterator[dict]:

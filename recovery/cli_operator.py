@@ -189,30 +189,28 @@ def sync(page_size: int, restart: bool) -> None:
     previous = backfill.last_sync()
     if previous is not None and previous.completed_at is None and not restart:
         click.echo(f"resuming after {previous.cursor} ({previous.seen} invoices seen)", err=True)
-    totals = {"seen": 0, "queued": 0}
-
-    def on_page(seen: int, queued: int) -> None:
-        # Stripe's lists carry no total, so progress is a running count.
-        totals["seen"] += seen
-        totals["queued"] += queued
-        click.echo(
-            f"\r{totals['seen']} invoices listed, {totals['queued']} failures queued",
-            err=True,
-            nl=False,
-        )
-
-    try:
-        state = backfill.sync_invoices(clock.now(), page_size, restart, on_page)
-    except stripe_api.StripeUnavailable as exc:
-        click.echo(
-            f"\nStripe unavailable after {totals['seen']} invoice(s): {exc}; run `recovery"
-            " sync` again to resume",
-            err=True,
-        )
-        raise SystemExit(3) from None
-    click.echo("", err=True)
+    last = None
+    pages = backfill.sync_pages(clock.now(), page_size, restart)
+    # Stripe's lists carry no total: the bar counts pages and shows the tally.
+    with click.progressbar(
+        pages,
+        label="Listing open invoices",
+        file=sys.stderr,
+        item_show_func=lambda p: p and f"{p.seen} seen, {p.queued} failures queued",
+    ) as bar:
+        try:
+            for progress in bar:
+                last = progress
+        except stripe_api.StripeUnavailable as exc:
+            seen = last.seen if last else 0
+            click.echo(
+                f"\nStripe unavailable after {seen} invoice(s): {exc}; run `recovery sync`"
+                " again to resume",
+                err=True,
+            )
+            raise SystemExit(3) from None
     click.echo(
-        f"{state.seen} open invoice(s) seen, {state.queued} failure(s) queued;"
+        f"{last.seen} open invoice(s) seen, {last.queued} failure(s) queued;"
         " the workers open the cases (or run `recovery tick --sync`)"
     )
 
