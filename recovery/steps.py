@@ -77,7 +77,11 @@ def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:
                 ids = ids.with_for_update(skip_locked=True)
             rows = session.execute(
                 _claiming(now, lease, RecoveryAttempt.id.in_(ids.scalar_subquery()))
-            )
+            ).all()
+            # RETURNING comes in table order, not the subquery's: put the steps
+            # back in due order, a retry before an email due with it, so a
+            # retry that recovers the case runs before a reminder would go out.
+            rows.sort(key=lambda row: (row.due_at, row.kind != StepKind.RETRY.value))
             claims.extend((row.id, row.claims) for row in rows)
     return claims
 
@@ -92,7 +96,9 @@ def _claiming(now: datetime, lease: timedelta, *where):
             lease_until=now + lease,
             claims=RecoveryAttempt.claims + 1,
         )
-        .returning(RecoveryAttempt.id, RecoveryAttempt.claims)
+        .returning(
+            RecoveryAttempt.id, RecoveryAttempt.claims, RecoveryAttempt.due_at, RecoveryAttempt.kind
+        )
     )
 
 
@@ -388,12 +394,15 @@ def execute_email(step: Step, now: datetime, settings: Settings) -> str:
             select(RecoveryAttempt.id).where(
                 RecoveryAttempt.case_id == case.id,
                 RecoveryAttempt.kind == StepKind.RETRY.value,
-                RecoveryAttempt.step.like("retry:card-update:%"),
                 RecoveryAttempt.status.in_(engine.LIVE),
+                RecoveryAttempt.step.like("retry:card-update:%")
+                | (RecoveryAttempt.due_at <= now)
+                | (RecoveryAttempt.status != StepStatus.SCHEDULED.value),
             )
         )
         if retry_due is not None:
-            # A new card is about to be tried: its result decides what to say.
+            # A retry is due or under way (a new card's, or the plan's): its
+            # result decides what to say, or whether to write at all.
             _reschedule(session, step, now + timedelta(minutes=15), None, step.tries)
             return "deferred_for_retry"
         template = step.step.split(":")[1] if ":" in step.step else step.step

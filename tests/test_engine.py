@@ -117,6 +117,38 @@ def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
     assert later == []  # recovery canceled the rest of the plan
 
 
+def test_a_retry_due_with_a_reminder_goes_first_and_the_reminder_is_not_sent(stack):
+    scenario = failed(
+        stack,
+        {
+            "mode": "decline",
+            "decline_code": "insufficient_funds",
+            "succeed_after": int((T0 + timedelta(hours=1)).timestamp()),
+        },
+    )
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    planned = {s.step: s for s in steps_of(case.id)}
+    retry, reminder = planned["retry:1"], planned["email:retry:1"]
+    # The reminder was planned before the retry (a lower id): both due at once.
+    assert reminder.id < retry.id
+    from sqlalchemy import update
+
+    with session_scope() as session:
+        session.execute(
+            update(RecoveryAttempt)
+            .where(RecoveryAttempt.id == reminder.id)
+            .values(due_at=retry.due_at)
+        )
+    stack.tick(retry.due_at + timedelta(minutes=30))
+    assert the_case(scenario["invoice"]).status == "recovered"
+    outcomes = {s.step: s.outcome for s in steps_of(case.id)}
+    assert outcomes["retry:1"] == "paid" and outcomes["email:retry:1"] != "queued"
+    with session_scope() as session:
+        sent = session.scalars(select(Message.template).where(Message.case_id == case.id)).all()
+    assert sorted(sent) == ["payment_failed", "recovered"]  # day 0, and the thank-you
+
+
 def test_card_update_retries_at_once_and_recovers(stack):
     scenario = failed(stack, {"mode": "decline", "decline_code": "expired_card"})
     stack.tick()
