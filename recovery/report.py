@@ -22,10 +22,13 @@ def money(totals: dict[str, int], locale: str = "en_US") -> str:
     return " + ".join(format_money(amount, currency, locale) for currency, amount in totals.items())
 
 
-def hbars(rows: list[tuple[str, float, str]], accent: str, width: int = 560) -> Markup:
-    """Horizontal bars: (label, value 0..max, text shown at the bar's end)."""
-    top = max((value for _, value, _ in rows), default=0) or 1
-    label_w, bar_w, row_h = 170, width - 170 - 150, 26
+def hbars(
+    rows: list[tuple[str, float, str]], accent: str, top: float | None = None, width: int = 860
+) -> Markup:
+    """Horizontal bars: (label, value, text shown at the bar's end), scaled to
+    `top` (rates: 1.0) or to the largest value."""
+    top = top or max((value for _, value, _ in rows), default=0) or 1
+    label_w, bar_w, row_h = 170, width - 170 - 330, 26
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_h * len(rows) + 4}"'
         f' role="img">'
@@ -43,7 +46,7 @@ def hbars(rows: list[tuple[str, float, str]], accent: str, width: int = 560) -> 
     return Markup("".join(parts))  # noqa: S704 - every value in it went through escape()
 
 
-def vbars(points: list[tuple[str, float]], accent: str, width: int = 560) -> Markup:
+def vbars(points: list[tuple[str, float]], accent: str, width: int = 860) -> Markup:
     """Vertical bars over time: (day, value)."""
     if not points:
         return Markup("<p>No recoveries yet.</p>")
@@ -90,6 +93,7 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
                 for c in causes
             ],
             accent,
+            top=1.0,
         ),
         "paths": hbars(
             [
