@@ -4,7 +4,7 @@
 
 A fresh PostgreSQL database gets that many open cases, each with a live "pay"
 link (the invoice's hosted page is known, as it is once Stripe has told us of
-the failure). The web app runs under gunicorn's uvicorn worker; a separate
+the failure). The web app runs as `recovery serve` (gunicorn, uvicorn worker); a separate
 load process clicks every link once and follows none of the redirects. Prints
 redirects/s, p50/p99 latency, the answers by status, and checks every click
 was recorded. The per-client click limit is lifted: every click here comes
@@ -83,22 +83,17 @@ def measure(count: int, workers: int, concurrency: int) -> dict:
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
         }
+        # The production command: gunicorn with the uvicorn worker.
         server = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "gunicorn",
-                "recovery.asgi:app",
-                "--worker-class",
-                "uvicorn_worker.UvicornWorker",
-                "--bind",
-                f"127.0.0.1:{port}",
+                "recovery.cli",
+                "serve",
+                "--port",
+                str(port),
                 "--workers",
                 str(workers),
-                "--backlog",
-                "2048",
-                "--log-level",
-                "warning",
             ],
             cwd=ROOT,
             env=env,

@@ -497,13 +497,9 @@ def events_replay(refs: tuple[str, ...], failed: bool, since: str | None) -> Non
 
 def _replay_from_stripe(since: str) -> None:
     from recovery import backfill, stripe_api
+    from recovery.cli_cases import instant_option
 
-    try:
-        instant = clock.parse_instant(since)
-    except ValueError:
-        raise click.BadParameter(
-            f"{since!r} is not an ISO 8601 instant", param_hint="--since"
-        ) from None
+    instant = instant_option(since, "--since")
     counts = {"new": 0}
 
     def count(stored: bool) -> None:

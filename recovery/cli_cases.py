@@ -28,6 +28,16 @@ def _operator() -> str:
         return "operator:unknown"
 
 
+def instant_option(value: str, option: str):
+    """An ISO 8601 instant given on the command line, or a usage error naming the option."""
+    try:
+        return clock.parse_instant(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 instant", param_hint=option
+        ) from None
+
+
 def _case(session, ref: str, lock: bool = False):
     from recovery.models import RecoveryCase
 
@@ -62,12 +72,7 @@ def tick(at: str | None, sync: bool) -> None:
 
     settings = get_settings()
     if at:
-        try:
-            instant = clock.parse_instant(at)
-        except ValueError:
-            raise click.BadParameter(
-                f"{at!r} is not an ISO 8601 instant", param_hint="--now"
-            ) from None
+        instant = instant_option(at, "--now")
         clock.set_now(instant)
         ticking.follow_simulated_clock(settings, instant)
     publish_events = publish_steps = publish_messages = None
@@ -191,12 +196,7 @@ def cases_list(status, category, since, limit, as_json) -> None:
     if category:
         query = query.where(RecoveryCase.category == category)
     if since:
-        try:
-            query = query.where(RecoveryCase.opened_at >= clock.parse_instant(since))
-        except ValueError:
-            raise click.BadParameter(
-                f"{since!r} is not an ISO 8601 instant", param_hint="--since"
-            ) from None
+        query = query.where(RecoveryCase.opened_at >= instant_option(since, "--since"))
     with session_scope() as session:
         rows = [_case_summary(c) for c in session.scalars(query)]
     if as_json:

@@ -10,19 +10,12 @@ from pathlib import Path
 import click
 
 from recovery import clock
-from recovery.cli_cases import _emit_json
+from recovery.cli_cases import _emit_json, instant_option
 from recovery.config import get_settings
 
 
 def _since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return clock.parse_instant(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not an ISO 8601 date", param_hint="--since"
-        ) from None
+    return instant_option(value, "--since") if value is not None else None
 
 
 def _money(totals: dict[str, int]) -> str:

@@ -9,24 +9,29 @@ import sys
 from .conftest import ROOT
 
 
-def test_dev_check_follows_a_payment_to_recovery(tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(
-            ("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_", "OUTBOX_", "SMTP_")
-        )
-    }
+def clean_environment() -> dict[str, str]:
+    """A fresh machine's environment: none of the settings the tests use."""
+    prefixes = ("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_", "OUTBOX_", "SMTP_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def run_on_a_fresh_machine(cwd, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "recovery.cli", "dev", "--check"],
-        cwd=tmp_path,
-        env=env,
+        [sys.executable, "-m", "recovery.cli", *args],
+        cwd=cwd,
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_dev_check_follows_a_payment_to_recovery(tmp_path):
+    result = run_on_a_fresh_machine(tmp_path, "dev", "--check")
     assert "decline insufficient_funds" in result.stdout
     assert "recovered: 2000 usd" in result.stdout
     assert (tmp_path / "var" / "recovery.sqlite3").exists()
@@ -37,22 +42,6 @@ def test_dev_check_follows_a_payment_to_recovery(tmp_path):
 
 def test_demo_needs_no_servers(tmp_path):
     """The README's first command, small, from a clean environment."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(
-            ("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_", "OUTBOX_", "SMTP_")
-        )
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-m", "recovery.cli", "demo", "--size", "25", "--days", "10"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    result = run_on_a_fresh_machine(tmp_path, "demo", "--size", "25", "--days", "10")
     assert "25 cases" in result.stdout and "FAIL" not in result.stdout
     assert (tmp_path / "var" / "demo" / "report.html").exists()
