@@ -13,7 +13,6 @@ the naive receiver's Celery delay(), Redis on 127.0.0.1:6379.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import run_from  # noqa: E402
 from bench.scratch_db import scratch_database  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -92,25 +92,11 @@ def run_receiver(
         env=env,
     )
     try:
-        wait_port(port)
-        time.sleep(1.0)  # let every worker finish importing
-        load = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "loadgen.py"),
-                f"http://127.0.0.1:{port}/webhooks/stripe",
-                str(events),
-                str(concurrency),
-                SECRET,
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=True,
+        result = run_from(
+            port,
+            [f"http://127.0.0.1:{port}/webhooks/stripe", str(events), str(concurrency), SECRET],
+            env,
         )
-        result = json.loads(load.stdout)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -14,12 +14,10 @@ from one address. Needs PostgreSQL.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from psycopg2.extras import execute_values
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import free_port, wait_port  # noqa: E402
+from bench.ingest import free_port  # noqa: E402
+from bench.loadgen import run_from  # noqa: E402
 from bench.scratch_db import scratch_database  # noqa: E402
 from recovery.links import new_token, token_hash  # noqa: E402
 
@@ -101,29 +100,13 @@ def measure(count: int, workers: int, concurrency: int) -> dict:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listed:
             listed.write("\n".join(f"/r/{token}" for token in tokens))
         try:
-            wait_port(port)
-            time.sleep(1.0)  # let every worker finish importing
-            load = subprocess.run(
-                [
-                    sys.executable,
-                    str(ROOT / "bench" / "loadgen.py"),
-                    "--get",
-                    f"http://127.0.0.1:{port}",
-                    listed.name,
-                    str(concurrency),
-                ],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=True,
+            result = run_from(
+                port, ["--get", f"http://127.0.0.1:{port}", listed.name, str(concurrency)], env
             )
         finally:
             server.terminate()
             server.wait(timeout=30)
             os.unlink(listed.name)
-        result = json.loads(load.stdout)
         result["recorded"] = clicks_recorded(db_url)
     return result
 

@@ -25,6 +25,28 @@ from recovery.webhooks import signature_header  # noqa: E402
 DEADLINE_SECONDS = 120
 
 
+def run_from(port: int, args: list[str], env: dict) -> dict:
+    """Wait for a server on `port`, then run this load generator in its own
+    process with `args`; its JSON line as a dict."""
+    import subprocess
+    from pathlib import Path
+
+    from bench.ingest import wait_port
+
+    wait_port(port)
+    time.sleep(1.0)  # let every worker finish importing
+    load = subprocess.run(
+        [sys.executable, str(Path(__file__)), *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(load.stdout)
+
+
 def build_requests(url: str, count: int, secret: str) -> list[bytes]:
     parts = urlsplit(url)
     invoice = objects.example("invoice")

@@ -43,22 +43,12 @@ def test_outbox_and_links_on_sqlite(sqlite):
         )
         session.add(case)
         session.flush()
-        outbox.enqueue(
-            session,
-            outbox.case_key(case.id, "email:retry:0"),
-            "payment_failed",
-            "email:retry:0",
-            NOW,
-            case_id=case.id,
-        )
-        assert not outbox.enqueue(
-            session,
-            outbox.case_key(case.id, "email:retry:0"),
-            "payment_failed",
-            "email:retry:0",
-            NOW,
-            case_id=case.id,
-        )
+        key = outbox.case_key(case.id, "email:retry:0")
+        queued = [
+            outbox.enqueue(session, key, "payment_failed", "email:retry:0", NOW, case_id=case.id)
+            for _ in range(2)
+        ]
+        assert queued == [True, False]
         case_id = case.id
     ids = outbox.claim(NOW, 10)
     assert outbox.claim(NOW, 10) == []  # claimed once
