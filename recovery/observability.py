@@ -77,6 +77,10 @@ def configure_logging(settings: Settings, stream=None) -> None:
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=settings.log_level, stream=stream or sys.stderr, force=True)
+    # Beat announces every send, and the inbox sweep runs every second: at
+    # INFO that drowns everything else. DEBUG still shows it.
+    beat_level = logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING
+    logging.getLogger("celery.beat").setLevel(beat_level)
 
 
 def sentry_before_send(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, Any]:
