@@ -233,17 +233,24 @@ def _wait_http(url: str, seconds: float = 30) -> None:
     is_flag=True,
     help="Send one failed payment through the stack, follow it to recovery, stop.",
 )
-def dev(check: bool) -> None:
+@click.option("--port", default=WEB_PORT, show_default=True, help="The receiver's port.")
+@click.option(
+    "--sim-port", default=SIM_PORT, show_default=True, help="The Stripe-compatible server's port."
+)
+def dev(check: bool, port: int, sim_port: int) -> None:
     """Run everything on this machine: simulator, receiver, worker and beat.
 
     \b
     Examples:
       recovery dev            # keep it running; send declines from another shell
       recovery dev --check    # decline, recover, and stop: a smoke test
+      recovery dev --port 8100 --sim-port 12200
     """
     settings = _settings()
     env = dict(os.environ)
-    env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{SIM_PORT}")
+    env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{sim_port}")
+    # Links in the emails (var/outbox) open this receiver.
+    env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     from recovery import migrate
 
     migrate.upgrade(settings.database_url)
@@ -254,24 +261,24 @@ def dev(check: bool) -> None:
                 *exe,
                 "stripe-sim",
                 "--port",
-                str(SIM_PORT),
+                str(sim_port),
                 "--webhook-url",
-                f"http://127.0.0.1:{WEB_PORT}/webhooks/stripe",
+                f"http://127.0.0.1:{port}/webhooks/stripe",
             ],
             env=env,
         ),
-        subprocess.Popen([*exe, "serve", "--dev", "--port", str(WEB_PORT)], env=env),
+        subprocess.Popen([*exe, "serve", "--dev", "--port", str(port)], env=env),
         subprocess.Popen([*exe, "worker", "--beat"], env=env),
     ]
     try:
-        _wait_http(f"http://127.0.0.1:{WEB_PORT}/readyz")
-        _wait_http(f"http://127.0.0.1:{SIM_PORT}/_sim/events")
+        _wait_http(f"http://127.0.0.1:{port}/readyz")
+        _wait_http(f"http://127.0.0.1:{sim_port}/_sim/events")
         click.echo(
-            f"\nrecovery is running: receiver http://127.0.0.1:{WEB_PORT}/webhooks/stripe,"
-            f" Stripe-compatible server http://127.0.0.1:{SIM_PORT}"
+            f"\nrecovery is running: receiver http://127.0.0.1:{port}/webhooks/stripe,"
+            f" Stripe-compatible server http://127.0.0.1:{sim_port}"
         )
         if check:
-            _check_round_trip(f"http://127.0.0.1:{SIM_PORT}")
+            _check_round_trip(f"http://127.0.0.1:{sim_port}")
             return
         click.echo("send a failed payment: recovery send-test-event   (Ctrl-C stops)")
         while all(child.poll() is None for child in children):

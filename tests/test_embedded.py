@@ -31,7 +31,11 @@ def run_on_a_fresh_machine(cwd, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_dev_check_follows_a_payment_to_recovery(tmp_path):
-    result = run_on_a_fresh_machine(tmp_path, "dev", "--check")
+    from .conftest import free_port
+
+    result = run_on_a_fresh_machine(
+        tmp_path, "dev", "--check", "--port", str(free_port()), "--sim-port", str(free_port())
+    )
     assert "decline insufficient_funds" in result.stdout
     assert "recovered: 2000 usd" in result.stdout
     assert (tmp_path / "var" / "recovery.sqlite3").exists()
