@@ -44,6 +44,14 @@ def test_several_webhook_secrets_for_rotation():
         ({"STRIPE_WEBHOOK_SECRET": "whsec_a,secret"}, "STRIPE_WEBHOOK_SECRET must hold"),
         ({"EVENT_MAX_ATTEMPTS": "many"}, "EVENT_MAX_ATTEMPTS='many' is not a whole number"),
         ({"EVENT_MAX_ATTEMPTS": "0"}, "EVENT_MAX_ATTEMPTS=0 is out of range"),
+        ({"SMTP_SECURITY": "ssl3"}, "SMTP_SECURITY='ssl3' is not one of"),
+        ({"SMTP_PORT": "70000"}, "SMTP_PORT=70000 is out of range"),
+        ({"EMAIL_FROM": "Billing <billing>"}, "EMAIL_FROM must be an email address"),
+        ({"EMAIL_FROM": "a@b.c, d@e.f"}, "EMAIL_FROM must be an email address"),
+        ({"BRAND_SUPPORT_EMAIL": "help"}, "BRAND_SUPPORT_EMAIL must be an email address"),
+        ({"BRAND_ACCENT_COLOR": "purple"}, "BRAND_ACCENT_COLOR='purple' is not a hex colour"),
+        ({"BRAND_LOGO_URL": "javascript:alert(1)"}, "BRAND_LOGO_URL must be a URL"),
+        ({"LINK_TTL_DAYS": "365"}, "LINK_TTL_DAYS=365 is out of range"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):

@@ -143,6 +143,21 @@ def test_transient_smtp_error_is_retried_later_permanent_is_recorded(world):
         )
 
 
+def test_an_address_that_could_forge_headers_is_never_sent_to(world):
+    sim, sink = world
+    fail(sim)
+    tick.run_pass(get_settings(), sync=True)
+    # The address changes before the email is sent (again): a line break in it
+    # would start a new header.
+    with session_scope() as session:
+        session.execute(update(Customer).values(email="jenny@example.com\r\nBcc: x@evil.test"))
+        session.execute(update(Message).values(status="pending", attempts=0))
+    tick.run_pass(get_settings(), sync=True)
+    [row] = messages()
+    assert (row.status, row.last_error) == ("skipped", "invalid email address")
+    assert all("evil" not in ",".join(to) for to, _ in sink.messages)
+
+
 def test_opted_out_customer_gets_no_more_reminders(world):
     sim, sink = world
     fail(sim)
