@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 _lock = threading.Lock()
 _fixed: datetime | None = None
@@ -39,6 +39,11 @@ def frozen_at(instant: datetime) -> Iterator[datetime]:
         yield now()
     finally:
         set_now(previous)
+
+
+def doubling(tries: int, cap: timedelta, first: timedelta = timedelta(seconds=30)) -> timedelta:
+    """The wait before try `tries + 1`: first, twice that, four times…, at most cap."""
+    return min(first * 2 ** max(tries - 1, 0), cap)
 
 
 def parse_instant(text: str) -> datetime:

@@ -102,10 +102,23 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum:
     return value
 
 
+def plausible_address(address: str) -> bool:
+    """One @ with text on both sides, no spaces, commas or line breaks: nothing
+    that could name a second recipient or start a header."""
+    local, _, domain = address.partition("@")
+    return (
+        bool(local and domain)
+        and "@" not in domain
+        and "," not in address
+        and address.isprintable()
+        and not any(c.isspace() for c in address)
+    )
+
+
 def _email(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     address = value.rsplit("<", 1)[-1].rstrip(">").strip()
-    if address.count("@") != 1 or not all(address.split("@")) or any(c in address for c in " ,"):
+    if not plausible_address(address):
         raise ConfigError(f"{name} must be an email address (optionally 'Name <address>')")
     return value
 

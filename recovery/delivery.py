@@ -16,8 +16,8 @@ import structlog
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy import case as when
 
-from recovery import emails, engine, links, mailer, outbox
-from recovery.config import Settings
+from recovery import clock, emails, engine, links, mailer, outbox
+from recovery.config import Settings, plausible_address
 from recovery.db import get_engine, session_scope
 from recovery.models import (
     CaseStatus,
@@ -32,6 +32,8 @@ from recovery.models import (
 log = structlog.get_logger("recovery.delivery")
 
 MAX_ATTEMPTS = 8
+# 1 min, 2 min, 4 min, … at most six hours between tries of an email.
+EMAIL_RETRY_CAP = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def skip_reason(message: Message, case: RecoveryCase | None, customer: Customer 
     """Why this email must not go out now, or None."""
     if customer is None or not customer.email:
         return "no email address"
-    if not mailer.plausible_address(customer.email):
+    if not plausible_address(customer.email):
         return "invalid email address"
     if message.template in emails.REMINDERS and customer.reminders_opted_out_at is not None:
         return "customer opted out of reminders"
@@ -263,7 +265,7 @@ def _failed(item: Ready, now: datetime, failed: mailer.SendFailed) -> str:
     if permanent:
         values["status"] = "failed"
     else:
-        delay = timedelta(seconds=min(60 * 2 ** (item.attempts - 1), 6 * 3600))
+        delay = clock.doubling(item.attempts, EMAIL_RETRY_CAP, first=timedelta(minutes=1))
         values.update(status="pending", next_attempt_at=now + delay)
     with session_scope() as session:
         _mark(session, item.message_id, **values)

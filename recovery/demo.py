@@ -20,7 +20,7 @@ import shutil
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -38,7 +38,6 @@ class Action:
     at: datetime
     member: Member
     url: str
-    template: str
 
 
 @dataclass
@@ -49,15 +48,12 @@ class Outcome:
     links_clicked: int = 0
     cards_saved: int = 0
     authenticated: int = 0
-    workdir: Path = field(default=Path("."))
 
 
 @contextmanager
 def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
     """The process configured for one run in `workdir`, restored afterwards."""
-    from recovery import mailer, ratelimit, stripe_api
     from recovery.config import get_settings
-    from recovery.db import reset_engine
     from recovery.observability import configure
 
     overrides = {
@@ -76,16 +72,8 @@ def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
         "LOG_LEVEL": "ERROR",
     }
     saved = {key: os.environ.get(key) for key in [*overrides, "STRIPE_API_BASE", "PUBLIC_BASE_URL"]}
-
-    def refresh() -> None:
-        get_settings.cache_clear()
-        stripe_api.client.cache_clear()
-        ratelimit.shared_bucket.cache_clear()
-        mailer.transport_for.cache_clear()
-        reset_engine()
-
     os.environ.update(overrides)
-    refresh()
+    _refresh_settings()
     configure(get_settings())
     try:
         yield
@@ -95,7 +83,7 @@ def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        refresh()
+        _refresh_settings()
         clock.set_now(None)
 
 
@@ -166,7 +154,7 @@ class Customers:
             if link is None or rng.random() >= habits.clicks:
                 continue
             delay = timedelta(hours=rng.uniform(*habits.delay_hours))
-            self.pending.append(Action(now + delay, member, link, template))
+            self.pending.append(Action(now + delay, member, link))
 
     def act(self, now: datetime, sim_url: str) -> int:
         due = [a for a in self.pending if a.at <= now]
@@ -261,7 +249,7 @@ def _run(members, seed, days, workdir, progress) -> Outcome:
     finally:
         web.stop()
         sim_server.stop()
-    outcome = Outcome(numbers, checks, workdir=workdir)
+    outcome = Outcome(numbers, checks)
     outcome.emails_opened = customers.counts["opened"]
     outcome.links_clicked = customers.counts["clicked"]
     outcome.cards_saved = customers.counts["cards_saved"]
@@ -270,11 +258,16 @@ def _run(members, seed, days, workdir, progress) -> Outcome:
 
 
 def _refresh_settings() -> None:
-    from recovery import stripe_api
+    """Everything built from the settings, built again from the environment."""
+    from recovery import mailer, ratelimit, stripe_api
     from recovery.config import get_settings
+    from recovery.db import reset_engine
 
     get_settings.cache_clear()
     stripe_api.client.cache_clear()
+    ratelimit.shared_bucket.cache_clear()
+    mailer.transport_for.cache_clear()
+    reset_engine()
 
 
 def _checks(numbers: dict, sim, invoices: dict[str, Member], engine) -> dict[str, bool]:

@@ -9,7 +9,7 @@ customer's locale and time zone. Pure: the outbox gathers the facts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -75,7 +75,6 @@ class Facts:
     final_action: str | None = None
     action_url: str | None = None
     opt_out_url: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,6 @@ def context(facts: Facts, settings: Settings) -> dict:
         ),
         "action_url": facts.action_url,
         "opt_out_url": facts.opt_out_url,
-        **facts.extra,
     }
 
 

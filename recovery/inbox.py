@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import or_, select, update
 
+from recovery import clock
 from recovery.config import Settings
 from recovery.db import session_scope
 from recovery.events import handle_event
@@ -34,9 +35,8 @@ LEASE = timedelta(minutes=5)
 PUBLISH_CHUNK = 50
 
 
-def backoff(attempts: int) -> timedelta:
-    """30 s, 1 min, 2 min, … capped at one hour."""
-    return timedelta(seconds=min(30 * 2 ** max(attempts - 1, 0), 3600))
+# 30 s, 1 min, 2 min, … at most an hour between tries of an event.
+EVENT_RETRY_CAP = timedelta(hours=1)
 
 
 def _due(now: datetime):
@@ -142,7 +142,7 @@ def _record_failure(
                 status=status,
                 last_error=_describe(exc),
                 enqueued_at=None,
-                available_at=now + backoff(attempt),
+                available_at=now + clock.doubling(attempt, EVENT_RETRY_CAP),
             )
         )
     retryable = isinstance(exc, StripeFailure)

@@ -89,17 +89,6 @@ def build(
     return Outgoing(sender, to, message_id, "\r\n".join(lines).encode("ascii"))
 
 
-def plausible_address(address: str) -> bool:
-    """One @, no spaces or line breaks: nothing that could forge a header."""
-    local, _, domain = address.partition("@")
-    return (
-        bool(local and domain)
-        and "@" not in domain
-        and address.isprintable()
-        and not any(c.isspace() for c in address)
-    )
-
-
 def _header(value: str) -> str:
     """A header value as RFC 2047 words when it is not plain ASCII."""
     return value if value.isascii() else Header(value, "utf-8").encode()
@@ -194,10 +183,6 @@ class SmtpTransport:
             _close(conn)
             return
         self._give_back(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            _close_all(self._idle)
 
 
 def _close(conn: smtplib.SMTP) -> None:

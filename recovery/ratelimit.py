@@ -63,9 +63,11 @@ class RedisBucket:
 
 
 class LocalBucket:
-    def __init__(self, rate: float):
+    """The same bucket in this process's memory; `burst` tokens at most."""
+
+    def __init__(self, rate: float, burst: float | None = None):
         self.rate = rate
-        self.capacity = capacity(rate)
+        self.capacity = burst if burst is not None else capacity(rate)
         self._tokens = self.capacity
         self._at = time.monotonic()
         self._lock = threading.Lock()

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from datetime import datetime
 from statistics import median, quantiles
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery.models import (
@@ -157,14 +157,3 @@ def compute(session: Session, since: datetime | None = None) -> dict:
 def _step_family(step: str) -> str:
     """retry:card-update:<time> → retry:card-update; retry:3 stays retry:3."""
     return "retry:card-update" if step.startswith("retry:card-update") else step
-
-
-def paid_invoice_total(session: Session) -> dict[str, int]:
-    """Recovered amounts as we recorded them, per currency (for cross-checks)."""
-    return _money(
-        session.execute(
-            select(RecoveryCase.currency, func.sum(RecoveryCase.amount_recovered))
-            .where(RecoveryCase.status == CaseStatus.RECOVERED.value)
-            .group_by(RecoveryCase.currency)
-        )
-    )

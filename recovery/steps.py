@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy import select, update
 
-from recovery import delivery, engine, events, outbox, ratelimit, stripe_api
+from recovery import clock, delivery, engine, events, outbox, ratelimit, stripe_api
 from recovery.classify import classify
 from recovery.config import Settings
 from recovery.db import session_scope
@@ -43,9 +43,8 @@ Claim = tuple[int, int]  # (step id, claim number)
 MAX_TRANSIENT_TRIES = 12
 
 
-def backoff(tries: int) -> timedelta:
-    """30 s, 1 min, 2 min, … capped at 30 minutes."""
-    return timedelta(seconds=min(30 * 2 ** max(tries - 1, 0), 1800))
+# 30 s, 1 min, 2 min, … at most half an hour between tries of a step.
+STEP_RETRY_CAP = timedelta(minutes=30)
 
 
 # -- claiming -------------------------------------------------------------------
@@ -356,7 +355,13 @@ def _transient(step: Step, now: datetime, exc: Exception) -> str:
         if tries >= MAX_TRANSIENT_TRIES:
             _finish(session, step, now, "failed_unavailable", last_error=scrub_text(str(exc))[:500])
             return "failed_unavailable"
-        _reschedule(session, step, now + backoff(tries), scrub_text(str(exc))[:500], tries)
+        _reschedule(
+            session,
+            step,
+            now + clock.doubling(tries, STEP_RETRY_CAP),
+            scrub_text(str(exc))[:500],
+            tries,
+        )
     log.warning("retry_deferred", error=type(exc).__name__, tries=tries)
     return "deferred_unavailable"
 

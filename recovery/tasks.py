@@ -84,7 +84,6 @@ def process_events(event_ids: list[int]) -> None:
     # Steps the events made due now (a card update's retry, a first email)
     # run at once rather than at the next dispatch tick.
     steps.dispatch(_now(), get_settings(), publish_step_batch)
-    outbox.dispatch(_now(), publish_messages)
 
 
 def publish_event_batch(event_ids: list[int]) -> None:
@@ -100,9 +99,7 @@ def relay_inbox() -> int:
 
 @app.task(name="recovery.execute_steps")
 def execute_steps(claims: list[list[int]]) -> None:
-    outcomes = steps.execute_all([(s, claim) for s, claim in claims], _now(), get_settings())
-    if "paid" in outcomes.values():  # a thank-you may be queued
-        outbox.dispatch(_now(), publish_messages)
+    steps.execute_all([(step_id, claim) for step_id, claim in claims], _now(), get_settings())
 
 
 def publish_step_batch(claims: list[steps.Claim]) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 from functools import lru_cache
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -22,6 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from recovery import clock, redeem
 from recovery.config import Settings
 from recovery.emails import TEMPLATES_DIR
+from recovery.ratelimit import LocalBucket
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 _HEADERS = [
@@ -72,22 +72,21 @@ class ClientLimiter:
     Stripe session creation through us."""
 
     def __init__(self, per_minute: int, max_clients: int = 50_000):
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
+        self.per_minute = per_minute
         self.max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, LocalBucket] = {}
         self._lock = threading.Lock()
 
     def allow(self, client: str) -> bool:
-        now = time.monotonic()
         with self._lock:
             if len(self._buckets) >= self.max_clients:
                 self._buckets.clear()  # a flood of addresses: forget, rather than grow
-            tokens, at = self._buckets.get(client, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - at) * self.rate)
-            allowed = tokens >= 1
-            self._buckets[client] = (tokens - 1 if allowed else tokens, now)
-            return allowed
+            bucket = self._buckets.get(client)
+            if bucket is None:
+                # A minute's clicks may come at once, then they refill over the minute.
+                bucket = LocalBucket(self.per_minute / 60.0, burst=float(self.per_minute))
+                self._buckets[client] = bucket
+        return bucket.try_take() == 0
 
 
 async def _send(send, status: int, body: bytes = b"", location: str | None = None) -> None:
