@@ -64,9 +64,10 @@ def measure(total: int, due_fraction: float) -> dict:
 
 
 def _run(db_url: str, total: int, due_fraction: float) -> dict:
-    from recovery import steps, tasks
+    from recovery import tasks
     from recovery.config import get_settings
     from recovery.db import reset_engine
+    from recovery.engine import steps
 
     get_settings.cache_clear()
     reset_engine()

@@ -112,7 +112,8 @@ def measure(count: int, workers: int) -> dict:
                 for _ in range(workers)
             ]
             try:
-                from recovery import clock, outbox, tasks
+                from recovery import clock, tasks
+                from recovery.customers import outbox
 
                 time.sleep(4)  # the workers connect
                 started = time.perf_counter()

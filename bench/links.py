@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.ingest import free_port  # noqa: E402
 from bench.loadgen import run_from  # noqa: E402
 from bench.scratch_db import scratch_database  # noqa: E402
-from recovery.links import new_token, token_hash  # noqa: E402
+from recovery.customers.links import new_token, token_hash  # noqa: E402
 
 
 def fill(db_url: str, count: int) -> list[str]:

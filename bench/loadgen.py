@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 
-from recovery.stripe_sim import objects  # noqa: E402
-from recovery.webhooks import signature_header  # noqa: E402
+from recovery.inbox.receiver import signature_header  # noqa: E402
+from recovery.sim import objects  # noqa: E402
 
 DEADLINE_SECONDS = 120
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import psycopg2
 
-from recovery import migrate
+from recovery.db import upgrade
 
 ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -23,7 +23,7 @@ def scratch_database() -> Iterator[str]:
         cur.execute(f'CREATE DATABASE "{name}"')
     url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
-        migrate.upgrade(url)
+        upgrade(url)
         yield url
     finally:
         with admin.cursor() as cur:

@@ -121,8 +121,8 @@ def sustained(writes: list[tuple[float, int]], rate: float) -> tuple[float, int,
 
 
 def measure(cases: int, rate: int, workers: int, concurrency: int) -> dict:
-    from recovery.devserver import start_wsgi_in_thread
-    from recovery.stripe_sim import StripeSim
+    from recovery.sim import StripeSim
+    from recovery.sim.servers import start_wsgi_in_thread
 
     redis.Redis.from_url(REDIS_URL).flushdb()
     sim = StripeSim()
@@ -147,8 +147,9 @@ def measure(cases: int, rate: int, workers: int, concurrency: int) -> dict:
             sim.state.writes.clear()
             pool = start_workers(workers, concurrency, env)
             try:
-                from recovery import clock, steps, tasks
+                from recovery import clock, tasks
                 from recovery.config import get_settings
+                from recovery.engine import steps
 
                 time.sleep(3)  # the workers connect
                 steps.dispatch(clock.now(), get_settings(), tasks.publish_step_batch)

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import urlsplit
 
 # The Stripe API version this code is written against; pinned so a change on
@@ -20,6 +21,9 @@ DEFAULT_STRIPE_API_VERSION = "2026-10-28.endive"
 # Stripe account. Production refuses to start without real ones.
 DEV_STRIPE_API_KEY = "sk_test_recovery_development"
 DEV_WEBHOOK_SECRET = "whsec_recovery_development"  # noqa: S105 - development only
+
+# The emails, the customer pages and the report, beside the package.
+DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 ENVIRONMENTS = ("development", "production")
 LOG_FORMATS = ("json", "console")
@@ -70,6 +74,7 @@ class Settings:
     brand_accent_color: str = "#635bff"
     link_ttl_days: int = 14
     link_clicks_per_minute: int = 30
+    templates_dir: Path = DEFAULT_TEMPLATES_DIR
 
     @property
     def production(self) -> bool:
@@ -129,6 +134,16 @@ def _colour(env: Mapping[str, str], name: str, default: str) -> str:
     if len(digits) not in (3, 6) or any(c not in "0123456789abcdefABCDEF" for c in digits):
         raise ConfigError(f"{name}={value!r} is not a hex colour such as #635bff")
     return "#" + digits.lower()
+
+
+def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    path = Path(raw).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{name}={raw!r} is not a directory")
+    return path
 
 
 def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]):
@@ -207,6 +222,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         brand_accent_color=_colour(env, "BRAND_ACCENT_COLOR", "#635bff"),
         link_ttl_days=_int(env, "LINK_TTL_DAYS", 14, 1, 90),
         link_clicks_per_minute=_int(env, "LINK_CLICKS_PER_MINUTE", 30, 1, 100_000),
+        templates_dir=_directory(env, "TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
     )
 
 

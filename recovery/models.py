@@ -1,13 +1,16 @@
-"""Tables, and the recovery case's states with the moves allowed between them.
+"""Tables, and the status enums their rows move through.
 
-Money is an integer in the currency's minor unit beside its ISO currency code.
-Every timestamp is timezone-aware UTC, on SQLite as on PostgreSQL.
+Every status column holds one of its enum's values and reads back as the enum
+member; the moves between a case's states live in engine/cases.py. Money is an
+integer in the currency's minor unit beside its ISO currency code. Every
+timestamp is timezone-aware UTC, on SQLite as on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -32,23 +35,41 @@ def utcnow() -> datetime:
     return clock.now()
 
 
-class UTCDateTime(TypeDecorator):
+class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC in and out; SQLite stores no offset, so it is restored on read."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given where UTC is required")
         return value.astimezone(UTC)
 
-    def process_result_value(self, value, dialect):
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Enumerated(TypeDecorator[enum.StrEnum]):
+    """A StrEnum kept as its value in a VARCHAR and read back as the member, so
+    a value outside the enum can be neither written nor mistaken for a status."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum_type: type[enum.StrEnum], length: int = 16):
+        super().__init__(length)
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else self.enum_type(value).value
+
+    def process_result_value(self, value: Any, dialect: Any) -> enum.StrEnum | None:
+        return None if value is None else self.enum_type(value)
 
 
 # Names for constraints so Alembic migrations are stable across dialects.
@@ -77,7 +98,7 @@ class EventStatus(enum.StrEnum):
 
 
 class CaseStatus(enum.StrEnum):
-    """A recovery case's state. NEXT lists where each state may go."""
+    """A recovery case's state; engine/cases.py says where each may go next."""
 
     OPEN = "open"
     RECOVERED = "recovered"
@@ -86,21 +107,20 @@ class CaseStatus(enum.StrEnum):
     UNCOLLECTIBLE = "uncollectible"
 
 
-CASE_NEXT: dict[CaseStatus, frozenset[CaseStatus]] = {
-    CaseStatus.OPEN: frozenset(
-        {CaseStatus.RECOVERED, CaseStatus.CANCELED, CaseStatus.VOIDED, CaseStatus.UNCOLLECTIBLE}
-    ),
-    # Stripe lets an uncollectible invoice still be paid or voided later.
-    CaseStatus.UNCOLLECTIBLE: frozenset({CaseStatus.RECOVERED, CaseStatus.VOIDED}),
-    # A subscription canceled while its invoice stays payable can still be paid.
-    CaseStatus.CANCELED: frozenset({CaseStatus.RECOVERED, CaseStatus.VOIDED}),
-    CaseStatus.RECOVERED: frozenset(),
-    CaseStatus.VOIDED: frozenset(),
-}
+class RetryMode(enum.StrEnum):
+    """Who retries a case: Stripe's own schedule while it has one (assist), or us."""
+
+    ASSIST = "assist"
+    TAKE_OVER = "take_over"
 
 
-def can_move(current: CaseStatus | str, target: CaseStatus | str) -> bool:
-    return CaseStatus(target) in CASE_NEXT[CaseStatus(current)]
+class RecoveryPath(enum.StrEnum):
+    """How a recovered case's money came in."""
+
+    RETRY = "retry"  # a retry of ours, on the plan or an operator's
+    CARD_UPDATE = "card_update"  # our retry right after the customer changed the card
+    LINK = "link"  # the customer paid through a link of ours
+    PAID_ELSEWHERE = "paid_elsewhere"  # Stripe's own retry, or paid some other way
 
 
 class WebhookEvent(Base):
@@ -117,7 +137,9 @@ class WebhookEvent(Base):
     stripe_created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     payload: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default=EventStatus.PENDING)
+    status: Mapped[EventStatus] = mapped_column(
+        Enumerated(EventStatus), default=EventStatus.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     # When the relay may hand the event to a worker again (backoff, lease).
@@ -155,7 +177,7 @@ class RecoveryCase(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
     subscription_id: Mapped[str | None] = mapped_column(String(255), index=True)
-    status: Mapped[str] = mapped_column(String(16), default=CaseStatus.OPEN)
+    status: Mapped[CaseStatus] = mapped_column(Enumerated(CaseStatus), default=CaseStatus.OPEN)
     livemode: Mapped[bool] = mapped_column(Boolean, default=False)
     amount_due: Mapped[int] = mapped_column(BigInteger)
     amount_recovered: Mapped[int | None] = mapped_column(BigInteger)
@@ -187,14 +209,14 @@ class RecoveryCase(Base):
     # Why it first failed, kept for the reports: later declines change the rest.
     first_decline_code: Mapped[str | None] = mapped_column(String(64))
     first_category: Mapped[str | None] = mapped_column(String(32))
-    # How it was recovered: retry | card_update | link | paid_elsewhere, and by
-    # which plan step (retry:2, retry:card-update:…) when ours.
-    recovery_path: Mapped[str | None] = mapped_column(String(16))
+    # How it was recovered, and by which step of ours (its label, as
+    # engine/steps.py names it: retry:2, card_update, operator).
+    recovery_path: Mapped[RecoveryPath | None] = mapped_column(Enumerated(RecoveryPath))
     recovered_by_step: Mapped[str | None] = mapped_column(String(64))
     # The engine's reading of the decline (classify.Category) and who retries
     # (assist: Stripe's own retries run; take_over: we retry).
     category: Mapped[str | None] = mapped_column(String(32), index=True)
-    mode: Mapped[str | None] = mapped_column(String(16))
+    mode: Mapped[RetryMode | None] = mapped_column(Enumerated(RetryMode))
     paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     flag_reason: Mapped[str | None] = mapped_column(String(255))
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -221,17 +243,93 @@ class StepStatus(enum.StrEnum):
     CANCELED = "canceled"
 
 
+class StepOrigin(enum.StrEnum):
+    """Why a step exists: the case's plan, a card the customer changed, an operator."""
+
+    PLAN = "plan"
+    CARD_UPDATE = "card_update"
+    OPERATOR = "operator"
+
+
+class StepOutcome(enum.StrEnum):
+    """What became of a step (a retry, an email or the final action)."""
+
+    PAID = "paid"
+    DECLINED = "declined"
+    QUEUED = "queued"  # an email step: its email is in the outbox
+    CANCELED = "canceled"  # the plan changed or the case closed before it ran
+    SKIPPED_CLOSED = "skipped_closed"
+    SKIPPED_PAUSED = "skipped_paused"
+    INVOICE_PAID = "invoice_paid"  # found settled at Stripe before acting
+    INVOICE_VOID = "invoice_void"
+    INVOICE_UNCOLLECTIBLE = "invoice_uncollectible"
+    INVOICE_NOT_OPEN = "invoice_not_open"
+    BLOCKED_STOP_CODE = "blocked_stop_code"
+    DEFERRED_NETWORK_LIMIT = "deferred_network_limit"
+    DEFERRED_UNAVAILABLE = "deferred_unavailable"
+    DEFERRED_FOR_RETRY = "deferred_for_retry"  # an email waits for a retry's answer
+    FAILED_UNAVAILABLE = "failed_unavailable"
+    REJECTED = "rejected"
+    # The final action, by what it did.
+    CANCEL_SUBSCRIPTION = "cancel_subscription"
+    MARK_UNCOLLECTIBLE = "mark_uncollectible"
+    LEAVE_PAST_DUE = "leave_past_due"
+
+
+class MessageStatus(enum.StrEnum):
+    """pending ─claim─▶ claimed ─(checks, link, render)─▶ sending ─SMTP─▶ sent
+    claimed → skipped (no longer to be sent); sending → failed (never resent);
+    a transient failure goes back to pending with a backoff."""
+
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    SENDING = "sending"
+    SENT = "sent"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class LinkPurpose(enum.StrEnum):
+    PAY = "pay"
+    UPDATE_CARD = "update_card"
+    AUTHENTICATE = "authenticate"
+    OPT_OUT = "opt_out"
+
+
+class LinkRevoked(enum.StrEnum):
+    """Why a link stopped working before its expiry."""
+
+    CLOSED = "closed"  # its case closed
+    SUPERSEDED = "superseded"  # a newer link for the same owner and purpose
+    OPERATOR = "operator"
+
+
+class CardAttemptSource(enum.StrEnum):
+    STRIPE = "stripe"  # Stripe's own attempt, told by a webhook
+    RECOVERY = "recovery"  # a retry of ours
+
+
 class RecoveryAttempt(Base):
-    """A step of a case's plan with its due time: a retry, an email or the final
-    action. Unique per case and step name, so planning twice schedules once."""
+    """A step of a case with its due time: a retry, an email or the final action.
+
+    Its kind, origin, number and template are columns; `step` is its name,
+    unique per case (so planning twice schedules once), shown to operators
+    and never parsed."""
 
     __tablename__ = "recovery_attempts"
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[StepKind] = mapped_column(Enumerated(StepKind))
     step: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default=StepStatus.SCHEDULED)
+    origin: Mapped[StepOrigin] = mapped_column(Enumerated(StepOrigin), default=StepOrigin.PLAN)
+    # The plan's retry or email number (1-based retries, 0-based emails).
+    number: Mapped[int | None] = mapped_column(Integer)
+    # An email step's template (templates/emails/<template>/).
+    template: Mapped[str | None] = mapped_column(String(64))
+    # An operator's retry past the rules, with a reason in the audit log.
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[StepStatus] = mapped_column(Enumerated(StepStatus), default=StepStatus.SCHEDULED)
     due_at: Mapped[datetime] = mapped_column(UTCDateTime)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Bumped by every claim: an executor acts only on the claim it was given.
@@ -240,7 +338,7 @@ class RecoveryAttempt(Base):
     tries: Mapped[int] = mapped_column(Integer, default=0)
     # Sent with Invoice.pay: the same on every re-execution of this step.
     idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
-    outcome: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[StepOutcome | None] = mapped_column(Enumerated(StepOutcome, 64))
     decline_code: Mapped[str | None] = mapped_column(String(64))
     last_error: Mapped[str | None] = mapped_column(Text)
     amount: Mapped[int | None] = mapped_column(BigInteger)
@@ -264,7 +362,7 @@ class CardAttempt(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     brand: Mapped[str | None] = mapped_column(String(32))
     attempted_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    source: Mapped[str] = mapped_column(String(16))  # stripe | recovery
+    source: Mapped[CardAttemptSource] = mapped_column(Enumerated(CardAttemptSource))
     # The charge id, so the webhook and our own record of one charge count once.
     reference: Mapped[str] = mapped_column(String(255), unique=True)
     # A stop code: no network allows another attempt on this card.
@@ -287,9 +385,16 @@ class Message(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     step: Mapped[str] = mapped_column(String(64))
     template: Mapped[str] = mapped_column(String(64))
-    # pending → sending → sent | skipped | failed (permanent, or a worker lost
-    # mid-send: never resent, so a step is delivered at most once).
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # The card a pre-dunning email is about (a case's email reads its case's).
+    card_brand: Mapped[str | None] = mapped_column(String(32))
+    card_last4: Mapped[str | None] = mapped_column(String(4))
+    card_exp_month: Mapped[int | None] = mapped_column(Integer)
+    card_exp_year: Mapped[int | None] = mapped_column(Integer)
+    # A permanent failure, or a worker lost mid-send, is never resent: a step
+    # is delivered at most once.
+    status: Mapped[MessageStatus] = mapped_column(
+        Enumerated(MessageStatus), default=MessageStatus.PENDING
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -311,11 +416,10 @@ class RecoveryLink(Base):
     case_id: Mapped[int | None] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    purpose: Mapped[str] = mapped_column(String(16))
+    purpose: Mapped[LinkPurpose] = mapped_column(Enumerated(LinkPurpose))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # closed | superseded | operator
-    revoked_reason: Mapped[str | None] = mapped_column(String(16))
+    revoked_reason: Mapped[LinkRevoked | None] = mapped_column(Enumerated(LinkRevoked))
     first_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     click_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -331,8 +435,13 @@ class AuditEntry(Base):
     case_id: Mapped[int | None] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
     actor: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(64))
-    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @classmethod
+    def of(cls, case: RecoveryCase | None, actor: str, action: str, **detail: Any) -> AuditEntry:
+        """An entry about `case`; `detail` holds ids and codes, never personal data."""
+        return cls(case_id=case.id if case else None, actor=actor, action=action, detail=detail)
 
 
 class SyncCursor(Base):

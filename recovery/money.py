@@ -61,3 +61,11 @@ def format_money(amount: int, currency: str, locale: str | Locale | None) -> str
     """`amount` minor units of `currency` as the customer reads it: 2000 usd → $20.00."""
     where = locale if isinstance(locale, Locale) else locale_or_default(locale)
     return format_currency(major_units(amount, currency), currency.upper(), locale=where)
+
+
+def format_totals(totals: dict[str, int], locale: str = "en_US") -> str:
+    """Amounts per currency, each written for `locale`: "$1,234.00 + €56.00"
+    (a dollar and a yen do not add up)."""
+    if not totals:
+        return "0"
+    return " + ".join(format_money(amount, currency, locale) for currency, amount in totals.items())

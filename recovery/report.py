@@ -12,14 +12,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 
 from recovery.config import Settings
-from recovery.emails import TEMPLATES_DIR
-from recovery.money import format_money
-
-
-def money(totals: dict[str, int], locale: str = "en_US") -> str:
-    if not totals:
-        return "0"
-    return " + ".join(format_money(amount, currency, locale) for currency, amount in totals.items())
+from recovery.money import format_totals
 
 
 def hbars(
@@ -80,7 +73,7 @@ def _pct(rate: float) -> str:
 def render(stats: dict, settings: Settings, title: str, generated: datetime) -> str:
     accent = settings.brand_accent_color
     env = Environment(
-        loader=FileSystemLoader(str(TEMPLATES_DIR / "report")),
+        loader=FileSystemLoader(str(settings.templates_dir / "report")),
         autoescape=select_autoescape(default=True),
     )
     causes = stats["by_cause"]
@@ -89,7 +82,11 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
     charts = {
         "causes": hbars(
             [
-                (c["name"], c["rate"], f"{_pct(c['rate'])} of {c['cases']} · {money(c['amount'])}")
+                (
+                    c["name"],
+                    c["rate"],
+                    f"{_pct(c['rate'])} of {c['cases']} · {format_totals(c['amount'])}",
+                )
                 for c in causes
             ],
             accent,
@@ -100,7 +97,7 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
                 (
                     p["name"].replace("_", " "),
                     p["recovered"],
-                    f"{p['recovered']} · {money(p['amount'])}",
+                    f"{p['recovered']} · {format_totals(p['amount'])}",
                 )
                 for p in paths
             ],
@@ -126,7 +123,7 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
         generated=generated,
         stats=stats,
         charts=charts,
-        money=money,
+        money=format_totals,
         pct=_pct,
         accent=accent,
     )

@@ -8,8 +8,10 @@ cause is its first decline: later declines tell the story, not the start.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from statistics import median, quantiles
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,17 +19,17 @@ from sqlalchemy.orm import Session
 from recovery.models import (
     CaseStatus,
     Message,
+    MessageStatus,
     RecoveryAttempt,
     RecoveryCase,
     RecoveryLink,
+    RecoveryPath,
     StepKind,
     StepStatus,
 )
 
-PATHS = ("retry", "card_update", "link", "paid_elsewhere")
 
-
-def _money(rows) -> dict[str, int]:
+def _money(rows: Iterable[tuple[str, int | None]]) -> dict[str, int]:
     totals: dict[str, int] = defaultdict(int)
     for currency, amount in rows:
         totals[currency] += amount or 0
@@ -38,13 +40,15 @@ def _rate(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
 
 
-def _grouped(cases: list[RecoveryCase], key) -> list[dict]:
+def _grouped(
+    cases: list[RecoveryCase], key: Callable[[RecoveryCase], str | None]
+) -> list[dict[str, Any]]:
     groups: dict[str, list[RecoveryCase]] = defaultdict(list)
     for case in cases:
         groups[key(case) or "unknown"].append(case)
     rows = []
     for name, members in groups.items():
-        won = [c for c in members if c.status == CaseStatus.RECOVERED.value]
+        won = [c for c in members if c.status is CaseStatus.RECOVERED]
         rows.append(
             {
                 "name": name,
@@ -58,14 +62,14 @@ def _grouped(cases: list[RecoveryCase], key) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["cases"], r["name"]))
 
 
-def compute(session: Session, since: datetime | None = None) -> dict:
+def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
     query = select(RecoveryCase)
     if since is not None:
         query = query.where(RecoveryCase.opened_at >= since)
     cases = list(session.scalars(query.order_by(RecoveryCase.id)))
     ids = [c.id for c in cases]
-    won = [c for c in cases if c.status == CaseStatus.RECOVERED.value]
-    closed = [c for c in cases if c.status != CaseStatus.OPEN.value]
+    won = [c for c in cases if c.status is CaseStatus.RECOVERED]
+    closed = [c for c in cases if c.status is not CaseStatus.OPEN]
     hours = sorted(
         (c.closed_at - (c.first_failed_at or c.opened_at)).total_seconds() / 3600
         for c in won
@@ -76,14 +80,14 @@ def compute(session: Session, since: datetime | None = None) -> dict:
         for (outcome,) in session.execute(
             select(RecoveryAttempt.outcome).where(
                 RecoveryAttempt.case_id.in_(ids),
-                RecoveryAttempt.kind == StepKind.RETRY.value,
-                RecoveryAttempt.status == StepStatus.DONE.value,
+                RecoveryAttempt.kind == StepKind.RETRY,
+                RecoveryAttempt.status == StepStatus.DONE,
             )
         )
     )
     sent = session.execute(
         select(Message.case_id, Message.template).where(
-            Message.case_id.in_(ids), Message.status == "sent"
+            Message.case_id.in_(ids), Message.status == MessageStatus.SENT
         )
     ).all()
     emailed = {case_id for case_id, _ in sent}
@@ -102,7 +106,7 @@ def compute(session: Session, since: datetime | None = None) -> dict:
     return {
         "cases": {
             "total": len(cases),
-            **{s.value: sum(1 for c in cases if c.status == s.value) for s in CaseStatus},
+            **{s.value: sum(1 for c in cases if c.status is s) for s in CaseStatus},
         },
         "at_stake": _money((c.currency, c.amount_due) for c in cases),
         "recovered": {
@@ -115,25 +119,30 @@ def compute(session: Session, since: datetime | None = None) -> dict:
         "by_decline_code": _grouped(cases, lambda c: c.first_decline_code or c.decline_code),
         "by_path": [
             {
-                "name": path,
-                "recovered": sum(1 for c in won if c.recovery_path == path),
+                "name": path.value,
+                "recovered": sum(1 for c in won if c.recovery_path is path),
                 "amount": _money(
-                    (c.currency, c.amount_recovered) for c in won if c.recovery_path == path
+                    (c.currency, c.amount_recovered) for c in won if c.recovery_path is path
                 ),
             }
-            for path in PATHS
+            for path in RecoveryPath
         ],
         "by_step": [
             {"name": step, "recovered": count}
             for step, count in Counter(
-                _step_family(c.recovered_by_step) for c in won if c.recovered_by_step
+                c.recovered_by_step for c in won if c.recovered_by_step
             ).most_common()
         ],
         "time_to_recover_hours": {
             "median": round(median(hours), 1) if hours else None,
             "p90": round(quantiles(hours, n=10)[-1], 1) if len(hours) >= 2 else None,
         },
-        "retries": {"made": sum(retries.values()), "by_outcome": dict(sorted(retries.items()))},
+        "retries": {
+            "made": sum(retries.values()),
+            "by_outcome": {
+                str(k): v for k, v in sorted(retries.items(), key=lambda kv: str(kv[0]))
+            },
+        },
         "funnel": {
             "cases": len(cases),
             "emailed": len(emailed),
@@ -152,8 +161,3 @@ def compute(session: Session, since: datetime | None = None) -> dict:
             for day, members in sorted(by_day.items())
         ],
     }
-
-
-def _step_family(step: str) -> str:
-    """retry:card-update:<time> → retry:card-update; retry:3 stays retry:3."""
-    return "retry:card-update" if step.startswith("retry:card-update") else step

@@ -12,12 +12,15 @@ and turns the SDK's exceptions into this small tree:
         ├── StripeNotFound       404 resource_missing
         └── IdempotencyConflict  same key, other parameters
 
-Every function returns plain dicts, so no SDK object leaks into the flow code.
+Every function returns plain dicts, so no SDK object leaks into the flow code;
+the readers at the end (the decline, the card Stripe will charge) are the one
+place that knows where Stripe keeps those in its objects. Every write waits
+for the write budget that all workers share (ratelimit.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +28,7 @@ from urllib.parse import quote
 import orjson
 import stripe
 
+from recovery import ratelimit
 from recovery.config import Settings, get_settings
 
 REQUEST_TIMEOUT_SECONDS = 20
@@ -140,8 +144,10 @@ def _request(
 
 
 def _effect(key: str) -> str:
+    """The key of a write, once the shared write budget lets it go."""
     if not key:
         raise ValueError("an idempotency key is required for a call with an effect")
+    ratelimit.acquire()
     return key
 
 
@@ -211,7 +217,9 @@ def retrieve_subscription(subscription_id: str) -> dict[str, Any]:
     return _request("get", _path("subscriptions", subscription_id))
 
 
-def update_subscription(subscription_id: str, idempotency_key: str, **params: Any):
+def update_subscription(
+    subscription_id: str, idempotency_key: str, **params: Any
+) -> dict[str, Any]:
     return _request(
         "post", _path("subscriptions", subscription_id), params, _effect(idempotency_key)
     )
@@ -271,4 +279,151 @@ def set_default_payment_method(
         _path("customers", customer_id),
         {"invoice_settings": {"default_payment_method": payment_method_id}},
         _effect(idempotency_key),
+    )
+
+
+# -- reading Stripe's objects ----------------------------------------------------
+
+
+def id_of(value: Any) -> str | None:
+    """An expandable field: either an id or the object carrying it."""
+    if isinstance(value, dict):
+        found = value.get("id")
+        return found if isinstance(found, str) else None
+    return value if isinstance(value, str) else None
+
+
+def subscription_of(invoice: dict[str, Any]) -> str | None:
+    parent = invoice.get("parent") or {}
+    details = parent.get("subscription_details") or {}
+    return id_of(details.get("subscription")) or id_of(invoice.get("subscription"))
+
+
+@dataclass(frozen=True)
+class DeclineDetails:
+    """Why an invoice's latest payment failed, as the network and Stripe said,
+    and on which card: the case's columns of the same names."""
+
+    charge_id: str | None = None
+    payment_intent_id: str | None = None
+    failure_code: str | None = None
+    decline_code: str | None = None
+    advice_code: str | None = None
+    network_advice_code: str | None = None
+    network_decline_code: str | None = None
+    outcome_type: str | None = None
+    payment_method_id: str | None = None
+    payment_method_type: str | None = None
+    card_brand: str | None = None
+    card_fingerprint: str | None = None
+    card_last4: str | None = None
+    card_exp_month: int | None = None
+    card_exp_year: int | None = None
+
+    def known(self) -> dict[str, Any]:
+        """The details Stripe gave, leaving out what it did not."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def _latest_payment(invoice: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(charge, payment_intent) of the invoice's latest attempt, fetched if needed."""
+    charge = invoice.get("charge")
+    intent = invoice.get("payment_intent")
+    if isinstance(charge, str):
+        charge = retrieve_charge(charge)
+    if isinstance(intent, str):
+        intent = retrieve_payment_intent(intent)
+    if charge is None and intent is None:
+        # Since API version 2025-03-31 invoices name their payments only
+        # through InvoicePayment objects.
+        payments = list_invoice_payments(invoice["id"]).get("data", [])
+        if payments:
+            payment = max(payments, key=lambda p: p.get("created") or 0).get("payment") or {}
+            intent_id, charge_id = (
+                id_of(payment.get("payment_intent")),
+                id_of(payment.get("charge")),
+            )
+            if intent_id:
+                intent = retrieve_payment_intent(intent_id)
+            elif charge_id:
+                charge = retrieve_charge(charge_id)
+    if charge is None and isinstance(intent, dict):
+        latest = intent.get("latest_charge")
+        charge = (
+            latest
+            if isinstance(latest, dict)
+            else (retrieve_charge(latest) if isinstance(latest, str) else None)
+        )
+    return (
+        charge if isinstance(charge, dict) else None,
+        intent if isinstance(intent, dict) else None,
+    )
+
+
+def decline_details(invoice: dict[str, Any]) -> DeclineDetails:
+    """The decline of the invoice's latest payment, from its charge or payment
+    intent (fetched when the event carries only their ids)."""
+    charge, intent = _latest_payment(invoice)
+    error = (intent or {}).get("last_payment_error") or {}
+    outcome = (charge or {}).get("outcome") or {}
+    method_details = (charge or {}).get("payment_method_details") or {}
+    pm = error.get("payment_method") if isinstance(error.get("payment_method"), dict) else None
+    if pm is None and isinstance((intent or {}).get("payment_method"), dict):
+        pm = (intent or {})["payment_method"]
+    card = method_details.get("card") or (pm or {}).get("card") or {}
+    return DeclineDetails(
+        charge_id=id_of(charge) or error.get("charge"),
+        payment_intent_id=id_of(intent),
+        failure_code=(charge or {}).get("failure_code") or error.get("code"),
+        decline_code=error.get("decline_code") or outcome.get("reason"),
+        advice_code=outcome.get("advice_code") or error.get("advice_code"),
+        network_advice_code=outcome.get("network_advice_code") or error.get("network_advice_code"),
+        network_decline_code=outcome.get("network_decline_code")
+        or error.get("network_decline_code"),
+        outcome_type=outcome.get("type"),
+        payment_method_id=id_of((charge or {}).get("payment_method")) or id_of(pm),
+        payment_method_type=method_details.get("type")
+        or (pm or {}).get("type")
+        or ("card" if card else None),
+        card_brand=card.get("brand"),
+        card_fingerprint=card.get("fingerprint"),
+        card_last4=card.get("last4"),
+        card_exp_month=card.get("exp_month"),
+        card_exp_year=card.get("exp_year"),
+    )
+
+
+@dataclass(frozen=True)
+class Card:
+    """A card as the engine needs it: which one, and its network's facts."""
+
+    payment_method_id: str | None
+    fingerprint: str | None
+    brand: str | None
+    last4: str | None
+    exp_month: int | None
+    exp_year: int | None
+
+
+def card_to_charge(invoice: dict[str, Any]) -> Card | None:
+    """The card Stripe will charge for the invoice: the invoice's default, else
+    the customer's (expanded by retrieve_invoice_and_card; fetched only if not)."""
+    pm = invoice.get("default_payment_method")
+    customer = invoice.get("customer")
+    if not pm and isinstance(customer, str):
+        customer = retrieve_customer(customer)
+    if not pm and isinstance(customer, dict):
+        pm = (customer.get("invoice_settings") or {}).get("default_payment_method")
+    if isinstance(pm, str):
+        pm = retrieve_payment_method(pm)
+    if not isinstance(pm, dict):
+        return None
+    card = pm.get("card") or {}
+    return Card(
+        payment_method_id=pm.get("id"),
+        fingerprint=card.get("fingerprint"),
+        brand=card.get("brand"),
+        last4=card.get("last4"),
+        exp_month=card.get("exp_month"),
+        exp_year=card.get("exp_year"),
     )

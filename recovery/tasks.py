@@ -1,17 +1,22 @@
-"""The Celery app and its thin, named tasks; the logic lives in the flow modules."""
+"""The Celery app and its thin, named tasks; the logic lives in the flow modules
+(engine/scheduler.py, inbox/relay.py, engine/steps.py, customers/)."""
 
 from __future__ import annotations
 
 import runpy
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from recovery import clock, delivery, inbox, outbox, steps
+from recovery import clock
 from recovery.config import get_settings
+from recovery.customers import delivery, outbox
 from recovery.db import reset_engine
+from recovery.engine import scheduler, steps
+from recovery.inbox import relay
 from recovery.observability import configure
 
 # Steps per execute message: one message costs ~350 µs to publish, and 50
@@ -20,9 +25,10 @@ STEP_CHUNK = 50
 BEAT_SCHEDULE_FILE = Path(__file__).resolve().parent.parent / "celerybeat-schedule.py"
 
 
-def load_beat_schedule(path: Path = BEAT_SCHEDULE_FILE) -> dict:
+def load_beat_schedule(path: Path = BEAT_SCHEDULE_FILE) -> dict[str, Any]:
     # The file name has a hyphen, so it is read by path, not imported.
-    return runpy.run_path(str(path))["SCHEDULE"]
+    schedule: dict[str, Any] = runpy.run_path(str(path))["SCHEDULE"]
+    return schedule
 
 
 def make_celery() -> Celery:
@@ -63,14 +69,14 @@ app = make_celery()
 
 
 @worker_process_init.connect
-def _fresh_connections_after_fork(**_kwargs) -> None:
+def _fresh_connections_after_fork(**_kwargs: Any) -> None:
     # A forked child must not share the parent's pooled database sockets.
     reset_engine()
     configure(get_settings())
 
 
 @worker_ready.connect
-def _configure_solo_worker(**_kwargs) -> None:
+def _configure_solo_worker(**_kwargs: Any) -> None:
     configure(get_settings())
 
 
@@ -80,7 +86,7 @@ def _now() -> datetime:
 
 @app.task(name="recovery.process_events")
 def process_events(event_ids: list[int]) -> None:
-    inbox.process_events(event_ids, _now(), get_settings())
+    scheduler.process_events(event_ids, _now(), get_settings())
     # Steps the events made due now (a card update's retry, a first email)
     # run at once rather than at the next dispatch tick.
     steps.dispatch(_now(), get_settings(), publish_step_batch)
@@ -94,12 +100,12 @@ def publish_event_batch(event_ids: list[int]) -> None:
 
 @app.task(name="recovery.relay_inbox")
 def relay_inbox() -> int:
-    return inbox.relay(publish_event_batch, _now(), get_settings().relay_batch_size)
+    return relay.relay(publish_event_batch, _now(), get_settings().relay_batch_size)
 
 
 @app.task(name="recovery.execute_steps")
 def execute_steps(claims: list[list[int]]) -> None:
-    steps.execute_all([(step_id, claim) for step_id, claim in claims], _now(), get_settings())
+    scheduler.execute_all([(step_id, claim) for step_id, claim in claims], _now(), get_settings())
 
 
 def publish_step_batch(claims: list[steps.Claim]) -> None:

@@ -1,5 +1,12 @@
-"""The web app: the Stripe webhook receiver, the customers' recovery links
-(web_links.py) and the health routes (ASGI).
+"""The one web app (ASGI): the Stripe webhook receiver, the customers' recovery
+links and the health routes.
+
+    POST /webhooks/stripe  → inbox/receiver.py: verify, store once, 2xx = committed
+    GET  /r/<token>        → 303 to a Stripe page, or a page of ours (customers/links.py)
+    GET  /r/card-saved     ← Stripe Checkout returns here; /r/not-saved on cancel
+    GET  /u/<token>        → "stop reminders?" (mail scanners fetch links: GET changes nothing)
+    POST /u/<token>        → stopped (also RFC 8058 one-click from the mail client)
+    GET  /healthz, /readyz
 
 Framework-free ASGI rather than WSGI: the receiver is the hot path during
 billing runs. Measured on the 2-core bench machine, gunicorn's threaded WSGI
@@ -7,108 +14,140 @@ worker tops out near 2,300 requests/s on an app that does nothing, and the
 gevent worker near 4,100; the uvicorn worker (httptools, uvloop) serves the
 same nothing at 14,000/s, which leaves room for the HMAC, the JSON parse and
 the database. Requests never block the event loop: the insert happens on the
-group-commit thread (inbox_writer.py) and anything else that is synchronous
-runs in a worker thread.
+group-commit thread and anything else that is synchronous runs in a worker
+thread. Every customer page is uncacheable, unindexed and sends no Referer,
+so a token never leaks from the address bar to another site or a proxy cache.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-from collections.abc import Awaitable, Callable
+import re
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
-import structlog
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from recovery import clock
-from recovery.config import Settings, get_settings
+from recovery.config import Settings
+from recovery.customers import links
 from recovery.db import get_engine
-from recovery.inbox_writer import InboxWriter
-from recovery.web_links import make_links_app
-from recovery.webhooks import (
-    MAX_BODY_BYTES,
-    WebhookRejected,
-    inbox_row,
-    parse_event,
-    verify_signature,
-)
+from recovery.inbox.receiver import InboxWriter, Receive, Send, receive_webhook, respond
+from recovery.ratelimit import LocalBucket
 
-log = structlog.get_logger("recovery.web")
+Scope = dict[str, Any]
 
-Send = Callable[[dict], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict]]
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+_PAGE_HEADERS = [
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-robots-tag", b"noindex, nofollow"),
+    (b"x-content-type-options", b"nosniff"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; style-src 'unsafe-inline'; img-src https:; "
+        b"form-action 'self'; frame-ancestors 'none'",
+    ),
+]
+_TITLES = {
+    "link_invalid": "This link has expired",
+    "all_set": "You are all set",
+    "card_saved": "Thank you, your card is saved",
+    "card_not_saved": "Your card was not changed",
+    "opt_out": "Reminders stopped",
+    "opt_out_confirm": "Stop payment reminders?",
+    "too_many": "Please wait a moment",
+    "unavailable": "Please try again shortly",
+}
 
-_JSON = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 
-
-async def respond(send: Send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*_JSON, (b"content-length", str(len(data)).encode())],
-        }
+@lru_cache(maxsize=4)
+def _pages(templates_dir: Path) -> Environment:
+    return Environment(
+        loader=FileSystemLoader(str(templates_dir / "pages")),
+        autoescape=select_autoescape(default=True),
     )
-    await send({"type": "http.response.body", "body": data})
 
 
-def _header(scope: dict, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
+def render_page(name: str, settings: Settings, **values: Any) -> bytes:
+    brand = {
+        "name": settings.brand_name,
+        "support_email": settings.brand_support_email,
+        "accent": settings.brand_accent_color,
+    }
+    page = _pages(settings.templates_dir).get_template(f"{name}.html")
+    return page.render(title=_TITLES[name], brand=brand, **values).encode()
 
 
-async def read_body(scope: dict, receive: Receive) -> bytes:
-    """The request body, refusing more than 1 MiB whether or not a length was sent."""
-    declared = _header(scope, b"content-length")
-    if declared is not None:
-        try:
-            if int(declared) > MAX_BODY_BYTES:
-                raise WebhookRejected("body larger than 1 MiB", 413)
-        except ValueError:
-            raise WebhookRejected("invalid Content-Length", 400) from None
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise WebhookRejected("client went away", 400)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise WebhookRejected("body larger than 1 MiB", 413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+class ClientLimiter:
+    """Clicks per minute per client address, in this process: enough to make
+    guessing tokens pointless (2^256 of them) and to stop a client hammering
+    Stripe session creation through us."""
+
+    def __init__(self, per_minute: int, max_clients: int = 50_000):
+        self.per_minute = per_minute
+        self.max_clients = max_clients
+        self._buckets: dict[str, LocalBucket] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, client: str) -> bool:
+        with self._lock:
+            if len(self._buckets) >= self.max_clients:
+                self._buckets.clear()  # a flood of addresses: forget, rather than grow
+            bucket = self._buckets.get(client)
+            if bucket is None:
+                # A minute's clicks may come at once, then they refill over the minute.
+                bucket = LocalBucket(self.per_minute / 60.0, burst=float(self.per_minute))
+                self._buckets[client] = bucket
+        return bucket.try_take() == 0
 
 
-async def receive_webhook(scope, receive, send, settings: Settings, writer: InboxWriter):
-    try:
-        payload = await read_body(scope, receive)
-        verify_signature(
-            payload,
-            _header(scope, b"stripe-signature"),
-            settings.stripe_webhook_secrets,
-            settings.webhook_tolerance_seconds,
-            time.time(),
-        )
-        event = parse_event(payload)
-    except WebhookRejected as rejected:
-        log.warning("webhook_rejected", reason=rejected.reason, status=rejected.status)
-        return await respond(send, rejected.status, {"error": rejected.reason})
+async def _page(send: Send, status: int, body: bytes = b"", location: str | None = None) -> None:
+    headers = [*_PAGE_HEADERS, (b"content-length", str(len(body)).encode())]
+    if location:
+        headers.append((b"location", location.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
-    try:
-        stored = await writer.store(inbox_row(event, payload, clock.now()))
-    except (DBAPIError, SQLAlchemyError, TimeoutError) as exc:
-        # Not acknowledged, so Stripe delivers it again later.
-        log.error("webhook_store_failed", event_id=event.id, error=type(exc).__name__)
-        return await respond(send, 503, {"error": "database unavailable, retry later"})
-    if not stored:
-        log.debug("webhook_duplicate", event_id=event.id, event_type=event.type)
-    await respond(send, 200, {"received": True, "duplicate": not stored})
+
+def make_links_app(settings: Settings) -> Any:
+    """The customer's side: recovery links and reminder opt-out."""
+    limiter = ClientLimiter(settings.link_clicks_per_minute)
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        client = (scope.get("client") or ("unknown", 0))[0]
+        if path in ("/r/card-saved", "/r/not-saved") and method in ("GET", "HEAD"):
+            name = "card_saved" if path == "/r/card-saved" else "card_not_saved"
+            return await _page(send, 200, render_page(name, settings))
+        kind, _, token = path[1:].partition("/")
+        if not _TOKEN.fullmatch(token):
+            return await _page(send, 404, render_page("link_invalid", settings))
+        if not limiter.allow(client):
+            return await _page(send, 429, render_page("too_many", settings))
+        now = clock.now()
+        if kind == "r" and method in ("GET", "HEAD"):
+            answer = await asyncio.to_thread(links.redeem, token, now, settings)
+        elif kind == "u" and method == "POST":
+            answer = await asyncio.to_thread(links.opt_out, token, now)
+        elif kind == "u" and method in ("GET", "HEAD"):
+            valid = await asyncio.to_thread(links.opt_out_valid, token, now)
+            page = "opt_out_confirm" if valid else "link_invalid"
+            return await _page(
+                send, 200 if valid else 404, render_page(page, settings, action=path)
+            )
+        else:
+            return await _page(send, 405, b"")
+        if answer.location:
+            return await _page(send, answer.status, location=answer.location)
+        return await _page(send, answer.status, render_page(answer.page or "", settings))
+
+    return handle
 
 
 def database_ready() -> bool:
@@ -130,12 +169,11 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def make_app(settings: Settings | None = None):
-    settings = settings or get_settings()
+def make_app(settings: Settings) -> Any:
     writer = InboxWriter(get_engine())
     customer_pages = make_links_app(settings)
 
-    async def app(scope, receive, send):
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             return await _lifespan(receive, send)
         if scope["type"] != "http":

@@ -80,9 +80,9 @@ def pg_url() -> Iterator[str]:
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    from recovery import migrate
+    from recovery.db import upgrade
 
-    migrate.upgrade(url)
+    upgrade(url)
     yield url
     from recovery.db import reset_engine
 
@@ -115,10 +115,12 @@ def db(pg_url) -> Iterator[str]:
 @pytest.fixture
 def sim() -> Iterator:
     """The Stripe-compatible server on a free port, with STRIPE_API_BASE pointing at it."""
-    from recovery.devserver import start_wsgi_in_thread
-    from recovery.stripe_sim import StripeSim
+    from recovery import clock
+    from recovery.sim import StripeSim
+    from recovery.sim.servers import start_wsgi_in_thread
 
-    stripe_sim = StripeSim()
+    # Its time follows the tests' clock, as the demo's follows the demo's.
+    stripe_sim = StripeSim(clock=clock.now)
     server = start_wsgi_in_thread(stripe_sim.wsgi)
     url = server.url
     stripe_sim.state.base_url = url
@@ -140,7 +142,7 @@ def sim() -> Iterator:
 def receiver(db) -> Iterator[str]:
     """The webhook receiver over real HTTP; yields its base URL."""
     from recovery.config import get_settings
-    from recovery.devserver import start_asgi_in_thread
+    from recovery.sim.servers import start_asgi_in_thread
     from recovery.web import make_app
 
     server = start_asgi_in_thread(make_app(get_settings()))

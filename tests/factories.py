@@ -7,8 +7,8 @@ import time
 import urllib.error
 import urllib.request
 
-from recovery.stripe_sim import objects
-from recovery.webhooks import signature_header
+from recovery.inbox.receiver import signature_header
+from recovery.sim import objects
 
 from .conftest import WEBHOOK_SECRET
 

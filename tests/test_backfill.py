@@ -9,10 +9,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from recovery import backfill, clock, stripe_api, tick
+from recovery import clock, stripe_api
 from recovery.cli import cli
 from recovery.config import get_settings
 from recovery.db import session_scope
+from recovery.engine import scheduler
+from recovery.inbox import backfill
 from recovery.models import RecoveryCase, SyncCursor, WebhookEvent
 
 from .factories import sim_post
@@ -56,7 +58,7 @@ def test_sync_pages_through_invoices_resumes_after_an_interruption(db, sim):
     again = run("sync", "--page-size", "4")
     assert again.exit_code == 0 and count(WebhookEvent) == 11  # a second run adds nothing
 
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     with session_scope() as session:
         opened = set(session.scalars(select(RecoveryCase.invoice_id)))
     assert opened == set(failed)

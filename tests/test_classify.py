@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from recovery.classify import DECLINE_CODES, Category, Failure, classify, table
+from recovery.engine.classify import DECLINE_CODES, Category, Failure, classify, table
 
 EXPECTED = {
     Category.RETRY: [

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 from click.testing import CliRunner
 
-from recovery import inbox
 from recovery.cli import cli
 from recovery.config import get_settings
 from recovery.db import session_scope
+from recovery.engine import scheduler
 from recovery.models import WebhookEvent
 
 from .factories import post_event, stripe_event
@@ -46,7 +46,9 @@ def test_list_show_and_replay(receiver):
 
     replayed = run("events", "replay", "--failed")
     assert replayed.exit_code == 0 and "1 event(s) queued again" in replayed.output
-    assert inbox.process_event(row.id, datetime.now(UTC), get_settings()) == "ignored"
+    assert (
+        scheduler.process_events([row.id], datetime.now(UTC), get_settings())[row.id] == "ignored"
+    )
 
 
 def test_unknown_ids_are_a_clear_error(receiver):

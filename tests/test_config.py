@@ -81,7 +81,7 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
         if not k.startswith(("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "LOG_"))
     }
     return subprocess.run(
-        [sys.executable, "-m", "recovery.cli", *args],
+        [sys.executable, "-m", "recovery", *args],
         cwd=ROOT,
         env={**clean, **env},
         capture_output=True,

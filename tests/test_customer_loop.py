@@ -12,9 +12,10 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import select
 
-from recovery import clock, tick
+from recovery import clock
 from recovery.config import get_settings
 from recovery.db import session_scope
+from recovery.engine import scheduler
 from recovery.models import AuditEntry, Message, RecoveryAttempt, RecoveryCase
 
 from .factories import sim_post
@@ -24,9 +25,8 @@ T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
 
 def pass_at(sim, instant: datetime):
     clock.set_now(instant)
-    tick.follow_simulated_clock(get_settings(), instant)
     sim.flush()
-    return tick.run_pass(get_settings(), sync=True)
+    return scheduler.run_pass(get_settings(), sync=True)
 
 
 def open_link(url: str) -> http.client.HTTPResponse:
@@ -40,7 +40,7 @@ def open_link(url: str) -> http.client.HTTPResponse:
 
 
 def test_email_link_card_update_retry_recovered_thank_you(sim, smtp_sink, monkeypatch, db):
-    from recovery.devserver import start_asgi_in_thread
+    from recovery.sim.servers import start_asgi_in_thread
     from recovery.web import make_app
 
     web = start_asgi_in_thread(make_app(get_settings()))
@@ -106,7 +106,7 @@ def test_email_link_card_update_retry_recovered_thank_you(sim, smtp_sink, monkey
         # Retried in the same pass that saw the card, and paid.
         assert retry.step.startswith("retry:card-update") and retry.outcome == "paid"
         assert case.status == "recovered" and case.amount_recovered == 4900
-        assert (case.recovery_path, case.recovered_by_step) == ("card_update", retry.step)
+        assert (case.recovery_path, case.recovered_by_step) == ("card_update", "retry:card-update")
         assert (case.first_decline_code, case.first_category) == ("expired_card", "customer_action")
         assert "card_updated" in actions and result.outcomes.get("paid") == 1
         charged = sim.state.objects[sim.state.charges[-1][1]]

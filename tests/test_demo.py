@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from recovery import demo, population
 from recovery.cli import cli
+from recovery.sim import demo, population
 
 
 def test_small_demo_is_consistent_and_deterministic(tmp_path):

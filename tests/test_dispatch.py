@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert, select
 
-from recovery import steps
 from recovery.config import get_settings
 from recovery.db import get_engine, session_scope
+from recovery.engine import scheduler, steps
 from recovery.models import RecoveryAttempt, RecoveryCase
 
 NOW = datetime(2026, 11, 2, 12, tzinfo=UTC)
@@ -97,6 +97,6 @@ def test_a_stale_claim_does_nothing_and_a_lapsed_lease_is_claimed_again(db):
     [(same, second)] = steps.claim_due(NOW + lease + timedelta(seconds=1), 10, lease)
     assert same == step_id and second == first + 1
     later = NOW + lease + timedelta(seconds=2)
-    assert steps.execute((step_id, first), later, get_settings()) is None  # the old claim
+    assert scheduler.execute((step_id, first), later, get_settings()) is None  # the old claim
     with session_scope() as session:
         assert session.scalar(select(RecoveryAttempt.status)) == "claimed"

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from recovery import emails
 from recovery.config import load_settings
+from recovery.customers import emails
 from recovery.money import format_money
 
 SETTINGS = load_settings({"BRAND_NAME": "Acme", "BRAND_SUPPORT_EMAIL": "help@acme.test"})

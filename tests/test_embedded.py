@@ -19,7 +19,7 @@ def clean_environment() -> dict[str, str]:
 
 def run_on_a_fresh_machine(cwd, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "recovery.cli", *args],
+        [sys.executable, "-m", "recovery", *args],
         cwd=cwd,
         env=clean_environment(),
         capture_output=True,

@@ -15,9 +15,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from recovery import clock, tick
+from recovery import clock
 from recovery.config import get_settings
 from recovery.db import session_scope
+from recovery.engine import scheduler
 from recovery.models import AuditEntry, Message, RecoveryAttempt, RecoveryCase
 
 from .conftest import ROOT
@@ -38,13 +39,12 @@ class Stack:
 
     def at(self, instant: datetime) -> None:
         clock.set_now(instant)
-        tick.follow_simulated_clock(get_settings(), instant)
 
-    def tick(self, instant: datetime | None = None) -> tick.PassResult:
+    def tick(self, instant: datetime | None = None) -> scheduler.PassResult:
         if instant is not None:
             self.at(instant)
         self.sim.flush()
-        return tick.run_pass(get_settings(), sync=True)
+        return scheduler.run_pass(get_settings(), sync=True)
 
     def run_until(self, end: datetime, step: timedelta = timedelta(hours=1)) -> None:
         moment = clock.now()
@@ -272,8 +272,9 @@ def test_worker_killed_mid_retry_completes_later_with_one_charge(stack, pg_url):
         "STRIPE_API_BASE": stack.sim.url,
         "BROKER_URL": "memory://",
     }
+    stack.at(retry.due_at)  # the simulator's time, which the killed process runs at too
     worker = subprocess.Popen(
-        [sys.executable, "-m", "recovery.cli", "tick", "--now", retry.due_at.isoformat(), "--sync"],
+        [sys.executable, "-m", "recovery", "tick", "--now", retry.due_at.isoformat(), "--sync"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

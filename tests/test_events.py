@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from recovery import inbox
 from recovery.config import get_settings
 from recovery.db import session_scope
+from recovery.engine import scheduler
+from recovery.inbox import relay
 from recovery.models import AuditEntry, Customer, RecoveryCase, WebhookEvent
 
 from .factories import invoice_object, post_event, sim_post, stripe_event
@@ -28,8 +29,8 @@ def stack(sim, receiver):
         sim.flush()
         now = now or datetime.now(UTC)
         published: list[int] = []
-        inbox.relay(published.extend, now, 500)
-        return inbox.process_events(published, now, get_settings())
+        relay.relay(published.extend, now, 500)
+        return scheduler.process_events(published, now, get_settings())
 
     stack = type("Stack", (), {})()
     stack.sim, stack.receiver, stack.drain = sim, receiver, drain
@@ -104,8 +105,8 @@ def test_processing_twice_changes_nothing(stack):
     with session_scope() as session:
         row = session.scalars(select(WebhookEvent)).one()
         audit_before = len(session.scalars(select(AuditEntry)).all())
-    assert inbox.process_event(row.id, datetime.now(UTC), get_settings()) is None
-    inbox.replay([row.id], datetime.now(UTC))
+    assert scheduler.process_events([row.id], datetime.now(UTC), get_settings())[row.id] is None
+    relay.replay([row.id], datetime.now(UTC))
     stack.drain()
     with session_scope() as session:
         assert len(session.scalars(select(RecoveryCase)).all()) == 1
@@ -239,7 +240,7 @@ def test_stripe_errors_back_off_then_fail_and_can_be_replayed(stack):
     # The fault is gone: an operator replays and it goes through.
     with session_scope() as session:
         row_id = session.scalars(select(WebhookEvent.id)).one()
-    inbox.replay([row_id], datetime.now(UTC))
+    relay.replay([row_id], datetime.now(UTC))
     assert list(stack.drain().values()) == ["processed"]
     assert case_for(scenario["invoice"]).status == "open"
 
@@ -249,7 +250,7 @@ def test_a_claim_whose_worker_died_is_taken_again_after_its_lease(stack):
     now = datetime.now(UTC) + timedelta(seconds=1)
     with session_scope() as session:
         row_id = session.scalars(select(WebhookEvent.id)).one()
-    assert inbox._claim(row_id, now) == 1  # a worker claims it, then dies
+    assert relay._claim(row_id, now) == 1  # a worker claims it, then dies
     assert stack.drain(now) == {}
-    later = now + inbox.LEASE + timedelta(seconds=1)
+    later = now + relay.LEASE + timedelta(seconds=1)
     assert stack.drain(later) == {row_id: "ignored"}

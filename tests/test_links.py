@@ -10,11 +10,13 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import event, select, update
 
-from recovery import clock, links, tick
+from recovery import clock
 from recovery.config import get_settings, load_settings
+from recovery.customers import links
+from recovery.customers.links import allowed_redirect
 from recovery.db import get_engine, session_scope
-from recovery.models import RecoveryCase, RecoveryLink
-from recovery.redeem import allowed_redirect
+from recovery.engine import scheduler
+from recovery.models import LinkPurpose, RecoveryCase, RecoveryLink
 
 from .factories import sim_post
 
@@ -22,7 +24,7 @@ from .factories import sim_post
 @pytest.fixture
 def web(db, sim):
     """The web app (receiver + links) over HTTP, with a small click limit."""
-    from recovery.devserver import start_asgi_in_thread
+    from recovery.sim.servers import start_asgi_in_thread
     from recovery.web import make_app
 
     server = start_asgi_in_thread(make_app(get_settings()))
@@ -48,14 +50,14 @@ def open_case(sim, web, behavior: dict | None = None) -> RecoveryCase:
     )
     scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {"behavior": behavior or {}})
     sim.flush()
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     with session_scope() as session:
         return session.scalars(
             select(RecoveryCase).where(RecoveryCase.invoice_id == scenario["invoice"])
         ).one()
 
 
-def mint(case: RecoveryCase, purpose=links.Purpose.UPDATE_CARD, ttl=timedelta(days=14)) -> str:
+def mint(case: RecoveryCase, purpose=LinkPurpose.UPDATE_CARD, ttl=timedelta(days=14)) -> str:
     with session_scope() as session:
         return links.mint(
             session, purpose, clock.now(), ttl, case_id=case.id, customer_id=case.customer_id
@@ -90,14 +92,14 @@ def test_update_card_link_redirects_to_a_new_setup_session_on_stripe(sim, web):
 
 def test_pay_link_goes_to_the_hosted_invoice_page(sim, web):
     case = open_case(sim, web)
-    answer = get(web, f"/r/{mint(case, links.Purpose.PAY)}")
+    answer = get(web, f"/r/{mint(case, LinkPurpose.PAY)}")
     assert answer.status == 303
     assert answer.getheader("Location") == f"{sim.url}/hosted/invoices/{case.invoice_id}"
 
 
 def test_dead_links_all_get_one_page_with_one_status(sim, web):
     case = open_case(sim, web)
-    expired = mint(case, links.Purpose.PAY, ttl=timedelta(seconds=-1))
+    expired = mint(case, LinkPurpose.PAY, ttl=timedelta(seconds=-1))
     superseded = mint(case)
     mint(case)  # the newer link for the same purpose supersedes the last
     other = open_case(sim, web, {"decline_code": "expired_card"})
@@ -122,10 +124,8 @@ def test_forged_and_expired_tokens_do_the_same_database_work(sim, web):
 
     event.listen(get_engine(), "before_cursor_execute", record)
     try:
-        from recovery import redeem
-
         for token in (expired, links.new_token()):
-            redeem.redeem(token, clock.now(), get_settings())
+            links.redeem(token, clock.now(), get_settings())
             statements.append("--")
     finally:
         event.remove(get_engine(), "before_cursor_execute", record)
@@ -140,7 +140,7 @@ def test_a_paid_case_shows_all_set(sim, web):
     sim_post(sim.url, f"/_sim/customers/{case.stripe_customer_id}/cards", {})
     sim_post(sim.url, f"/_sim/invoices/{case.invoice_id}/attempt")
     sim.flush()
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     answer = get(web, f"/r/{token}")
     assert answer.status == 200 and b"all set" in answer.body
 
@@ -178,7 +178,7 @@ def test_an_address_off_the_allow_list_is_never_followed(sim, web):
             .where(RecoveryCase.id == case.id)
             .values(hosted_invoice_url="https://evil.example/pay")
         )
-    answer = get(web, f"/r/{mint(case, links.Purpose.PAY)}")
+    answer = get(web, f"/r/{mint(case, LinkPurpose.PAY)}")
     assert answer.status == 503 and answer.getheader("Location") is None
 
 
@@ -203,7 +203,7 @@ def test_redirect_allow_list(url, allowed):
 
 
 def test_clicks_are_limited_per_client(db, sim, monkeypatch):
-    from recovery.devserver import start_asgi_in_thread
+    from recovery.sim.servers import start_asgi_in_thread
     from recovery.web import make_app
 
     monkeypatch.setenv("LINK_CLICKS_PER_MINUTE", "3")
@@ -224,7 +224,7 @@ def test_opt_out_needs_a_post_and_takes_effect_at_once(sim, web):
     with session_scope() as session:
         token = links.mint(
             session,
-            links.Purpose.OPT_OUT,
+            LinkPurpose.OPT_OUT,
             clock.now(),
             timedelta(days=1),
             customer_id=case.customer_id,

@@ -10,9 +10,11 @@ import pytest
 import structlog
 from sqlalchemy import select, update
 
-from recovery import clock, delivery, mailer, outbox, tick
+from recovery import clock
 from recovery.config import get_settings
+from recovery.customers import delivery, links, mailer, outbox
 from recovery.db import session_scope
+from recovery.engine import scheduler
 from recovery.models import Customer, Message, RecoveryCase
 
 from .factories import sim_post
@@ -28,7 +30,6 @@ def world(sim, receiver, smtp_sink):
         {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
     )
     clock.set_now(T0)
-    tick.follow_simulated_clock(get_settings(), T0)
     yield sim, smtp_sink
     clock.set_now(None)
 
@@ -56,7 +57,7 @@ def messages() -> list[Message]:
 def test_first_email_is_delivered_over_smtp_with_both_parts(world):
     sim, sink = world
     fail(sim)
-    result = tick.run_pass(get_settings(), sync=True)
+    result = scheduler.run_pass(get_settings(), sync=True)
     assert result.outcomes.get("sent") == 1
     [(recipients, message)] = sink.messages
     assert recipients == ["jenny.rosen@example.com"]
@@ -77,7 +78,7 @@ def test_first_email_is_delivered_over_smtp_with_both_parts(world):
 def test_concurrent_senders_send_a_step_once(world):
     sim, sink = world
     fail(sim)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     sink.messages.clear()
     with session_scope() as session:
         [row] = session.scalars(select(Message)).all()
@@ -119,18 +120,18 @@ def test_transient_smtp_error_is_retried_later_permanent_is_recorded(world):
     sim, sink = world
     sink.refuse = ["451 4.3.0 Mailbox busy <jenny.rosen@example.com>, try later"]
     fail(sim)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     [row] = messages()
     assert row.status == "pending" and row.next_attempt_at > T0 and not sink.messages
     assert "jenny.rosen" not in row.last_error and "451" in row.last_error
     later = row.next_attempt_at
     clock.set_now(later)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     assert [m.status for m in messages()] == ["sent"] and len(sink.messages) == 1
 
     sink.refuse = ["550 5.1.1 <jenny.rosen@example.com>: no such user"]
     second = fail(sim)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     row = next(m for m in messages() if m.status != "sent")
     assert row.status == "failed" and row.last_error.startswith("550")
     assert "jenny.rosen" not in row.last_error
@@ -146,13 +147,13 @@ def test_transient_smtp_error_is_retried_later_permanent_is_recorded(world):
 def test_an_address_that_could_forge_headers_is_never_sent_to(world):
     sim, sink = world
     fail(sim)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     # The address changes before the email is sent (again): a line break in it
     # would start a new header.
     with session_scope() as session:
         session.execute(update(Customer).values(email="jenny@example.com\r\nBcc: x@evil.test"))
         session.execute(update(Message).values(status="pending", attempts=0))
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     [row] = messages()
     assert (row.status, row.last_error) == ("skipped", "invalid email address")
     assert all("evil" not in ",".join(to) for to, _ in sink.messages)
@@ -161,14 +162,13 @@ def test_an_address_that_could_forge_headers_is_never_sent_to(world):
 def test_opted_out_customer_gets_no_more_reminders(world):
     sim, sink = world
     fail(sim)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     assert len(sink.messages) == 1
     with session_scope() as session:
         session.execute(update(Customer).values(reminders_opted_out_at=T0))
     for hours in range(12, 24 * 9, 12):
         clock.set_now(T0 + timedelta(hours=hours))
-        tick.follow_simulated_clock(get_settings(), clock.now())
-        tick.run_pass(get_settings(), sync=True)
+        scheduler.run_pass(get_settings(), sync=True)
     assert len(sink.messages) == 1
     later = [m for m in messages() if m.status != "sent"]
     assert later and {(m.status, m.last_error) for m in later} == {
@@ -188,12 +188,12 @@ def test_opted_out_customer_gets_no_more_reminders(world):
 def test_a_worker_lost_mid_email(world, left_as, then, delivered):
     sim, sink = world
     fail(sim)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     sink.messages.clear()
     with session_scope() as session:
         session.execute(update(Message).values(status=left_as, lease_until=T0))
     clock.set_now(T0 + timedelta(minutes=6))
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     [row] = messages()
     assert row.status == then and len(sink.messages) == delivered
     if then == "failed":
@@ -204,7 +204,7 @@ def test_logs_hold_no_address_and_no_token(world):
     sim, sink = world
     with structlog.testing.capture_logs() as captured:
         fail(sim)
-        tick.run_pass(get_settings(), sync=True)
+        scheduler.run_pass(get_settings(), sync=True)
     [(_, message)] = sink.messages
     text = message.get_body(("plain",)).get_content()
     tokens = [w.rsplit("/", 1)[-1] for w in text.split() if "/r/" in w or "/u/" in w]
@@ -217,8 +217,8 @@ def test_logs_hold_no_address_and_no_token(world):
 def test_file_sink_writes_one_eml_per_email(tmp_path):
     from email import message_from_bytes, policy
 
-    from recovery import emails
     from recovery.config import load_settings
+    from recovery.customers import emails
 
     settings = load_settings({"OUTBOX_DIR": str(tmp_path)})
     transport = mailer.transport_for(settings)
@@ -243,17 +243,16 @@ def test_pre_dunning_once_per_card_and_expiry(world):
     for _ in range(2):  # Stripe may send the notice again
         sim_post(sim.url, f"/_sim/customers/{customer['id']}/card_expiring", {})
     sim.flush()
-    tick.run_pass(get_settings(), sync=True)
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     [(to, message)] = sink.messages
     assert to == ["jenny.rosen@example.com"]
     text = message.get_body(("plain",)).get_content()
     assert "Visa ending in 4242" in text and "November 2026" in text
     link = next(word for word in text.split() if "/r/" in word)
     token = link.rsplit("/", 1)[-1]
-    from recovery import redeem
 
-    answer = redeem.redeem(token, T0, get_settings())
+    answer = links.redeem(token, T0, get_settings())
     assert answer.status == 303 and "/hosted/checkout/" in answer.location
     [row] = messages()
     assert (row.template, row.case_id, row.status) == ("card_expiring", None, "sent")

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recovery import ledger, plans
-from recovery.classify import Category
+from recovery.engine import plans
+from recovery.engine.classify import Category
 
 ANCHOR = datetime(2026, 11, 3, 14, 30, tzinfo=UTC)
 
@@ -109,30 +109,30 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def test_visa_allows_fifteen_in_thirty_days():
-    windows = ledger.limits("visa")
+    windows = plans.limits("visa")
     history = [START + timedelta(hours=i) for i in range(15)]
     at = START + timedelta(days=1)
-    assert ledger.earliest_allowed(history, windows, at) == history[0] + timedelta(days=30)
-    assert ledger.earliest_allowed(history[:14], windows, at) == at
+    assert plans.earliest_allowed(history, windows, at) == history[0] + timedelta(days=30)
+    assert plans.earliest_allowed(history[:14], windows, at) == at
 
 
 def test_mastercard_allows_ten_a_day():
-    windows = ledger.limits("mastercard")
+    windows = plans.limits("mastercard")
     history = [START + timedelta(minutes=i) for i in range(10)]
     at = START + timedelta(hours=1)
-    assert ledger.earliest_allowed(history, windows, at) == history[0] + timedelta(hours=24)
+    assert plans.earliest_allowed(history, windows, at) == history[0] + timedelta(hours=24)
 
 
 def test_a_stop_code_means_never():
-    assert ledger.earliest_allowed([], ledger.limits("visa"), START, stopped=True) is None
+    assert plans.earliest_allowed([], plans.limits("visa"), START, stopped=True) is None
 
 
 def test_visa_cap_is_configurable():
     history = [START + timedelta(hours=i) for i in range(15)]
-    windows = ledger.limits("visa", visa_max_30d=20)
-    assert ledger.earliest_allowed(
-        history, windows, START + timedelta(days=1)
-    ) == START + timedelta(days=1)
+    windows = plans.limits("visa", visa_max_30d=20)
+    assert plans.earliest_allowed(history, windows, START + timedelta(days=1)) == START + timedelta(
+        days=1
+    )
 
 
 history_strategy = st.lists(st.integers(min_value=0, max_value=60 * 24 * 40), max_size=60).map(
@@ -150,17 +150,17 @@ history_strategy = st.lists(st.integers(min_value=0, max_value=60 * 24 * 40), ma
 def test_planned_retries_never_break_the_network_limits(history, brand, retry_days, gap_minutes):
     """Whatever the history (Stripe's attempts) and however dense the plan, the
     attempts we add keep every rolling window within its limit."""
-    windows = ledger.limits(brand)
+    windows = plans.limits(brand)
     attempts = sorted(history)
     # Only histories that were themselves within the limits can occur.
-    if not ledger.within_limits(attempts, windows):
+    if not plans.within_limits(attempts, windows):
         return
     now = (attempts[-1] if attempts else START) + timedelta(minutes=gap_minutes)
     anchor = now
     for day in sorted(retry_days):
         wanted = max(anchor + timedelta(days=day), now)
-        allowed = ledger.earliest_allowed(attempts, windows, wanted)
+        allowed = plans.earliest_allowed(attempts, windows, wanted)
         assert allowed is not None and allowed >= wanted
         attempts.append(allowed)
         now = allowed
-        assert ledger.within_limits(attempts, windows)
+        assert plans.within_limits(attempts, windows)

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import func, select
 
 from recovery.db import session_scope
+from recovery.inbox.receiver import sign
 from recovery.models import WebhookEvent
-from recovery.webhooks import sign
 
 from .conftest import OLD_WEBHOOK_SECRET
 from .factories import invoice_object, post, post_event, signed_headers, stripe_event
@@ -146,7 +146,7 @@ def test_same_event_fifty_times_concurrently_is_one_row(receiver):
 
 def test_database_down_answers_503(db):
     from recovery.config import load_settings
-    from recovery.devserver import start_asgi_in_thread
+    from recovery.sim.servers import start_asgi_in_thread
     from recovery.web import make_app
 
     from .conftest import BASE_ENV, free_port, reload_settings

@@ -8,10 +8,10 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from recovery import delivery, links, migrate, outbox
 from recovery.config import get_settings
-from recovery.db import get_engine, session_scope
-from recovery.models import Customer, RecoveryCase
+from recovery.customers import delivery, links, outbox
+from recovery.db import get_engine, session_scope, upgrade
+from recovery.models import Customer, LinkPurpose, RecoveryCase
 
 from .conftest import reload_settings
 
@@ -21,7 +21,7 @@ NOW = datetime(2026, 11, 2, 9, tzinfo=UTC)
 @pytest.fixture
 def sqlite(tmp_path):
     url = f"sqlite:///{tmp_path / 'recovery.sqlite3'}"
-    migrate.upgrade(url)
+    upgrade(url)
     reload_settings(DATABASE_URL=url, BROKER_URL="memory://", OUTBOX_DIR=str(tmp_path / "out"))
     yield tmp_path
     reload_settings()
@@ -58,14 +58,13 @@ def test_outbox_and_links_on_sqlite(sqlite):
     assert "¥1,500" in message.get_body(("plain",)).get_content()
 
     with session_scope() as session:
-        token = links.mint(session, links.Purpose.PAY, NOW, timedelta(days=1), case_id=case_id)
+        token = links.mint(session, LinkPurpose.PAY, NOW, timedelta(days=1), case_id=case_id)
     with get_engine().connect() as conn:
         clicked = links.click(conn, token, NOW)
         assert clicked.live and clicked.hosted_invoice_url.endswith("test_1")
         assert links.click(conn, links.new_token(), NOW) is None
         conn.commit()
-    from recovery import redeem
 
-    answer = redeem.redeem(token, NOW, get_settings())
+    answer = links.redeem(token, NOW, get_settings())
     assert (answer.status, answer.location) == (303, "https://invoice.stripe.com/i/acct_1/test_1")
-    assert redeem.redeem(token, NOW + timedelta(days=2), get_settings()).status == 404
+    assert links.redeem(token, NOW + timedelta(days=2), get_settings()).status == 404

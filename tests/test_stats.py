@@ -58,7 +58,7 @@ def fill() -> None:
                 "eur",
                 amount_recovered=1500,
                 recovery_path="card_update",
-                recovered_by_step="retry:card-update:20261103T0900",
+                recovered_by_step="retry:card-update",
                 closed_at=T + timedelta(hours=24),
             ),
             # 4: expired card, canceled at the end of the plan
@@ -89,7 +89,7 @@ def fill() -> None:
             ("retry:1", "declined", "in_1"),
             ("retry:2", "paid", "in_1"),
             ("retry:1", "declined", "in_2"),
-            ("retry:card-update:20261103T0900", "paid", "in_3"),
+            ("retry:card-update", "paid", "in_3"),
         ):
             session.add(
                 RecoveryAttempt(

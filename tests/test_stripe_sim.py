@@ -9,7 +9,7 @@ import pytest
 import stripe
 
 from recovery import stripe_api
-from recovery.stripe_sim.objects import FIXTURES
+from recovery.sim.objects import FIXTURES
 
 from .factories import sim_post
 

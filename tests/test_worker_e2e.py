@@ -8,18 +8,24 @@ Stripe for the decline and opens the case.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select
+from celery import Celery
+from sqlalchemy import select, update
 
+from recovery import clock
+from recovery.config import get_settings
 from recovery.db import session_scope
-from recovery.models import RecoveryCase, WebhookEvent
+from recovery.engine import scheduler
+from recovery.inbox import relay
+from recovery.models import RecoveryAttempt, RecoveryCase, WebhookEvent
 
-from .conftest import BASE_ENV, ROOT
+from .conftest import BASE_ENV, ROOT, reload_settings
 from .factories import post_event, sim_post, stripe_event
 
 
@@ -51,7 +57,7 @@ def start_worker(db_url: str, broker_url: str, sim_url: str, tmp_path) -> subpro
         "PYTHONPATH": str(ROOT),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "recovery.cli", "worker", "--beat", "--concurrency", "2"],
+        [sys.executable, "-m", "recovery", "worker", "--beat", "--concurrency", "2"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -135,11 +141,8 @@ def test_broker_down_events_wait_then_flow_when_it_returns(
     db, sim, receiver, private_redis, tmp_path
 ):
     """The receiver answers 2xx while Redis is down; the sweep delivers afterwards."""
-    from recovery import inbox
-
-    from .conftest import reload_settings
-
     reload_settings(DATABASE_URL=db, BROKER_URL=private_redis.url, STRIPE_API_BASE=sim.url)
+    # recovery.tasks builds its Celery app from the settings when first imported.
     from recovery.tasks import make_celery
 
     app = make_celery()
@@ -152,7 +155,7 @@ def test_broker_down_events_wait_then_flow_when_it_returns(
     failed = next(e for e in sim.state.events if e["type"] == "invoice.payment_failed")
     # Redis is not running: the event is still acknowledged and stored.
     assert post_event(receiver, failed)[0] == 200
-    assert inbox.relay(publish, datetime.now(UTC), 100) == 0
+    assert relay.relay(publish, datetime.now(UTC), 100) == 0
     with session_scope() as session:
         row = session.scalars(select(WebhookEvent)).one()
         assert (row.status, row.enqueued_at) == ("pending", None)
@@ -171,15 +174,6 @@ def test_celery_worker_killed_mid_retry_completes_later_with_one_charge(
 ):
     """SIGKILL a real worker while Stripe holds the pay answer; after the lease a
     second worker takes the step again, asks Stripe first and charges nothing."""
-    import signal
-
-    from celery import Celery
-    from sqlalchemy import update
-
-    from recovery import clock, tick
-    from recovery.config import get_settings
-    from recovery.models import RecoveryAttempt
-
     clock.set_now(None)
     sim_post(
         sim.url,
@@ -194,7 +188,7 @@ def test_celery_worker_killed_mid_retry_completes_later_with_one_charge(
     invoice_id = scenario["invoice"]
     scenario_pays_from = time.time() + 2
     sim.flush()
-    tick.run_pass(get_settings(), sync=True)
+    scheduler.run_pass(get_settings(), sync=True)
     with session_scope() as session:
         case = session.scalars(select(RecoveryCase)).one()
         # The plan's first retry comes due now.
@@ -229,7 +223,7 @@ def test_celery_worker_killed_mid_retry_completes_later_with_one_charge(
             "PYTHONPATH": str(ROOT),
         }
         return subprocess.Popen(
-            [sys.executable, "-m", "recovery.cli", "worker", "--concurrency", "1"],
+            [sys.executable, "-m", "recovery", "worker", "--concurrency", "1"],
             env=env,
             cwd=tmp_path,
             stdout=log,

@@ -1,4 +1,5 @@
-"""The inbox after the receiver: relay stored events to workers, process them.
+"""The inbox after the receiver: relay stored events to workers, where each is
+handed to the handler the caller gives (engine/events.py in production).
 
 The database is the record; the broker only carries ids. The relay publishes
 due inbox rows in batches (one message per batch, so ingestion is bound by the
@@ -15,14 +16,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy.orm import Session
 
 from recovery import clock
 from recovery.config import Settings
-from recovery.db import session_scope
-from recovery.events import handle_event
+from recovery.db import dialect_of, session_scope
 from recovery.models import EventStatus, WebhookEvent
 from recovery.observability import scrub_text
 from recovery.stripe_api import StripeFailure
@@ -38,8 +40,12 @@ PUBLISH_CHUNK = 50
 # 30 s, 1 min, 2 min, … at most an hour between tries of an event.
 EVENT_RETRY_CAP = timedelta(hours=1)
 
+# What a stored event is handed to, in the transaction that marks it done;
+# returns the status it ends in (processed or ignored).
+Handler = Callable[[Session, dict[str, Any], datetime, Settings], EventStatus]
 
-def _due(now: datetime):
+
+def _due(now: datetime) -> ColumnElement[bool]:
     return or_(
         (WebhookEvent.status == EventStatus.PENDING)
         & (WebhookEvent.available_at <= now)
@@ -54,7 +60,7 @@ def relay(publish: Callable[[list[int]], None], now: datetime, batch_size: int) 
     with session_scope() as session:
         query = select(WebhookEvent.id).where(_due(now)).order_by(WebhookEvent.id)
         query = query.limit(batch_size)
-        if session.get_bind().dialect.name == "postgresql":
+        if dialect_of(session) == "postgresql":
             # Two relays (two beats) never publish the same rows at once.
             query = query.with_for_update(skip_locked=True)
         ids = list(session.scalars(query))
@@ -103,7 +109,7 @@ def _describe(exc: BaseException) -> str:
     return scrub_text(text)[:500]
 
 
-def process_event(event_id: int, now: datetime, settings: Settings) -> str | None:
+def process_event(event_id: int, now: datetime, settings: Settings, handle: Handler) -> str | None:
     """Process one inbox event; returns its new status, or None if not ours to do."""
     attempt = _claim(event_id, now)
     if attempt is None:
@@ -117,7 +123,7 @@ def process_event(event_id: int, now: datetime, settings: Settings) -> str | Non
             structlog.contextvars.bind_contextvars(
                 event_id=row.stripe_event_id, event_type=row.type
             )
-            status = handle_event(session, json.loads(row.payload), now, settings.stripe_livemode)
+            status = handle(session, json.loads(row.payload), now, settings)
             row.status = status
             row.processed_at = now
             row.last_error = None
@@ -157,8 +163,10 @@ def _record_failure(
     return status.value
 
 
-def process_events(ids: Sequence[int], now: datetime, settings: Settings) -> dict[int, str | None]:
-    return {event_id: process_event(event_id, now, settings) for event_id in ids}
+def process_events(
+    ids: Sequence[int], now: datetime, settings: Settings, handle: Handler
+) -> dict[int, str | None]:
+    return {event_id: process_event(event_id, now, settings, handle) for event_id in ids}
 
 
 def replay(event_ids: Sequence[int], now: datetime) -> int:
@@ -175,4 +183,4 @@ def replay(event_ids: Sequence[int], now: datetime) -> int:
                 last_error=None,
             )
         )
-    return result.rowcount
+    return int(result.rowcount)

@@ -10,19 +10,23 @@ dispatch, a redelivered task or a second beat cannot create a second email.
 Sending is delivery.py: just before handing an email to SMTP its row is
 marked `sending` and committed, so a worker that dies after that point leaves
 an email that may have gone out, recorded for an operator instead of being
-sent again.
+sent again. This module only keeps the rows; it asks nothing of the cases, so
+engine/cases.py can queue the thank-you when a case is recovered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
-from recovery.db import insert_ignore, session_scope
-from recovery.models import Message, RecoveryCase
+from recovery.db import dialect_of, insert_ignore, session_scope
+from recovery.models import Message, MessageStatus, RecoveryCase
 
 log = structlog.get_logger("recovery.outbox")
 
@@ -34,26 +38,41 @@ def case_key(case_id: int, step: str) -> str:
     return f"case:{case_id}:{step}"
 
 
+@dataclass(frozen=True)
+class CardFacts:
+    """The card a pre-dunning email is about."""
+
+    brand: str
+    last4: str | None
+    exp_month: int
+    exp_year: int
+
+
 def enqueue(
-    session,
+    session: Session,
     key: str,
     template: str,
     step: str,
     now: datetime,
     case_id: int | None = None,
     customer_id: int | None = None,
+    card: CardFacts | None = None,
 ) -> bool:
     """Queue an email unless one with this key exists; True if queued now."""
     return insert_ignore(
         session,
-        Message.__table__,
+        Message.__table__,  # type: ignore[arg-type]
         {
             "key": key,
             "case_id": case_id,
             "customer_id": customer_id,
             "step": step,
             "template": template,
-            "status": "pending",
+            "card_brand": card.brand if card else None,
+            "card_last4": card.last4 if card else None,
+            "card_exp_month": card.exp_month if card else None,
+            "card_exp_year": card.exp_year if card else None,
+            "status": MessageStatus.PENDING,
             "attempts": 0,
             "next_attempt_at": now,
             "created_at": now,
@@ -62,12 +81,12 @@ def enqueue(
     )
 
 
-def on_case_recovered(session, case: RecoveryCase, now: datetime) -> None:
+def on_case_recovered(session: Session, case: RecoveryCase, now: datetime) -> None:
     """Thank a customer we reminded; one who never heard from us gets nothing."""
     reminded = session.scalar(
         select(func.count())
         .select_from(Message)
-        .where(Message.case_id == case.id, Message.status == "sent")
+        .where(Message.case_id == case.id, Message.status == MessageStatus.SENT)
     )
     if reminded:
         enqueue(session, case_key(case.id, "recovered"), "recovered", "recovered", now, case.id)
@@ -79,38 +98,44 @@ def on_case_recovered(session, case: RecoveryCase, now: datetime) -> None:
 def release_lapsed(now: datetime) -> int:
     """Leases that ran out: back to pending before SMTP, failed after."""
     with session_scope() as session:
-        back = session.execute(
+        back: Any = session.execute(
             update(Message)
-            .where(Message.status == "claimed", Message.lease_until <= now)
-            .values(status="pending", lease_until=None)
-        ).rowcount
-        lost = session.execute(
+            .where(Message.status == MessageStatus.CLAIMED, Message.lease_until <= now)
+            .values(status=MessageStatus.PENDING, lease_until=None)
+        )
+        lost: Any = session.execute(
             update(Message)
-            .where(Message.status == "sending", Message.lease_until <= now)
-            .values(status="failed", lease_until=None, last_error=_LOST)
-        ).rowcount
-    if lost:
-        log.error("emails_lost_mid_send", count=lost)
-    return back + lost
+            .where(Message.status == MessageStatus.SENDING, Message.lease_until <= now)
+            .values(status=MessageStatus.FAILED, lease_until=None, last_error=_LOST)
+        )
+    if lost.rowcount:
+        log.error("emails_lost_mid_send", count=lost.rowcount)
+    return int(back.rowcount + lost.rowcount)
 
 
 def claim(now: datetime, limit: int, keys: list[str] | None = None) -> list[int]:
     with session_scope() as session:
         due = (
             select(Message.id)
-            .where(Message.status == "pending", Message.next_attempt_at <= now)
+            .where(Message.status == MessageStatus.PENDING, Message.next_attempt_at <= now)
             .order_by(Message.next_attempt_at)
             .limit(limit)
         )
         if keys is not None:
             due = due.where(Message.key.in_(keys))
-        if session.get_bind().dialect.name == "postgresql":
+        if dialect_of(session) == "postgresql":
             due = due.with_for_update(skip_locked=True)
         return list(
             session.scalars(
                 update(Message)
-                .where(Message.id.in_(due.scalar_subquery()), Message.status == "pending")
-                .values(status="claimed", lease_until=now + LEASE, attempts=Message.attempts + 1)
+                .where(
+                    Message.id.in_(due.scalar_subquery()), Message.status == MessageStatus.PENDING
+                )
+                .values(
+                    status=MessageStatus.CLAIMED,
+                    lease_until=now + LEASE,
+                    attempts=Message.attempts + 1,
+                )
                 .returning(Message.id)
             )
         )

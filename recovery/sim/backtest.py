@@ -17,9 +17,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from recovery import demo, population
 from recovery.db import session_scope
 from recovery.models import RecoveryCase
+from recovery.sim import demo, population
 
 BY_NAME = {cause.name: cause for cause in population.CAUSES}
 

@@ -4,6 +4,14 @@ A token is 256 random bits; only its SHA-256 is stored, so a copy of the
 database opens no one's payment page. A link has a purpose and an expiry, is
 revoked when its case closes, and is superseded by the next link minted for
 the same case (or customer) and purpose.
+
+What a click leads to (synchronous: the web app runs it in a worker thread):
+an open case's link (or a customer's pre-dunning link) opens a Stripe page
+made at click time, a Checkout Session in setup mode to save a new card, or
+the invoice's hosted page to pay or authenticate; we redirect only to an
+address Stripe returned, and only on Stripe's hosts. Paid: an "all set" page.
+Anything else (unknown, expired, revoked, a closed case) is one and the same
+page.
 """
 
 from __future__ import annotations
@@ -12,22 +20,29 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
 
+import structlog
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from recovery.models import Customer, RecoveryCase, RecoveryLink
+from recovery import stripe_api
+from recovery.config import Settings
+from recovery.db import get_engine, session_scope
+from recovery.models import (
+    CaseStatus,
+    Customer,
+    LinkPurpose,
+    LinkRevoked,
+    RecoveryCase,
+    RecoveryLink,
+)
+
+log = structlog.get_logger("recovery.links")
 
 # An opt-out link must keep working in an old email for a long while.
 OPT_OUT_TTL = timedelta(days=365)
-
-
-class Purpose(StrEnum):
-    PAY = "pay"
-    UPDATE_CARD = "update_card"
-    AUTHENTICATE = "authenticate"
-    OPT_OUT = "opt_out"
 
 
 def new_token() -> str:
@@ -42,7 +57,7 @@ def token_hash(token: str) -> str:
 class Wanted:
     """A link to mint: what for, and whose (a case's, or only a customer's)."""
 
-    purpose: Purpose
+    purpose: LinkPurpose
     case_id: int | None = None
     customer_id: int | None = None
 
@@ -54,7 +69,7 @@ def mint_many(session: Session, wanted: list[Wanted], now: datetime, ttl: timede
         return []
     if any(w.case_id is None and w.customer_id is None for w in wanted):
         raise ValueError("a link belongs to a case or a customer")
-    for purpose in {w.purpose for w in wanted} - {Purpose.OPT_OUT}:
+    for purpose in sorted({w.purpose for w in wanted} - {LinkPurpose.OPT_OUT}):
         of_purpose = [w for w in wanted if w.purpose is purpose]
         owners = [
             RecoveryLink.case_id.in_({w.case_id for w in of_purpose if w.case_id is not None}),
@@ -65,10 +80,10 @@ def mint_many(session: Session, wanted: list[Wanted], now: datetime, ttl: timede
             update(RecoveryLink)
             .where(
                 or_(*owners),
-                RecoveryLink.purpose == purpose.value,
+                RecoveryLink.purpose == purpose,
                 RecoveryLink.revoked_at.is_(None),
             )
-            .values(revoked_at=now, revoked_reason="superseded")
+            .values(revoked_at=now, revoked_reason=LinkRevoked.SUPERSEDED)
         )
     tokens = [new_token() for _ in wanted]
     session.execute(
@@ -78,8 +93,8 @@ def mint_many(session: Session, wanted: list[Wanted], now: datetime, ttl: timede
                 "case_id": w.case_id,
                 "customer_id": w.customer_id,
                 "token_hash": token_hash(token),
-                "purpose": w.purpose.value,
-                "expires_at": now + (OPT_OUT_TTL if w.purpose is Purpose.OPT_OUT else ttl),
+                "purpose": w.purpose,
+                "expires_at": now + (OPT_OUT_TTL if w.purpose is LinkPurpose.OPT_OUT else ttl),
                 "click_count": 0,
                 "created_at": now,
             }
@@ -91,7 +106,7 @@ def mint_many(session: Session, wanted: list[Wanted], now: datetime, ttl: timede
 
 def mint(
     session: Session,
-    purpose: Purpose,
+    purpose: LinkPurpose,
     now: datetime,
     ttl: timedelta,
     case_id: int | None = None,
@@ -101,17 +116,18 @@ def mint(
     return mint_many(session, [Wanted(purpose, case_id, customer_id)], now, ttl)[0]
 
 
-def revoke_case_links(session: Session, case_id: int, now: datetime, reason: str) -> int:
+def revoke_case_links(session: Session, case_id: int, now: datetime, reason: LinkRevoked) -> int:
     """Revoke a case's live links (opt-out links live on: they are the customer's)."""
-    return session.execute(
+    result: Any = session.execute(
         update(RecoveryLink)
         .where(
             RecoveryLink.case_id == case_id,
             RecoveryLink.revoked_at.is_(None),
-            RecoveryLink.purpose != Purpose.OPT_OUT.value,
+            RecoveryLink.purpose != LinkPurpose.OPT_OUT,
         )
         .values(revoked_at=now, revoked_reason=reason)
-    ).rowcount
+    )
+    return int(result.rowcount)
 
 
 @dataclass(frozen=True)
@@ -119,9 +135,9 @@ class Clicked:
     """A link as found at click time, with what the redirect needs."""
 
     link_id: int
-    purpose: str
+    purpose: LinkPurpose
     live: bool  # neither expired nor revoked
-    case_status: str | None
+    case_status: CaseStatus | None
     invoice_id: str | None
     hosted_invoice_url: str | None
     currency: str | None
@@ -203,3 +219,101 @@ def click(conn: Connection, token: str, now: datetime) -> Clicked | None:
         stripe_customer_id=stripe_customer,
         customer_id=customer_id,
     )
+
+
+# -- clicks --------------------------------------------------------------------------
+
+STRIPE_HOSTS = frozenset(
+    {"checkout.stripe.com", "invoice.stripe.com", "pay.stripe.com", "billing.stripe.com"}
+)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    page: str | None = None  # a template under templates/pages
+    location: str | None = None
+
+
+INVALID = Answer(404, "link_invalid")
+ALL_SET = Answer(200, "all_set")
+UNAVAILABLE = Answer(503, "unavailable")
+
+
+def allowed_redirect(url: str | None, settings: Settings) -> bool:
+    """Stripe's own hosts over https, or the configured Stripe-compatible server."""
+    if not url:
+        return False
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return False
+    if parts.scheme == "https" and parts.hostname in STRIPE_HOSTS and parts.port is None:
+        return True
+    if settings.stripe_api_base:
+        base = urlsplit(settings.stripe_api_base)
+        return (parts.scheme, parts.netloc) == (base.scheme, base.netloc)
+    return False
+
+
+def redeem(token: str, now: datetime, settings: Settings) -> Answer:
+    with get_engine().connect() as conn:
+        # One statement, committed as it runs: a click costs one round trip.
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        found = click(conn, token, now)
+    if found is None or found.purpose is LinkPurpose.OPT_OUT:
+        return INVALID
+    if found.case_status is CaseStatus.RECOVERED:
+        return ALL_SET
+    if not found.live or found.case_status not in (None, CaseStatus.OPEN):
+        return INVALID
+    try:
+        url = _stripe_page(found, settings)
+    except stripe_api.StripeFailure as exc:
+        log.warning("link_stripe_failed", link_id=found.link_id, error=type(exc).__name__)
+        return UNAVAILABLE
+    if not allowed_redirect(url, settings):
+        log.error("link_redirect_refused", link_id=found.link_id, host=urlsplit(url or "").hostname)
+        return UNAVAILABLE
+    log.info("link_redeemed", link_id=found.link_id, purpose=found.purpose)
+    return Answer(303, location=url)
+
+
+def _stripe_page(found: Clicked, settings: Settings) -> str | None:
+    if found.purpose in (LinkPurpose.PAY, LinkPurpose.AUTHENTICATE):
+        if found.hosted_invoice_url:
+            return found.hosted_invoice_url
+        if not found.invoice_id:
+            return None
+        return stripe_api.retrieve_invoice(found.invoice_id).get("hosted_invoice_url")
+    if not found.stripe_customer_id:
+        return None
+    session = stripe_api.create_setup_checkout_session(
+        found.stripe_customer_id,
+        success_url=f"{settings.public_base_url}/r/card-saved",
+        cancel_url=f"{settings.public_base_url}/r/not-saved",
+        # Each click gets its own session: a link clicked again after the
+        # first session expired must still work.
+        idempotency_key=f"link-{found.link_id}-{new_token()[:16]}",
+        currency=found.currency,
+    )
+    return session.get("url")
+
+
+def opt_out(token: str, now: datetime) -> Answer:
+    """Stop reminders for the link's customer, at once."""
+    with session_scope() as session:
+        found = click(session.connection(), token, now)
+        if found is None or found.purpose is not LinkPurpose.OPT_OUT or not found.live:
+            return INVALID
+        customer = session.get(Customer, found.customer_id)
+        if customer is not None and customer.reminders_opted_out_at is None:
+            customer.reminders_opted_out_at = now
+            log.info("customer_opted_out", customer_id=customer.id)
+    return Answer(200, "opt_out")
+
+
+def opt_out_valid(token: str, now: datetime) -> bool:
+    with get_engine().connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        found = click(conn, token, now)
+    return found is not None and found.purpose is LinkPurpose.OPT_OUT and found.live

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import click
 from sqlalchemy import select
 
-from recovery import clock, emails, mailer
-from recovery.cli_cases import _case, _emit_json, _operator
+from recovery import clock
+from recovery.cli.common import emit_json, find_case, operator
 from recovery.config import get_settings
+from recovery.customers import delivery, emails, mailer
+from recovery.db import session_scope
+from recovery.engine import cases
+from recovery.models import Customer, Message, MessageStatus
 
 
 @click.group("emails")
@@ -19,14 +24,8 @@ def emails_group() -> None:
 
 
 def _facts_for_case(ref: str, name: str, locale: str | None) -> emails.Facts:
-    import dataclasses
-
-    from recovery import delivery
-    from recovery.db import session_scope
-    from recovery.models import Customer, Message
-
     with session_scope() as session:
-        case = _case(session, ref)
+        case = find_case(session, ref)
         customer = session.get(Customer, case.customer_id) if case.customer_id else None
         if customer is None:
             raise click.ClickException(f"case {case.id} has no customer to write to")
@@ -48,7 +47,14 @@ def _facts_for_case(ref: str, name: str, locale: str | None) -> emails.Facts:
 @click.option("--currency", default="usd", show_default=True, help="Sample data only.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the HTML.")
 @click.option("--text", "show_text", is_flag=True, help="Print the plain-text part.")
-def emails_preview(name, case_ref, locale, currency, out, show_text) -> None:
+def emails_preview(
+    name: str,
+    case_ref: str | None,
+    locale: str | None,
+    currency: str,
+    out: Path | None,
+    show_text: bool,
+) -> None:
     """Render an email with a real case or realistic sample data.
 
     \b
@@ -75,7 +81,7 @@ def emails_preview(name, case_ref, locale, currency, out, show_text) -> None:
 @click.option("--to", "address", required=True, help="Where to send it.")
 @click.option("--locale", default="en_US", show_default=True)
 @click.option("--currency", default="usd", show_default=True)
-def emails_send_test(name, address, locale, currency) -> None:
+def emails_send_test(name: str, address: str, locale: str, currency: str) -> None:
     """Send one email with sample data through the configured transport.
 
     \b
@@ -98,21 +104,16 @@ def emails_send_test(name, address, locale, currency) -> None:
 
 
 @emails_group.command("list")
-@click.option(
-    "--status", type=click.Choice(["pending", "claimed", "sending", "sent", "skipped", "failed"])
-)
+@click.option("--status", type=click.Choice([s.value for s in MessageStatus]))
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def emails_list(status, limit, as_json) -> None:
+def emails_list(status: str | None, limit: int, as_json: bool) -> None:
     """The outbox, newest first; `--status failed` shows what needs a look.
 
     \b
     Example:
       recovery emails list --status failed
     """
-    from recovery.db import session_scope
-    from recovery.models import Message
-
     with session_scope() as session:
         query = select(Message).order_by(Message.id.desc()).limit(limit)
         if status:
@@ -130,7 +131,7 @@ def emails_list(status, limit, as_json) -> None:
             for m in session.scalars(query)
         ]
     if as_json:
-        return _emit_json(rows)
+        return emit_json(rows)
     for r in rows:
         click.echo(
             f"{r['id']:>7}  case {r['case_id'] or '-':<7} {r['template']:<24} {r['status']:<8}"
@@ -153,13 +154,9 @@ def links_revoke(ref: str, reason: str) -> None:
     Example:
       recovery links revoke 42 --reason "customer asked us to stop"
     """
-    from recovery import engine, links
-    from recovery.db import session_scope
-
     with session_scope() as session:
-        case = _case(session, ref)
-        count = links.revoke_case_links(session, case.id, clock.now(), "operator")
-        engine.audit(session, case, _operator(), "links_revoked", count=count, reason=reason)
+        case = find_case(session, ref, lock=True)
+        count = cases.revoke_links(session, case, clock.now(), operator(), reason)
     click.echo(json.dumps({"case": case.id, "revoked": count}))
 
 

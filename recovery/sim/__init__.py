@@ -1,5 +1,5 @@
 """A Stripe-compatible server (see server.py)."""
 
-from recovery.stripe_sim.server import CardBehavior, StripeSim
+from recovery.sim.server import CardBehavior, StripeSim
 
 __all__ = ["CardBehavior", "StripeSim"]

@@ -8,7 +8,6 @@ customer's locale and time zone. Pure: the outbox gathers the facts.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -20,11 +19,8 @@ from babel.dates import format_date, format_skeleton
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from recovery.config import Settings
+from recovery.models import LinkPurpose
 from recovery.money import format_money, locale_or_default
-
-TEMPLATES_DIR = Path(
-    os.environ.get("TEMPLATES_DIR") or Path(__file__).resolve().parent.parent / "templates"
-)
 
 NAMES = (
     "payment_failed",
@@ -39,13 +35,13 @@ NAMES = (
 REMINDERS = frozenset(NAMES) - {"recovered"}
 
 
-def link_purpose(template: str, category: str | None) -> str | None:
+def link_purpose(template: str, category: str | None) -> LinkPurpose | None:
     """Where the email's button leads: the purpose of its recovery link."""
     if template == "recovered":
         return None
     if template == "authentication_required" or category == "authenticate":
-        return "authenticate"
-    return "update_card"
+        return LinkPurpose.AUTHENTICATE
+    return LinkPurpose.UPDATE_CARD
 
 
 @dataclass(frozen=True)
@@ -84,17 +80,13 @@ class Rendered:
     html: str
 
 
-def _environments() -> tuple[Environment, Environment]:
-    loader = FileSystemLoader(str(TEMPLATES_DIR / "emails"))
+@lru_cache(maxsize=4)
+def _environments(templates_dir: Path) -> tuple[Environment, Environment]:
+    loader = FileSystemLoader(str(templates_dir / "emails"))
     common = {"loader": loader, "undefined": StrictUndefined, "keep_trailing_newline": True}
     html = Environment(autoescape=select_autoescape(default=True), **common)  # noqa: S701
     text = Environment(autoescape=False, **common)  # noqa: S701 - plain text, never HTML
     return html, text
-
-
-@lru_cache(maxsize=1)
-def _envs() -> tuple[Environment, Environment]:
-    return _environments()
 
 
 _INLINER = css_inline.CSSInliner(keep_style_tags=False, load_remote_stylesheets=False)
@@ -156,7 +148,7 @@ def context(facts: Facts, settings: Settings) -> dict:
 def render(name: str, facts: Facts, settings: Settings) -> Rendered:
     if name not in NAMES:
         raise ValueError(f"no email called {name!r}; there are: {', '.join(NAMES)}")
-    html_env, text_env = _envs()
+    html_env, text_env = _environments(settings.templates_dir)
     values = context(facts, settings)
     subject = " ".join(text_env.get_template(f"{name}/subject.txt").render(values).split())
     text = text_env.get_template(f"{name}/body.txt").render(values).strip() + "\n"

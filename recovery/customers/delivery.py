@@ -5,24 +5,31 @@ links minted, both parts rendered). Then each goes to SMTP in turn, and one
 statement per email both marks the previous one `sent` and this one `sending`:
 at any moment at most one row of the batch is in doubt, and a worker that
 dies leaves exactly that one to an operator, the rest sent or still to send.
+Whether a case's email may still go out is engine/cases.py's answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy import case as when
+from sqlalchemy.orm import Session
 
-from recovery import clock, emails, engine, links, mailer, outbox
+from recovery import clock
 from recovery.config import Settings, plausible_address
+from recovery.customers import emails, links, mailer, outbox
 from recovery.db import get_engine, session_scope
+from recovery.engine import cases, planner
 from recovery.models import (
     CaseStatus,
     Customer,
+    LinkPurpose,
     Message,
+    MessageStatus,
     RecoveryAttempt,
     RecoveryCase,
     StepKind,
@@ -44,7 +51,9 @@ class Ready:
     email: mailer.Outgoing
 
 
-def skip_reason(message: Message, case: RecoveryCase | None, customer: Customer | None):
+def skip_reason(
+    message: Message, case: RecoveryCase | None, customer: Customer | None
+) -> str | None:
     """Why this email must not go out now, or None."""
     if customer is None or not customer.email:
         return "no email address"
@@ -55,65 +64,83 @@ def skip_reason(message: Message, case: RecoveryCase | None, customer: Customer 
     if case is None:
         return None
     if message.template == "recovered":
-        return None if case.status == CaseStatus.RECOVERED.value else "case not recovered"
-    if case.status != CaseStatus.OPEN.value:
-        return f"case {case.status}"
-    if case.paused_at is not None:
-        return "case paused"
+        return None if case.status is CaseStatus.RECOVERED else "case not recovered"
+    if not cases.may_act(case):
+        return "case paused" if case.status is CaseStatus.OPEN else f"case {case.status.value}"
     return None
 
 
-def plan_dates(session, cases: list[RecoveryCase], settings: Settings) -> dict[int, tuple]:
+PlanDates = tuple[datetime | None, datetime | None, str | None]
+
+
+def plan_dates(
+    session: Session, open_cases: list[RecoveryCase], settings: Settings
+) -> dict[int, PlanDates]:
     """Per case: the next retry, the final action's date and what it does."""
 
-    def first(kind: StepKind):
-        return func.min(RecoveryAttempt.due_at).filter(RecoveryAttempt.kind == kind.value)
+    def first(kind: StepKind) -> Any:
+        return func.min(RecoveryAttempt.due_at).filter(RecoveryAttempt.kind == kind)
 
     found = {
         case_id: (retry, final)
         for case_id, retry, final in session.execute(
             select(RecoveryAttempt.case_id, first(StepKind.RETRY), first(StepKind.FINAL))
             .where(
-                RecoveryAttempt.case_id.in_([c.id for c in cases]),
-                RecoveryAttempt.status == StepStatus.SCHEDULED.value,
+                RecoveryAttempt.case_id.in_([c.id for c in open_cases]),
+                RecoveryAttempt.status == StepStatus.SCHEDULED,
             )
             .group_by(RecoveryAttempt.case_id)
         )
     }
-    dates = {}
-    for case in cases:
+    dates: dict[int, PlanDates] = {}
+    for case in open_cases:
         retry, final = found.get(case.id, (None, None))
         action = None
         if final is not None and case.category:
-            action = engine.plan_for(engine.Category(case.category), settings).final_action.value
+            action = planner.plan_for(case.category, settings).final_action.value
         dates[case.id] = (retry or case.next_payment_attempt, final, action)
     return dates
 
 
-def links_wanted(message: Message, case, customer) -> list[links.Wanted]:
+def links_wanted(
+    message: Message, case: RecoveryCase | None, customer: Customer
+) -> list[links.Wanted]:
     wanted = []
     purpose = emails.link_purpose(message.template, case.category if case else None)
     if purpose:
-        wanted.append(links.Wanted(links.Purpose(purpose), case.id if case else None, customer.id))
+        wanted.append(links.Wanted(purpose, case.id if case else None, customer.id))
     if message.template in emails.REMINDERS:
-        wanted.append(links.Wanted(links.Purpose.OPT_OUT, None, customer.id))
+        wanted.append(links.Wanted(LinkPurpose.OPT_OUT, None, customer.id))
     return wanted
 
 
 def facts(
-    message: Message, case, customer, dates: tuple | None, urls: dict, now: datetime
+    message: Message,
+    case: RecoveryCase | None,
+    customer: Customer,
+    dates: PlanDates | None,
+    urls: dict[LinkPurpose, str],
+    now: datetime,
 ) -> emails.Facts:
     """What the email says, in the customer's terms; `urls` by link purpose."""
-    action_url = next((u for p, u in urls.items() if p is not links.Purpose.OPT_OUT), None)
+    action_url = next((u for p, u in urls.items() if p is not LinkPurpose.OPT_OUT), None)
     common = {
         "locale": customer.locale,
         "timezone": customer.timezone,
         "customer_name": customer.name,
         "action_url": action_url,
-        "opt_out_url": urls.get(links.Purpose.OPT_OUT),
+        "opt_out_url": urls.get(LinkPurpose.OPT_OUT),
     }
     if case is None:  # pre-dunning: the card the expiry notice named
-        return emails.Facts(amount=0, currency="usd", **common, **_card_from_step(message.step))
+        return emails.Facts(
+            amount=0,
+            currency="usd",
+            card_brand=message.card_brand,
+            card_last4=message.card_last4,
+            card_exp_month=message.card_exp_month,
+            card_exp_year=message.card_exp_year,
+            **common,
+        )
     next_retry, final_at, final_action = dates or (None, None, None)
     return emails.Facts(
         amount=case.amount_due,
@@ -131,19 +158,9 @@ def facts(
     )
 
 
-def _card_from_step(step: str) -> dict:
-    """`card_expiring:<brand>:<last4>:<year>-<month>`, as events.py names it."""
-    _, brand, last4, expiry = step.split(":", 3)
-    year, month = (int(part) for part in expiry.split("-"))
-    return {
-        "card_brand": brand,
-        "card_last4": last4,
-        "card_exp_year": year,
-        "card_exp_month": month,
-    }
-
-
-def prepare(ids: list[int], now: datetime, settings: Settings):
+def prepare(
+    ids: list[int], now: datetime, settings: Settings
+) -> tuple[list[Ready], dict[int, str | None]]:
     """Re-check, mint links and render a batch of claimed emails, in one
     transaction. Returns the emails ready to send and the outcomes of the rest
     (None: no longer ours)."""
@@ -156,7 +173,7 @@ def prepare(ids: list[int], now: datetime, settings: Settings):
                 Customer,
                 Customer.id == func.coalesce(Message.customer_id, RecoveryCase.customer_id),
             )
-            .where(Message.id.in_(ids), Message.status == "claimed")
+            .where(Message.id.in_(ids), Message.status == MessageStatus.CLAIMED)
             .order_by(Message.id)
             .with_for_update(of=Message)
         ).all()
@@ -166,8 +183,14 @@ def prepare(ids: list[int], now: datetime, settings: Settings):
             if reason is None:
                 live.append((message, case, customer))
                 continue
-            _mark(session, message.id, status="skipped", last_error=reason, lease_until=None)
-            outcomes[message.id] = "skipped"
+            _mark(
+                session,
+                message.id,
+                status=MessageStatus.SKIPPED,
+                last_error=reason,
+                lease_until=None,
+            )
+            outcomes[message.id] = MessageStatus.SKIPPED
             log.info("email_skipped", message_id=message.id, template=message.template, why=reason)
         dates = plan_dates(session, [c for _, c, _ in live if c is not None], settings)
         wanted = [links_wanted(m, c, cu) for m, c, cu in live]
@@ -189,13 +212,13 @@ def prepare(ids: list[int], now: datetime, settings: Settings):
     return ready, outcomes
 
 
-def _url(settings: Settings, purpose: links.Purpose, token: str) -> str:
-    route = "u" if purpose is links.Purpose.OPT_OUT else "r"
+def _url(settings: Settings, purpose: LinkPurpose, token: str) -> str:
+    route = "u" if purpose is LinkPurpose.OPT_OUT else "r"
     return f"{settings.public_base_url}/{route}/{token}"
 
 
 def send_all(
-    ids: list[int], now: datetime, settings: Settings, transport=None
+    ids: list[int], now: datetime, settings: Settings, transport: mailer.Transport | None = None
 ) -> dict[int, str | None]:
     """Send a batch of claimed emails; outcome per id (None: not ours to send)."""
     transport = transport or mailer.transport_for(settings)
@@ -210,7 +233,7 @@ def send_all(
         except mailer.SendFailed as failed:
             outcomes[item.message_id], previous = _failed(item, now, failed), None
             continue
-        outcomes[item.message_id], previous = "sent", item.message_id
+        outcomes[item.message_id], previous = MessageStatus.SENT, item.message_id
         log.info("email_sent", message_id=item.message_id, template=item.template)
     _advance(previous, None, now)
     return outcomes
@@ -222,10 +245,13 @@ _ADVANCE = (
     update(Message)
     .where(
         Message.id.in_([bindparam("done_id"), bindparam("next_id")]),
-        when((_DONE, Message.status == "sending"), else_=Message.status == "claimed"),
+        when(
+            (_DONE, Message.status == MessageStatus.SENDING),
+            else_=Message.status == MessageStatus.CLAIMED,
+        ),
     )
     .values(
-        status=when((_DONE, "sent"), else_="sending"),
+        status=when((_DONE, MessageStatus.SENT.value), else_=MessageStatus.SENDING.value),
         sent_at=when((_DONE, bindparam("sent_moment")), else_=Message.sent_at),
         lease_until=when((_DONE, None), else_=Message.lease_until),
         last_error=when((_DONE, None), else_=Message.last_error),
@@ -255,24 +281,24 @@ def _advance(sent: int | None, sending: Ready | None, now: datetime) -> bool:
     return sending is None or sending.message_id in changed
 
 
-def _mark(session, message_id: int, **values) -> None:
+def _mark(session: Session, message_id: int, **values: Any) -> None:
     session.execute(update(Message).where(Message.id == message_id).values(**values))
 
 
 def _failed(item: Ready, now: datetime, failed: mailer.SendFailed) -> str:
     permanent = failed.permanent or item.attempts >= MAX_ATTEMPTS
-    values = {"last_error": str(failed), "lease_until": None}
+    values: dict[str, Any] = {"last_error": str(failed), "lease_until": None}
     if permanent:
-        values["status"] = "failed"
+        values["status"] = MessageStatus.FAILED
     else:
         delay = clock.doubling(item.attempts, EMAIL_RETRY_CAP, first=timedelta(minutes=1))
-        values.update(status="pending", next_attempt_at=now + delay)
+        values.update(status=MessageStatus.PENDING, next_attempt_at=now + delay)
     with session_scope() as session:
         _mark(session, item.message_id, **values)
     log.warning(
         "email_failed", message_id=item.message_id, permanent=permanent, error=str(failed)[:120]
     )
-    return "failed" if permanent else "retrying"
+    return MessageStatus.FAILED if permanent else "retrying"
 
 
 def send_now(key: str, now: datetime, settings: Settings) -> str | None:

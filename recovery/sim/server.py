@@ -6,7 +6,9 @@ requests, Bearer keys, JSON objects shaped from Stripe's examples, error bodies
 Idempotency-Key replay/mismatch. It signs and delivers webhook events.
 
 Routes under /_sim/ (JSON in, JSON out) steer it: create customers, cards and
-invoices, say how a card behaves, inject faults, move its clock.
+invoices, say how a card behaves, inject faults, move its clock. A driver in
+the same process (the demo, tests) hands it a clock instead, and its time
+follows the driver's simulated one.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 from recovery.config import DEFAULT_STRIPE_API_VERSION
-from recovery.stripe_sim import objects
-from recovery.webhooks import signature_header
+from recovery.inbox.receiver import signature_header
+from recovery.sim import objects
 
 
 class ApiError(Exception):
@@ -142,8 +146,16 @@ class State:
 class StripeSim:
     """The simulator's state and its WSGI entry point (`sim.wsgi`)."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:12111", livemode: bool = False):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:12111",
+        livemode: bool = False,
+        clock: Callable[[], datetime] | None = None,
+    ):
         self.state = State(base_url=base_url.rstrip("/"), livemode=livemode)
+        # The time it runs at: the driver's clock when given, else the real one;
+        # /_sim/clock moves it further by an offset.
+        self._clock = clock
         self.lock = threading.RLock()
         self._current_key: str | None = None  # of the request being answered
         self._outbox: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
@@ -153,7 +165,8 @@ class StripeSim:
     # -- time and storage -------------------------------------------------
 
     def now(self) -> int:
-        return int(time.time() + self.state.clock_offset)
+        base = self._clock().timestamp() if self._clock is not None else time.time()
+        return int(base + self.state.clock_offset)
 
     def get(self, kind: str, object_id: str) -> dict[str, Any]:
         obj = self.state.objects.get(object_id)
@@ -602,7 +615,7 @@ class StripeSim:
             case ("POST", "clock"):
                 self.state.clock_offset += float(body.get("advance", 0))
                 if "now" in body:
-                    self.state.clock_offset = float(body["now"]) - time.time()
+                    self.state.clock_offset += float(body["now"]) - self.now()
                 return 200, {"now": self.now()}
             case ("GET", "events"):
                 return 200, {"data": self.state.events}

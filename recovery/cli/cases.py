@@ -1,58 +1,36 @@
 """Operator commands for the engine: tick, classify, cases, retry, pause, resume, cancel.
 
-Every action on a case is written to the audit log with the operating-system
-user, the time and the reason. Unknown ids and refused actions exit 1.
+Every action on a case is made by engine/cases.py and written to the audit log
+with the operating-system user, the time and the reason. Unknown ids and
+refused actions exit 1.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import click
 from sqlalchemy import select
 
 from recovery import clock
+from recovery.cli.common import emit_json, find_case, instant_option, operator
 from recovery.config import get_settings
-
-
-def _emit_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-def _operator() -> str:
-    try:
-        return f"operator:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "operator:unknown"
-
-
-def instant_option(value: str, option: str):
-    """An ISO 8601 instant given on the command line, or a usage error naming the option."""
-    try:
-        return clock.parse_instant(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not an ISO 8601 instant", param_hint=option
-        ) from None
-
-
-def _case(session, ref: str, lock: bool = False):
-    from recovery.models import RecoveryCase
-
-    query = select(RecoveryCase)
-    if ref.isdigit():
-        query = query.where(RecoveryCase.id == int(ref))
-    else:
-        query = query.where(RecoveryCase.invoice_id == ref)
-    if lock:
-        query = query.with_for_update()
-    case = session.scalars(query).one_or_none()
-    if case is None:
-        raise click.ClickException(f"no case {ref!r} (give a case id or an invoice id, in_…)")
-    return case
-
+from recovery.db import session_scope
+from recovery.engine import cases as case_machine
+from recovery.engine import classify as rules
+from recovery.engine import scheduler
+from recovery.models import (
+    AuditEntry,
+    CaseStatus,
+    Message,
+    RecoveryAttempt,
+    RecoveryCase,
+    RecoveryLink,
+    StepStatus,
+)
 
 # -- tick -------------------------------------------------------------------------
 
@@ -67,20 +45,27 @@ def tick(at: str | None, sync: bool) -> None:
     Examples:
       recovery tick                                  # hand due work to workers
       recovery tick --now 2026-12-01T09:00Z --sync   # simulated time, in-process
-    """
-    from recovery import tick as ticking
 
+    --now moves this process's clock only; a Stripe-compatible server keeps
+    its own (move it through its /_sim/clock route).
+    """
     settings = get_settings()
     if at:
-        instant = instant_option(at, "--now")
-        clock.set_now(instant)
-        ticking.follow_simulated_clock(settings, instant)
-    publish_events = publish_steps = publish_messages = None
-    if not sync:
-        from recovery.tasks import publish_event_batch, publish_messages, publish_step_batch
+        clock.set_now(instant_option(at, "--now"))
+    if sync:
+        result = scheduler.run_pass(settings, sync=True)
+    else:
+        # recovery.tasks builds the Celery app from the settings when imported:
+        # only the commands that publish to workers import it.
+        from recovery import tasks
 
-        publish_events, publish_steps = publish_event_batch, publish_step_batch
-    result = ticking.run_pass(settings, sync, publish_events, publish_steps, publish_messages)
+        result = scheduler.run_pass(
+            settings,
+            sync=False,
+            publish_events=tasks.publish_event_batch,
+            publish_steps=tasks.publish_step_batch,
+            publish_messages=tasks.publish_messages,
+        )
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items()))
     click.echo(
         f"{clock.now():%Y-%m-%d %H:%M:%S}Z: {result.events} event(s), {result.steps} step(s),"
@@ -100,7 +85,13 @@ def tick(at: str | None, sync: bool) -> None:
 @click.option("--brand")
 @click.option("--json", "as_json", is_flag=True)
 def classify(
-    show_list, decline_code, advice_code, network_advice_code, network_decline_code, brand, as_json
+    show_list: bool,
+    decline_code: str | None,
+    advice_code: str | None,
+    network_advice_code: str | None,
+    network_decline_code: str | None,
+    brand: str | None,
+    as_json: bool,
 ) -> None:
     """How a decline is read: the rule table, or one failure's category.
 
@@ -109,12 +100,10 @@ def classify(
       recovery classify --list
       recovery classify --decline-code do_not_honor --brand mastercard --network-advice-code 03
     """
-    from recovery import classify as rules
-
     if show_list:
         table = rules.table()
         if as_json:
-            return _emit_json(table)
+            return emit_json(table)
         click.echo(f"{'signal':<32} {'code':<34} {'category':<16} {'wait':<5} why")
         for row in table:
             click.echo(
@@ -142,7 +131,7 @@ def classify(
         "contacts_customer": result.contacts_customer,
     }
     if as_json:
-        return _emit_json(answer)
+        return emit_json(answer)
     for key, value in answer.items():
         click.echo(f"{key:>18}: {value}")
 
@@ -155,7 +144,7 @@ def cases() -> None:
     """Recovery cases: one per failed invoice."""
 
 
-def _case_summary(case) -> dict:
+def _case_summary(case: RecoveryCase) -> dict[str, Any]:
     return {
         "id": case.id,
         "invoice": case.invoice_id,
@@ -172,14 +161,14 @@ def _case_summary(case) -> dict:
 
 
 @cases.command("list")
-@click.option(
-    "--status", type=click.Choice(["open", "recovered", "canceled", "voided", "uncollectible"])
-)
+@click.option("--status", type=click.Choice([s.value for s in CaseStatus]))
 @click.option("--category")
 @click.option("--since", help="Opened at or after this ISO 8601 instant.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True)
-def cases_list(status, category, since, limit, as_json) -> None:
+def cases_list(
+    status: str | None, category: str | None, since: str | None, limit: int, as_json: bool
+) -> None:
     """The newest cases first.
 
     \b
@@ -187,9 +176,6 @@ def cases_list(status, category, since, limit, as_json) -> None:
       recovery cases list --status open --category retry
       recovery cases list --since 2026-11-01 --json
     """
-    from recovery.db import session_scope
-    from recovery.models import RecoveryCase
-
     query = select(RecoveryCase).order_by(RecoveryCase.id.desc()).limit(limit)
     if status:
         query = query.where(RecoveryCase.status == status)
@@ -200,7 +186,7 @@ def cases_list(status, category, since, limit, as_json) -> None:
     with session_scope() as session:
         rows = [_case_summary(c) for c in session.scalars(query)]
     if as_json:
-        return _emit_json(rows)
+        return emit_json(rows)
     click.echo(
         f"{'id':>6}  {'status':<13} {'category':<16} {'amount':>12}  {'decline':<24} invoice"
     )
@@ -223,11 +209,8 @@ def cases_show(ref: str, as_json: bool) -> None:
     Example:
       recovery cases show in_1MtHbELkdIwHu7ixl4OzzPMv
     """
-    from recovery.db import session_scope
-    from recovery.models import AuditEntry, Message, RecoveryAttempt, RecoveryLink
-
     with session_scope() as session:
-        case = _case(session, ref)
+        case = find_case(session, ref)
         summary = _case_summary(case) | {
             "card_brand": case.card_brand,
             "failure_code": case.failure_code,
@@ -290,7 +273,7 @@ def cases_show(ref: str, as_json: bool) -> None:
             }
             for link in session.scalars(select(RecoveryLink).where(RecoveryLink.case_id == case.id))
         ]
-        upcoming = [s for s in planned if s["status"] == "scheduled"]
+        upcoming = [s for s in planned if s["status"] is StepStatus.SCHEDULED]
         data = {
             **summary,
             "timeline": timeline,
@@ -300,7 +283,7 @@ def cases_show(ref: str, as_json: bool) -> None:
             "next_step": upcoming[0] if upcoming else None,
         }
     if as_json:
-        return _emit_json(data)
+        return emit_json(data)
     for key, value in summary.items():
         click.echo(f"{key:>22}: {value if value is not None else '-'}")
     click.echo("\ntimeline:")
@@ -345,78 +328,48 @@ def retry(ref: str, dry_run: bool, force: bool, reason: str | None) -> None:
       recovery retry 42 --dry-run
       recovery retry in_1MtHbELkdIwHu7ixl4OzzPMv --force --reason "customer asked on the phone"
     """
-    from recovery import engine, steps
-    from recovery.classify import classify as classify_failure
-    from recovery.db import session_scope
-    from recovery.models import CaseStatus, StepKind
-
     if force and not reason:
         raise click.UsageError("--force needs a --reason")
     settings = get_settings()
     now = clock.now()
     with session_scope() as session:
-        case = _case(session, ref, lock=True)
-        if case.status != CaseStatus.OPEN.value:
-            raise click.ClickException(f"case {case.id} is {case.status}; nothing to retry")
-        result = classify_failure(engine.failure_of(case))
-        refusals = []
-        if not result.may_retry_card:
-            refusals.append(f"category {result.category.value}: {result.why}")
-        allowed = engine.earliest_retry(session, case, now, settings)
-        if allowed is None:
-            refusals.append("a stop code was seen on this card")
-        elif allowed > now:
-            refusals.append(f"card-network limit: next allowed {allowed:%Y-%m-%d %H:%M}Z")
-        if refusals and not force:
-            raise click.ClickException(
-                "refused: " + "; ".join(refusals) + " (use --force --reason to override)"
+        case = find_case(session, ref, lock=True)
+        try:
+            request = case_machine.request_retry(
+                session, case, now, operator(), reason, force, settings, dry_run=dry_run
             )
-        if dry_run:
-            verdict = "would retry" + (
-                " (forced past: " + "; ".join(refusals) + ")" if refusals else ""
-            )
-            click.echo(f"case {case.id}: {verdict} invoice {case.invoice_id} now")
-            return
-        name = f"retry:{'forced' if refusals else 'manual'}:{int(now.timestamp())}"
-        engine.cancel_steps(session, case, StepKind.RETRY)
-        engine.schedule(session, case, StepKind.RETRY, name, now)
-        engine.audit(
-            session, case, _operator(), "retry", reason=reason, forced=bool(refusals), step=name
-        )
-        case_id = case.id
-    claim = steps.claim_step(case_id, name, now, timedelta(seconds=settings.step_lease_seconds))
-    outcome = steps.execute(claim, now, settings) if claim else None
+        except case_machine.CaseRefused as refused:
+            raise click.ClickException(str(refused)) from None
+        case_id, invoice_id = case.id, case.invoice_id
+    if request.step is None:
+        past = " (forced past: " + "; ".join(request.refusals) + ")" if request.refusals else ""
+        click.echo(f"case {case_id}: would retry{past} invoice {invoice_id} now")
+        return
+    outcome = scheduler.execute_named(case_id, request.step, now, settings)
     click.echo(f"case {case_id}: {outcome or 'step already taken by a worker'}")
 
 
-def _case_action(ref: str, reason: str, action: str) -> None:
-    from recovery import engine
-    from recovery.db import session_scope
-    from recovery.events import close_case
-    from recovery.models import CaseStatus
+_ACTIONS: dict[str, Callable[..., None]] = {
+    "pause": case_machine.pause,
+    "cancel": case_machine.cancel,
+    "resume": lambda session, case, now, actor, reason: case_machine.resume(
+        session, case, now, actor, reason, get_settings()
+    ),
+}
 
+
+def _case_action(ref: str, reason: str, action: str) -> None:
     now = clock.now()
     with session_scope() as session:
-        case = _case(session, ref, lock=True)
-        if case.status != CaseStatus.OPEN.value:
-            raise click.ClickException(f"case {case.id} is {case.status}; cannot {action}")
-        if action == "pause":
-            if case.paused_at is not None:
-                raise click.ClickException(f"case {case.id} is already paused")
-            case.paused_at = now
-            engine.cancel_steps(session, case)
-        elif action == "resume":
-            if case.paused_at is None:
-                raise click.ClickException(f"case {case.id} is not paused")
-            case.paused_at = None
-            engine.plan_case(session, case, now)
-        else:
-            close_case(session, case, CaseStatus.CANCELED, now)
-        engine.audit(session, case, _operator(), action, reason=reason)
+        case = find_case(session, ref, lock=True)
+        try:
+            _ACTIONS[action](session, case, now, operator(), reason)
+        except case_machine.CaseRefused as refused:
+            raise click.ClickException(str(refused)) from None
         click.echo(f"case {case.id}: {action}d")
 
 
-def _action_command(action: str, help_text: str):
+def _action_command(action: str, help_text: str) -> click.Command:
     @click.command(action, help=help_text)
     @click.argument("ref")
     @click.option("--reason", required=True, help="Why; written to the audit log.")

@@ -18,9 +18,10 @@ from email.header import Header
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 from recovery.config import Settings
-from recovery.emails import Rendered
+from recovery.customers.emails import Rendered
 
 _ADDRESS = re.compile(r"[^\s<>@]+@[^\s<>@]+")
 
@@ -92,6 +93,12 @@ def build(
 def _header(value: str) -> str:
     """A header value as RFC 2047 words when it is not plain ASCII."""
     return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+class Transport(Protocol):
+    """Where emails go: SMTP, or files. `send` raises SendFailed."""
+
+    def send(self, message: Outgoing) -> None: ...
 
 
 class FileOutbox:
@@ -197,7 +204,7 @@ def _close_all(idle: list[smtplib.SMTP]) -> None:
 
 
 @lru_cache(maxsize=4)
-def transport_for(settings: Settings) -> SmtpTransport | FileOutbox:
+def transport_for(settings: Settings) -> Transport:
     """One transport per settings, so a worker keeps its SMTP connections."""
     if settings.smtp_host:
         return SmtpTransport(settings)

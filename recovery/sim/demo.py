@@ -13,10 +13,12 @@ pages, save a new card or authenticate. Recoveries are whatever follows.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
 import shutil
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,10 +26,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from recovery import clock
-from recovery.population import Member
+from sqlalchemy import Engine, text
+
+from recovery import clock, ratelimit, stats, stripe_api
+from recovery.config import get_settings
+from recovery.customers import mailer
+from recovery.db import get_engine, reset_engine, session_scope, upgrade
+from recovery.engine import scheduler
+from recovery.observability import configure
+from recovery.sim.population import Member
+from recovery.sim.server import StripeSim
+from recovery.sim.servers import start_asgi_in_thread, start_wsgi_in_thread
+from recovery.web import make_app
 
 START = datetime(2026, 10, 1, tzinfo=UTC)
 _SECRET = "whsec_recovery_demo"  # noqa: S105 - the in-process simulator's, nothing else's
@@ -53,9 +66,6 @@ class Outcome:
 @contextmanager
 def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
     """The process configured for one run in `workdir`, restored afterwards."""
-    from recovery.config import get_settings
-    from recovery.observability import configure
-
     overrides = {
         "RECOVERY_ENV": "development",
         "DATABASE_URL": f"sqlite:///{workdir / 'recovery.sqlite3'}",
@@ -103,8 +113,6 @@ def _post(url: str, body: dict | None = None) -> tuple[int, dict]:
 
 def _location(url: str) -> str | None:
     """GET a recovery link without following it; the redirect's target."""
-    import http.client
-
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
@@ -190,16 +198,16 @@ def run(
         return _run(members, seed, days, workdir, progress)
 
 
-def _run(members, seed, days, workdir, progress) -> Outcome:
-    from recovery import migrate, stats, tick
-    from recovery.config import get_settings
-    from recovery.db import get_engine, session_scope
-    from recovery.devserver import start_asgi_in_thread, start_wsgi_in_thread
-    from recovery.stripe_sim import StripeSim
-    from recovery.web import make_app
-
-    migrate.upgrade(os.environ["DATABASE_URL"])
-    sim = StripeSim()
+def _run(
+    members: list[Member],
+    seed: int,
+    days: int,
+    workdir: Path,
+    progress: Callable[[int], None] | None,
+) -> Outcome:
+    upgrade(os.environ["DATABASE_URL"])
+    # The simulated Stripe keeps the same simulated time as the engine.
+    sim = StripeSim(clock=clock.now)
     sim_server = start_wsgi_in_thread(sim.wsgi)
     sim.state.base_url = sim_server.url
     os.environ["STRIPE_API_BASE"] = sim_server.url
@@ -221,7 +229,6 @@ def _run(members, seed, days, workdir, progress) -> Outcome:
         for hour in range(hours + 1):
             now = START + timedelta(hours=hour)
             clock.set_now(now)
-            sim.state.clock_offset = now.timestamp() - datetime.now(UTC).timestamp()
             while queue and queue[0].fails_at <= now:
                 member = queue.pop(0)
                 made = _post(
@@ -238,7 +245,7 @@ def _run(members, seed, days, workdir, progress) -> Outcome:
                 invoices[made["invoice"]] = member
             customers.act(now, sim_server.url)
             sim.flush()
-            tick.run_pass(settings, sync=True)
+            scheduler.run_pass(settings, sync=True)
             sim.flush()
             customers.read_mail(now)
             if progress:
@@ -259,10 +266,6 @@ def _run(members, seed, days, workdir, progress) -> Outcome:
 
 def _refresh_settings() -> None:
     """Everything built from the settings, built again from the environment."""
-    from recovery import mailer, ratelimit, stripe_api
-    from recovery.config import get_settings
-    from recovery.db import reset_engine
-
     get_settings.cache_clear()
     stripe_api.client.cache_clear()
     ratelimit.shared_bucket.cache_clear()
@@ -270,11 +273,11 @@ def _refresh_settings() -> None:
     reset_engine()
 
 
-def _checks(numbers: dict, sim, invoices: dict[str, Member], engine) -> dict[str, bool]:
+def _checks(
+    numbers: dict[str, Any], sim: StripeSim, invoices: dict[str, Member], engine: Engine
+) -> dict[str, bool]:
     """What must hold whatever the outcome: sums that add up, and agreement
     with the Stripe-compatible server."""
-    from sqlalchemy import text
-
     paid = {}
     for invoice_id in invoices:
         invoice = sim.state.objects[invoice_id]

@@ -1,0 +1,71 @@
+"""The `recovery` command: one module per command group, each parsing its
+arguments, calling the product and printing what it did."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from sqlalchemy.exc import DBAPIError
+
+from recovery.cli import cases, customers, dev, figures, inbox, run
+from recovery.config import ConfigError, get_settings
+
+
+@click.group()
+def cli() -> None:
+    """Win back failed Stripe subscription payments.
+
+    \b
+    Start here:
+      recovery demo                      a month of failures, worked on this machine
+      recovery dev                       the whole stack, live, on the embedded default
+    \b
+    Run it (docker-compose runs these):
+      recovery db upgrade                apply migrations
+      recovery serve                     webhook receiver and customer links
+      recovery worker                    Celery worker (events, steps, emails)
+      recovery beat                      the scheduler, exactly one
+    \b
+    Operate it:
+      recovery cases list | show         cases and their timelines
+      recovery retry | pause | resume | cancel
+      recovery stats | report            what recovery brought back
+      recovery emails preview | send-test | list
+      recovery links revoke
+      recovery sync                      backfill failed invoices at install
+      recovery events replay --since     catch up after downtime
+      recovery simulate                  backtest plans side by side
+      recovery tick --now ISO --sync     one pass as of an instant
+    \b
+    Configuration is the environment (see .env.example); a bad value stops
+    every command with one line naming it.
+    \b
+    Exit codes: 0 ok · 1 user error (unknown id, refused action) ·
+    2 usage (bad arguments or configuration) · 3 a service is unavailable
+    (database, Stripe).
+    """
+    # Validate the whole configuration before any command does anything.
+    get_settings()
+
+
+for _group in (run, dev, cases, inbox, customers, figures):
+    for _command in _group.COMMANDS:
+        cli.add_command(_command)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(2)
+    except DBAPIError as exc:
+        # The driver's first line only: the statement and the URL stay out.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        click.echo(
+            f"database unavailable: {reason} (is it running, and migrated with"
+            " `recovery db upgrade`?)",
+            err=True,
+        )
+        sys.exit(3)

@@ -1,0 +1,85 @@
+"""Operator commands for the money: what recovery brought back, as a table or a page."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from recovery import report as page
+from recovery import stats as figures
+from recovery.cli.common import emit_json, optional_instant
+from recovery.config import get_settings
+from recovery.db import session_scope
+from recovery.money import format_totals
+
+
+def print_summary(stats: dict[str, Any]) -> None:
+    """The numbers an operator looks for first, as a table."""
+    recovered = stats["recovered"]
+    click.echo(
+        f"\n{stats['cases']['total']} cases · {recovered['count']} recovered "
+        f"({recovered['rate'] * 100:.1f}%) · {format_totals(recovered['amount'])} "
+        f"of {format_totals(stats['at_stake'])} at stake"
+    )
+    click.echo(
+        f"{stats['retries']['made']} retries made · {stats['funnel']['emails_sent']} emails "
+        f"sent · {stats['funnel']['clicked']} cases clicked a link · median time to recover "
+        f"{stats['time_to_recover_hours']['median'] or '-'} h"
+    )
+    click.echo(f"\n{'cause':<26}{'cases':>7}{'recovered':>11}{'rate':>8}  amount")
+    for row in stats["by_cause"]:
+        click.echo(
+            f"{row['name']:<26}{row['cases']:>7}{row['recovered']:>11}"
+            f"{row['rate'] * 100:>7.1f}%  {format_totals(row['amount'])}"
+        )
+    click.echo(f"\n{'how it was recovered':<26}{'cases':>7}  amount")
+    for row in stats["by_path"]:
+        name, amount = row["name"].replace("_", " "), format_totals(row["amount"])
+        click.echo(f"{name:<26}{row['recovered']:>7}  {amount}")
+
+
+def write_report(stats: dict[str, Any], out: Path, title: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page.render(stats, get_settings(), title, datetime.now(UTC)), encoding="utf-8")
+
+
+@click.command()
+@click.option("--since", help="Only cases opened since this date (ISO 8601).")
+@click.option("--json", "as_json", is_flag=True, help="Everything, as JSON.")
+def stats(since: str | None, as_json: bool) -> None:
+    """Recovery rate and revenue, by cause, decline code, path and step.
+
+    \b
+    Examples:
+      recovery stats
+      recovery stats --since 2026-11-01 --json
+    """
+    with session_scope() as session:
+        numbers = figures.compute(session, optional_instant(since, "--since"))
+    if as_json:
+        return emit_json(numbers)
+    print_summary(numbers)
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--since", help="Only cases opened since this date (ISO 8601).")
+@click.option("--title", default="Payment recovery", show_default=True)
+def report(out: Path, since: str | None, title: str) -> None:
+    """Write one self-contained HTML page with charts.
+
+    \b
+    Example:
+      recovery report --out report.html
+    """
+    with session_scope() as session:
+        numbers = figures.compute(session, optional_instant(since, "--since"))
+    write_report(numbers, out, title)
+    click.echo(json.dumps({"report": str(out), "cases": numbers["cases"]["total"]}))
+
+
+COMMANDS = [stats, report]

@@ -1,0 +1,124 @@
+"""Running the product's processes: migrations, the web app, workers, beat."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from recovery.config import get_settings
+from recovery.db import upgrade
+from recovery.observability import configure
+from recovery.sim.servers import serve_asgi
+from recovery.web import make_app
+
+
+@click.group()
+def db() -> None:
+    """The schema: Alembic migrations."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION.
+
+    \b
+    Example:
+      DATABASE_URL=postgresql://recovery@db/recovery recovery db upgrade
+    """
+    upgrade(get_settings().database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=2 * (os.cpu_count() or 1) + 1, show_default=True, type=int)
+@click.option("--dev", is_flag=True, help="One in-process uvicorn server, no gunicorn.")
+def serve(host: str, port: int, workers: int, dev: bool) -> None:
+    """Serve the webhook receiver, customer links and health routes.
+
+    \b
+    Examples:
+      recovery serve --host 0.0.0.0 --port 8000 --workers 4
+      recovery serve --dev          # one in-process server, for a laptop
+    """
+    settings = get_settings()
+    if dev:
+        configure(settings)
+        click.echo(f"receiver on http://{host}:{port}/webhooks/stripe")
+        serve_asgi(make_app(settings), host, port)
+        return
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "recovery.asgi:app",
+            "--worker-class",
+            "uvicorn_worker.UvicornWorker",
+            "--bind",
+            f"{host}:{port}",
+            "--workers",
+            str(workers),
+            "--access-logfile",
+            "-",
+            "--access-logformat",
+            '%(h)s "%(m)s %(U)s" %(s)s %(M)sms',  # no query strings: links carry tokens
+        ],
+    )
+
+
+@click.command()
+@click.option("--concurrency", type=int, default=None)
+@click.option("--pool", default=None, help="prefork (default with Redis) or solo.")
+@click.option("--beat", "with_beat", is_flag=True, help="Run the beat scheduler in-process.")
+def worker(concurrency: int | None, pool: str | None, with_beat: bool) -> None:
+    """Run a Celery worker: events, due steps, emails.
+
+    \b
+    Examples:
+      recovery worker --concurrency 4
+      recovery worker --beat        # with the scheduler embedded (one machine only)
+    """
+    # recovery.tasks builds the Celery app from the settings when imported:
+    # only the commands that run or feed workers import it.
+    from recovery.tasks import app
+
+    settings = get_settings()
+    embedded = settings.broker_url.startswith("sqla+")
+    argv = [
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--queues",
+        "recovery",
+        "--pool",
+        pool or ("solo" if embedded else "prefork"),
+    ]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if with_beat:
+        argv += ["--beat"]
+    os.makedirs("var", exist_ok=True)
+    app.worker_main(argv)
+
+
+@click.command()
+def beat() -> None:
+    """Run the beat scheduler (one per deployment).
+
+    \b
+    Example:
+      recovery beat
+    """
+    from recovery.tasks import app  # builds the Celery app; see `worker`
+
+    os.makedirs("var", exist_ok=True)
+    app.start(["beat", "--loglevel", get_settings().log_level])
+
+
+COMMANDS = [db, serve, worker, beat]

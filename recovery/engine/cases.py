@@ -1,0 +1,422 @@
+"""The case state machine: every move a recovery case makes is made here.
+
+    open ──▶ recovered | canceled | voided | uncollectible
+    uncollectible ──▶ recovered | voided   (Stripe still lets such an invoice
+    canceled ──▶ recovered | voided         be paid or voided; a canceled
+    recovered, voided: nothing follows      subscription's invoice too)
+
+An operator may pause an open case and resume it; while it is paused nothing
+happens to it. `may_act` is the one answer to "may anything still happen to
+this case?", asked by every executor and by the outbox before they act. The
+event handlers (events.py), the executors (retries.py, scheduler.py) and the
+CLI change a case only through the functions below, inside the caller's
+transaction and with the case row locked (`for_invoice`, `by_ref`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from recovery import stripe_api
+from recovery.config import Settings
+from recovery.customers import links, outbox
+from recovery.db import insert_ignore
+from recovery.engine import planner, steps
+from recovery.engine.classify import Category, classify
+from recovery.models import (
+    AuditEntry,
+    CardAttemptSource,
+    CaseStatus,
+    LinkRevoked,
+    RecoveryCase,
+    StepKind,
+    StepOrigin,
+    StepOutcome,
+)
+
+log = structlog.get_logger("recovery.cases")
+
+CASE_NEXT: dict[CaseStatus, frozenset[CaseStatus]] = {
+    CaseStatus.OPEN: frozenset(
+        {CaseStatus.RECOVERED, CaseStatus.CANCELED, CaseStatus.VOIDED, CaseStatus.UNCOLLECTIBLE}
+    ),
+    CaseStatus.UNCOLLECTIBLE: frozenset({CaseStatus.RECOVERED, CaseStatus.VOIDED}),
+    CaseStatus.CANCELED: frozenset({CaseStatus.RECOVERED, CaseStatus.VOIDED}),
+    CaseStatus.RECOVERED: frozenset(),
+    CaseStatus.VOIDED: frozenset(),
+}
+
+
+class CaseRefused(Exception):
+    """An operator's action the case's state does not allow; the message says why."""
+
+
+def can_move(current: CaseStatus | str, target: CaseStatus | str) -> bool:
+    return CaseStatus(target) in CASE_NEXT[CaseStatus(current)]
+
+
+def may_act(case: RecoveryCase) -> bool:
+    """Whether anything may still happen to the case: a retry, an email, the
+    final action. Only an open case that no operator has paused."""
+    return case.status is CaseStatus.OPEN and case.paused_at is None
+
+
+def idle_outcome(case: RecoveryCase) -> StepOutcome | None:
+    """The outcome of a step that found its case unable to act, or None."""
+    if case.status is not CaseStatus.OPEN:
+        return StepOutcome.SKIPPED_CLOSED
+    if case.paused_at is not None:
+        return StepOutcome.SKIPPED_PAUSED
+    return None
+
+
+# -- finding ---------------------------------------------------------------------------
+
+
+def for_invoice(session: Session, invoice_id: str) -> RecoveryCase | None:
+    """The invoice's case, locked for this transaction."""
+    return session.scalars(
+        select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id).with_for_update()
+    ).one_or_none()
+
+
+def by_ref(session: Session, ref: str, lock: bool = False) -> RecoveryCase | None:
+    """A case by its id or its invoice id (in_…)."""
+    query = select(RecoveryCase)
+    if ref.isdigit():
+        query = query.where(RecoveryCase.id == int(ref))
+    else:
+        query = query.where(RecoveryCase.invoice_id == ref)
+    if lock:
+        query = query.with_for_update()
+    return session.scalars(query).one_or_none()
+
+
+def locked(session: Session, case_id: int) -> RecoveryCase:
+    case = session.get(RecoveryCase, case_id, with_for_update=True)
+    if case is None:
+        raise LookupError(f"no case {case_id}")
+    return case
+
+
+# -- opening and failures --------------------------------------------------------------
+
+
+def open_case(
+    session: Session, invoice: dict[str, Any], customer_id: int | None, now: datetime
+) -> RecoveryCase:
+    """The invoice's case, opened now unless another worker opened it first."""
+    insert_ignore(
+        session,
+        RecoveryCase.__table__,  # type: ignore[arg-type]
+        {
+            "invoice_id": invoice["id"],
+            "customer_id": customer_id,
+            "stripe_customer_id": stripe_api.id_of(invoice.get("customer")),
+            "subscription_id": stripe_api.subscription_of(invoice),
+            "status": CaseStatus.OPEN,
+            "livemode": bool(invoice.get("livemode")),
+            "amount_due": invoice.get("amount_remaining", invoice.get("amount_due", 0)),
+            "currency": (invoice.get("currency") or "usd").lower(),
+            "attempt_count": 0,
+            "needs_authentication": False,
+            "opened_at": now,
+            "updated_at": now,
+        },
+        ["invoice_id"],
+    )
+    case = for_invoice(session, invoice["id"])
+    if case is None:  # pragma: no cover - the row was inserted or existed above
+        raise LookupError(f"no case for {invoice['id']}")
+    session.add(AuditEntry.of(case, "stripe", "case_opened"))
+    log.info("case_opened", case_id=case.id, invoice_id=case.invoice_id)
+    return case
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """An invoice payment failure as Stripe reported it."""
+
+    event_id: str
+    created: datetime
+    attempt_count: int
+    next_payment_attempt: datetime | None
+    hosted_invoice_url: str | None
+    amount_due: int | None
+    action_required: bool = False
+
+
+class Verdict(enum.StrEnum):
+    RECORDED = "recorded"
+    ALREADY_RECORDED = "already_recorded"  # this attempt's decline is known
+    STALE = "stale"  # older than the newest failure applied
+    CLOSED = "closed"  # the case is closed: a late failure changes nothing
+
+
+def record_failure(
+    session: Session,
+    case: RecoveryCase,
+    report: FailureReport,
+    read_details: Callable[[], stripe_api.DeclineDetails],
+    now: datetime,
+    settings: Settings,
+) -> Verdict:
+    """Apply a failure Stripe reported: its decline, the ledger, the plan.
+    `read_details` is called only for a failure not seen before."""
+    if case.status is not CaseStatus.OPEN:
+        return Verdict.CLOSED
+    if case.last_failure_at is not None and report.created < case.last_failure_at:
+        return Verdict.STALE
+    if (
+        not report.action_required
+        and case.last_failure_at is not None
+        and 0 < report.attempt_count <= case.attempt_count
+    ):
+        # Recorded already, by our own retry (which read the decline from
+        # Stripe's answer) or by this same event delivered twice.
+        case.next_payment_attempt = report.next_payment_attempt
+        return Verdict.ALREADY_RECORDED
+
+    case.last_failure_at = report.created
+    case.first_failed_at = min(case.first_failed_at or report.created, report.created)
+    case.attempt_count = max(case.attempt_count, report.attempt_count)
+    case.next_payment_attempt = report.next_payment_attempt
+    case.hosted_invoice_url = report.hosted_invoice_url or case.hosted_invoice_url
+    if report.amount_due is not None:
+        case.amount_due = report.amount_due
+    details = read_details()
+    if report.action_required or details.decline_code == "authentication_required":
+        case.needs_authentication = True
+    for key, value in details.known().items():
+        setattr(case, key, value)
+    reading = classify(planner.failure_of(case))
+    if case.first_category is None:
+        case.first_decline_code = case.decline_code or case.failure_code
+        case.first_category = reading.category.value
+    planner.record_card_attempt(
+        session,
+        case,
+        details.charge_id,
+        report.created,
+        CardAttemptSource.STRIPE,
+        reading.stops_card,
+    )
+    _replan(session, case, now, settings)
+    session.add(
+        AuditEntry.of(
+            case,
+            "stripe",
+            "payment_failed",
+            event_id=report.event_id,
+            decline_code=case.decline_code,
+            attempt_count=case.attempt_count,
+        )
+    )
+    log.info(
+        "failure_recorded",
+        case_id=case.id,
+        invoice_id=case.invoice_id,
+        decline_code=case.decline_code,
+        attempt_count=case.attempt_count,
+    )
+    return Verdict.RECORDED
+
+
+def record_decline(
+    session: Session,
+    case: RecoveryCase,
+    decline: stripe_api.Decline,
+    reference: str,
+    now: datetime,
+    settings: Settings,
+) -> None:
+    """Our own retry was declined: its codes replace the case's, then replan."""
+    case.failure_code = decline.code
+    case.decline_code = decline.decline_code
+    case.advice_code = decline.advice_code
+    case.network_advice_code = decline.network_advice_code
+    case.network_decline_code = decline.network_decline_code
+    case.needs_authentication = decline.decline_code == "authentication_required"
+    case.last_failure_at = now
+    case.attempt_count += 1
+    stop = classify(planner.failure_of(case)).stops_card
+    planner.record_card_attempt(
+        session, case, decline.charge_id or reference, now, CardAttemptSource.RECOVERY, stop
+    )
+    _replan(session, case, now, settings)
+
+
+def use_card(case: RecoveryCase, card: stripe_api.Card) -> bool:
+    """Stripe will now charge another card than the one that declined: its own
+    ledger applies from here on. True if the card changed."""
+    if not card.fingerprint or card.fingerprint == case.card_fingerprint:
+        return False
+    case.payment_method_id = card.payment_method_id
+    case.card_fingerprint, case.card_brand = card.fingerprint, card.brand
+    case.card_last4 = card.last4
+    case.card_exp_month, case.card_exp_year = card.exp_month, card.exp_year
+    return True
+
+
+def card_updated(
+    session: Session,
+    case: RecoveryCase,
+    changed_at: datetime,
+    now: datetime,
+    settings: Settings,
+    **detail: Any,
+) -> bool:
+    """The customer changed the card: retry at once, before more emails.
+    True if a retry was scheduled."""
+    session.add(AuditEntry.of(case, "stripe", "card_updated", **detail))
+    if not may_act(case):
+        return False
+    if case.category in (Category.DO_NOT_CONTACT, Category.OUR_BUG):
+        return False
+    return planner.retry_on_card_update(session, case, changed_at, now, settings)
+
+
+def _replan(session: Session, case: RecoveryCase, now: datetime, settings: Settings) -> None:
+    reading = planner.classify_case(session, case, settings)
+    if may_act(case):
+        planner.schedule_next(session, case, reading, now, settings)
+
+
+# -- closing ---------------------------------------------------------------------------
+
+
+def close(
+    session: Session,
+    case: RecoveryCase,
+    status: CaseStatus,
+    now: datetime,
+    actor: str = "stripe",
+    **fields: Any,
+) -> bool:
+    """Move the case to a closed state if CASE_NEXT allows it: its steps are
+    canceled, its links revoked, a reminded customer is thanked."""
+    if not can_move(case.status, status):
+        return False
+    previous = case.status
+    case.status = status
+    case.closed_at = now
+    for key, value in fields.items():
+        setattr(case, key, value)
+    steps.cancel(session, case)
+    links.revoke_case_links(session, case.id, now, LinkRevoked.CLOSED)
+    if status is CaseStatus.RECOVERED:
+        outbox.on_case_recovered(session, case, now)
+    session.add(AuditEntry.of(case, actor, f"case_{status.value}", previous=previous.value))
+    log.info("case_closed", case_id=case.id, invoice_id=case.invoice_id, status=status.value)
+    return True
+
+
+# -- operators -------------------------------------------------------------------------
+
+
+def _require_open(case: RecoveryCase, action: str) -> None:
+    if case.status is not CaseStatus.OPEN:
+        raise CaseRefused(f"case {case.id} is {case.status.value}; cannot {action}")
+
+
+def pause(session: Session, case: RecoveryCase, now: datetime, actor: str, reason: str) -> None:
+    _require_open(case, "pause")
+    if case.paused_at is not None:
+        raise CaseRefused(f"case {case.id} is already paused")
+    case.paused_at = now
+    steps.cancel(session, case)
+    session.add(AuditEntry.of(case, actor, "pause", reason=reason))
+
+
+def resume(
+    session: Session,
+    case: RecoveryCase,
+    now: datetime,
+    actor: str,
+    reason: str,
+    settings: Settings,
+) -> None:
+    """Plan a paused case again from now."""
+    _require_open(case, "resume")
+    if case.paused_at is None:
+        raise CaseRefused(f"case {case.id} is not paused")
+    case.paused_at = None
+    _replan(session, case, now, settings)
+    session.add(AuditEntry.of(case, actor, "resume", reason=reason))
+
+
+def cancel(session: Session, case: RecoveryCase, now: datetime, actor: str, reason: str) -> None:
+    """Stop recovering the case for good (Stripe is not told)."""
+    _require_open(case, "cancel")
+    close(session, case, CaseStatus.CANCELED, now, actor=actor)
+    session.add(AuditEntry.of(case, actor, "cancel", reason=reason))
+
+
+def revoke_links(
+    session: Session, case: RecoveryCase, now: datetime, actor: str, reason: str
+) -> int:
+    count = links.revoke_case_links(session, case.id, now, LinkRevoked.OPERATOR)
+    session.add(AuditEntry.of(case, actor, "links_revoked", count=count, reason=reason))
+    return count
+
+
+@dataclass(frozen=True)
+class RetryRequest:
+    """An operator's retry: the rules it goes past, and the step made for it
+    (None on a dry run)."""
+
+    refusals: tuple[str, ...]
+    step: str | None
+
+
+def request_retry(
+    session: Session,
+    case: RecoveryCase,
+    now: datetime,
+    actor: str,
+    reason: str | None,
+    force: bool,
+    settings: Settings,
+    dry_run: bool = False,
+) -> RetryRequest:
+    """Schedule a retry due now, through the same path as the plan's retries.
+    Refused where the rules forbid it (the card must not be retried, the
+    networks' limits) unless forced with a reason."""
+    _require_open(case, "retry")
+    if case.paused_at is not None:
+        raise CaseRefused(f"case {case.id} is paused; resume it first")
+    reading = classify(planner.failure_of(case))
+    refusals = []
+    if not reading.may_retry_card:
+        refusals.append(f"category {reading.category.value}: {reading.why}")
+    allowed = planner.earliest_retry(session, case, now, settings)
+    if allowed is None:
+        refusals.append("a stop code was seen on this card")
+    elif allowed > now:
+        refusals.append(f"card-network limit: next allowed {allowed:%Y-%m-%d %H:%M}Z")
+    if refusals and not force:
+        raise CaseRefused("refused: " + "; ".join(refusals) + " (use --force --reason to override)")
+    if dry_run:
+        return RetryRequest(tuple(refusals), None)
+    forced = bool(refusals)
+    name = steps.operator_retry_name(now, forced)
+    steps.cancel(session, case, StepKind.RETRY)
+    steps.schedule(
+        session,
+        case,
+        StepKind.RETRY,
+        name,
+        now,
+        origin=StepOrigin.OPERATOR,
+        forced=forced,
+    )
+    session.add(AuditEntry.of(case, actor, "retry", reason=reason, forced=forced, step=name))
+    return RetryRequest(tuple(refusals), name)

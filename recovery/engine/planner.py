@@ -1,0 +1,252 @@
+"""After each change to a case, its next steps: which, and when.
+
+engine/cases.py calls it inside the transaction that recorded the change (a
+failure, a card update, a declined retry, a resume), with the case row locked
+and only for a case that may still act. It reads the latest failure, picks the
+plan for its category, and schedules steps as rows (engine/steps.py).
+Scheduling is idempotent: steps are unique per case and name, so planning the
+same case twice, or from a webhook and from our own retry, schedules once.
+
+The network ledger lives here too: every charge attempt on a card, Stripe's
+and ours, and the earliest moment the card networks allow the next one.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from functools import lru_cache
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from recovery.config import Settings
+from recovery.db import insert_ignore
+from recovery.engine import plans, steps
+from recovery.engine.classify import Category, Classification, Failure, classify
+from recovery.models import (
+    AuditEntry,
+    CardAttempt,
+    CardAttemptSource,
+    Customer,
+    RecoveryCase,
+    RetryMode,
+    StepKind,
+    StepOrigin,
+)
+
+log = structlog.get_logger("recovery.planner")
+
+
+@lru_cache(maxsize=4)
+def _plans(path: str | None) -> dict[Category, plans.Plan]:
+    return plans.load_plans(path)
+
+
+def plan_for(category: Category | str, settings: Settings) -> plans.Plan:
+    return _plans(settings.plans_file)[Category(category)]
+
+
+def failure_of(case: RecoveryCase) -> Failure:
+    return Failure(
+        decline_code=case.decline_code,
+        failure_code=case.failure_code,
+        advice_code=case.advice_code,
+        network_advice_code=case.network_advice_code,
+        network_decline_code=case.network_decline_code,
+        card_brand=case.card_brand,
+        needs_authentication=case.needs_authentication,
+    )
+
+
+def decide_mode(case: RecoveryCase, setting: str) -> RetryMode:
+    """Two engines must not retry the same card: while Stripe still schedules its
+    own retries (next_payment_attempt set) we assist; otherwise we take over."""
+    if setting in (RetryMode.ASSIST, RetryMode.TAKE_OVER):
+        return RetryMode(setting)
+    return RetryMode.ASSIST if case.next_payment_attempt is not None else RetryMode.TAKE_OVER
+
+
+# -- the network ledger ----------------------------------------------------------------
+
+
+def card_history(session: Session, fingerprint: str | None) -> tuple[list[datetime], bool]:
+    """Every recorded attempt on the card, and whether a stop code was seen."""
+    if not fingerprint:
+        return [], False
+    rows = session.execute(
+        select(CardAttempt.attempted_at, CardAttempt.stop).where(
+            CardAttempt.fingerprint == fingerprint
+        )
+    ).all()
+    return [r.attempted_at for r in rows], any(r.stop for r in rows)
+
+
+def record_card_attempt(
+    session: Session,
+    case: RecoveryCase,
+    reference: str | None,
+    at: datetime,
+    source: CardAttemptSource,
+    stop: bool,
+) -> None:
+    """One charge attempt on the case's card; the same reference counts once."""
+    if not case.card_fingerprint or not reference:
+        return
+    insert_ignore(
+        session,
+        CardAttempt.__table__,  # type: ignore[arg-type]
+        {
+            "fingerprint": case.card_fingerprint,
+            "brand": case.card_brand,
+            "attempted_at": at,
+            "source": source,
+            "reference": reference,
+            "stop": stop,
+        },
+        ["reference"],
+    )
+
+
+def earliest_retry(
+    session: Session, case: RecoveryCase, at: datetime, settings: Settings
+) -> datetime | None:
+    """The first moment ≥ `at` the card networks allow another try on this card;
+    None when a stop code forbids any."""
+    attempts, stopped = card_history(session, case.card_fingerprint)
+    windows = plans.limits(case.card_brand, settings.visa_max_attempts_30d)
+    return plans.earliest_allowed([t for t in attempts if t <= at], windows, at, stopped)
+
+
+# -- planning ------------------------------------------------------------------------
+
+
+def classify_case(session: Session, case: RecoveryCase, settings: Settings) -> Classification:
+    """Read the case's latest failure; a new category drops the old plan's steps."""
+    reading = classify(failure_of(case))
+    previous = case.category
+    case.category = reading.category.value
+    case.mode = case.mode or decide_mode(case, settings.recovery_mode)
+    if previous != case.category:
+        session.add(
+            AuditEntry.of(case, "engine", "classified", category=case.category, why=reading.source)
+        )
+        if previous is not None:
+            # The plan changed: its retries and emails no longer apply.
+            steps.cancel(session, case, StepKind.RETRY)
+            steps.cancel(session, case, StepKind.EMAIL)
+    return reading
+
+
+def schedule_next(
+    session: Session,
+    case: RecoveryCase,
+    reading: Classification,
+    now: datetime,
+    settings: Settings,
+) -> None:
+    """Schedule what the case's plan says comes next (its caller has checked
+    that the case may act)."""
+    if reading.needs_review:
+        if case.flag_reason is None:
+            case.flag_reason = f"{reading.category.value}: {reading.why}"
+            session.add(AuditEntry.of(case, "engine", "flagged", reason=case.flag_reason))
+            log.warning("case_flagged", case_id=case.id, category=case.category)
+        return
+    anchor = case.first_failed_at or case.opened_at
+    plan = plan_for(reading.category, settings)
+    tz = _timezone(session, case)
+    _schedule_emails(session, case, plan, anchor, now, tz)
+    if case.mode is RetryMode.TAKE_OVER:
+        if reading.may_retry_card:
+            _schedule_next_retry(session, case, plan, reading, anchor, now, tz, settings)
+        if plan.final_action is not plans.FinalAction.LEAVE_PAST_DUE:
+            steps.schedule(
+                session, case, StepKind.FINAL, steps.FINAL, max(anchor + plan.window, now)
+            )
+
+
+def retry_on_card_update(
+    session: Session, case: RecoveryCase, changed_at: datetime, now: datetime, settings: Settings
+) -> bool:
+    """A new card: retry at once, before more emails (the caller checked the
+    case may act and its category allows a retry)."""
+    steps.cancel(session, case, StepKind.RETRY)
+    gap = timedelta(seconds=settings.card_update_min_gap_seconds)
+    due = max(now, (case.last_failure_at or now) + gap)
+    added = steps.schedule(
+        session,
+        case,
+        StepKind.RETRY,
+        steps.card_update_retry_name(changed_at),
+        due,
+        origin=StepOrigin.CARD_UPDATE,
+    )
+    if added:
+        session.add(AuditEntry.of(case, "engine", "retry_on_card_update", due_at=due.isoformat()))
+    return added
+
+
+def _timezone(session: Session, case: RecoveryCase) -> str | None:
+    if case.customer_id is None:
+        return None
+    return session.scalar(select(Customer.timezone).where(Customer.id == case.customer_id))
+
+
+def _schedule_emails(
+    session: Session,
+    case: RecoveryCase,
+    plan: plans.Plan,
+    anchor: datetime,
+    now: datetime,
+    tz: str | None,
+) -> None:
+    category = case.category or plan.name
+    # Reminders whose day has passed (the plan changed late) are skipped, but
+    # a new plan always starts with its first email.
+    first = True
+    for number, email in enumerate(plan.emails):
+        due = plans.email_moment(email, anchor, tz)
+        if due < now - timedelta(hours=1) and not first:
+            continue
+        steps.schedule(
+            session,
+            case,
+            StepKind.EMAIL,
+            steps.email_name(category, number),
+            max(due, now) if first else due,
+            number=number,
+            template=email.template,
+        )
+        first = False
+
+
+def _schedule_next_retry(
+    session: Session,
+    case: RecoveryCase,
+    plan: plans.Plan,
+    reading: Classification,
+    anchor: datetime,
+    now: datetime,
+    tz: str | None,
+    settings: Settings,
+) -> None:
+    if steps.has_live_retry(session, case):
+        return
+    number = steps.plan_retries_made(session, case) + 1
+    rng = random.Random(f"{case.id}:{number}")  # noqa: S311 - jitter, reproducible
+    moment = plans.retry_moment(
+        plan, number, anchor, decline_code=case.decline_code, timezone=tz, rng=rng
+    )
+    if moment is None:
+        return
+    last = case.last_failure_at or anchor
+    moment = max(moment, now, last + reading.min_wait)
+    allowed = earliest_retry(session, case, moment, settings)
+    if allowed is None or allowed > anchor + plan.window:
+        log.info("retry_not_allowed", case_id=case.id, by="network_limits")
+        return
+    steps.schedule(
+        session, case, StepKind.RETRY, steps.plan_retry_name(number), allowed, number=number
+    )
