@@ -26,7 +26,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 from recovery import clock
 
@@ -70,6 +70,19 @@ class Enumerated(TypeDecorator[enum.StrEnum]):
 
     def process_result_value(self, value: Any, dialect: Any) -> enum.StrEnum | None:
         return None if value is None else self.enum_type(value)
+
+
+def coerced(*names: str) -> Any:
+    """A validator making a value assigned to these Enumerated columns the enum
+    member at once (a plain string would stay a string until reloaded), and
+    refusing a value outside the enum where it is assigned."""
+
+    @validates(*names)
+    def coerce(self: Any, key: str, value: Any) -> Any:
+        column_type = self.__table__.c[key].type
+        return None if value is None else column_type.enum_type(value)
+
+    return coerce
 
 
 # Names for constraints so Alembic migrations are stable across dialects.
@@ -147,6 +160,8 @@ class WebhookEvent(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    _enums = coerced("status")
+
     __table_args__ = (Index("ix_webhook_events_status_available_at", "status", "available_at"),)
 
 
@@ -222,6 +237,8 @@ class RecoveryCase(Base):
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    _enums = coerced("status", "mode", "recovery_path")
 
     __table_args__ = (Index("ix_recovery_cases_status", "status"),)
 
@@ -346,6 +363,8 @@ class RecoveryAttempt(Base):
     executed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+    _enums = coerced("kind", "origin", "status", "outcome")
+
     __table_args__ = (
         UniqueConstraint("case_id", "step", name="uq_recovery_attempts_case_id_step"),
         Index("ix_recovery_attempts_status_due_at", "status", "due_at"),
@@ -367,6 +386,8 @@ class CardAttempt(Base):
     reference: Mapped[str] = mapped_column(String(255), unique=True)
     # A stop code: no network allows another attempt on this card.
     stop: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    _enums = coerced("source")
 
     __table_args__ = (
         Index("ix_card_attempts_fingerprint_attempted_at", "fingerprint", "attempted_at"),
@@ -403,6 +424,8 @@ class Message(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+    _enums = coerced("status")
+
     __table_args__ = (Index("ix_messages_status_next_attempt_at", "status", "next_attempt_at"),)
 
 
@@ -424,6 +447,8 @@ class RecoveryLink(Base):
     last_clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     click_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    _enums = coerced("purpose", "revoked_reason")
 
 
 class AuditEntry(Base):

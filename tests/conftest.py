@@ -7,13 +7,16 @@ fails the run instead of skipping the tests that need it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg2
@@ -90,6 +93,38 @@ def pg_url() -> Iterator[str]:
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_url):
+    from recovery.db import make_engine
+
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(pg_engine) -> Iterator:
+    """A session inside a transaction that is rolled back after the test: code
+    that takes a session commits to savepoints, and nothing it wrote remains."""
+    from sqlalchemy.orm import Session
+
+    conn = pg_engine.connect()
+    outer = conn.begin()
+    session = Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    yield session
+    session.close()
+    outer.rollback()
+    conn.close()
+
+
+@pytest.fixture
+def settings():
+    """The tests' settings, handed to engine code as production hands them."""
+    from recovery.config import load_settings
+
+    return load_settings(BASE_ENV)
 
 
 @pytest.fixture(scope="session")
@@ -244,3 +279,88 @@ def smtp_sink() -> Iterator[SmtpSink]:
         else:
             os.environ[key] = value
     get_settings.cache_clear()
+
+
+# -- the whole stack: simulator → signed webhooks → receiver → engine ------------------
+
+T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
+
+
+class Stack:
+    """The simulator delivering signed events to the receiver over HTTP, and
+    passes of the engine on the tests' clock."""
+
+    def __init__(self, sim, receiver: str, start: datetime | None):
+        from .factories import sim_post
+
+        self.sim, self.receiver = sim, receiver
+        sim_post(
+            sim.url,
+            "/_sim/webhook_endpoints",
+            {"url": f"{receiver}/webhooks/stripe", "secret": WEBHOOK_SECRET},
+        )
+        if start is not None:
+            self.at(start)
+
+    def at(self, instant: datetime) -> None:
+        """Move the clock, which the simulator follows too."""
+        from recovery import clock
+
+        clock.set_now(instant)
+
+    def tick(self, instant: datetime | None = None):
+        """One pass of the engine (events, steps, emails), in this process."""
+        from recovery.config import get_settings
+        from recovery.engine import scheduler
+
+        if instant is not None:
+            self.at(instant)
+        self.sim.flush()
+        return scheduler.run_pass(get_settings(), sync=True)
+
+    def run_until(self, end: datetime, step: timedelta = timedelta(hours=1)) -> None:
+        from recovery import clock
+
+        moment = clock.now()
+        while moment < end:
+            moment += step
+            self.tick(moment)
+
+    def drain(self, now: datetime | None = None) -> dict[int, str | None]:
+        """Deliver the simulator's webhooks and process the stored events only."""
+        from recovery.config import get_settings
+        from recovery.engine import scheduler
+        from recovery.inbox import relay
+
+        self.sim.flush()
+        now = now or datetime.now(UTC)
+        published: list[int] = []
+        relay.relay(published.extend, now, 500)
+        return scheduler.process_events(published, now, get_settings())
+
+    def failed(self, behavior: dict, **body) -> dict:
+        """The simulator declines a renewal as `behavior` says."""
+        from .factories import sim_post
+
+        return sim_post(
+            self.sim.url, "/_sim/scenarios/failed_invoice", {"behavior": behavior, **body}
+        )
+
+    def charges(self, invoice_id: str) -> list:
+        with urllib.request.urlopen(f"{self.sim.url}/_sim/charges", timeout=10) as answer:
+            return [c for c in json.loads(answer.read())["data"] if c[0] == invoice_id]
+
+
+@pytest.fixture
+def stack(sim, receiver) -> Iterator[Stack]:
+    """The whole stack with the clock at T0."""
+    from recovery import clock
+
+    yield Stack(sim, receiver, T0)
+    clock.set_now(None)
+
+
+@pytest.fixture
+def event_stack(sim, receiver) -> Stack:
+    """The whole stack on the real clock, for the event path."""
+    return Stack(sim, receiver, None)

@@ -12,7 +12,7 @@ from recovery.cli import cli
 from recovery.db import session_scope
 from recovery.models import AuditEntry
 
-from .test_engine import T0, failed, stack  # noqa: F401 - the fixture
+from .conftest import T0
 
 
 def run(*args):
@@ -25,8 +25,8 @@ def test_unknown_case_is_a_clear_error(db):
         assert result.exit_code == 1 and "no case" in result.output
 
 
-def test_listing_and_timeline(stack):  # noqa: F811
-    scenario = failed(stack, {"mode": "decline", "decline_code": "insufficient_funds"})
+def test_listing_and_timeline(stack):
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
     stack.tick()
     listed = json.loads(run("cases", "list", "--json", "--status", "open").output)
     assert [c["invoice"] for c in listed] == [scenario["invoice"]]
@@ -37,8 +37,8 @@ def test_listing_and_timeline(stack):  # noqa: F811
     assert "timeline:" in run("cases", "show", str(listed[0]["id"])).output
 
 
-def test_retry_refuses_a_dead_card_unless_forced_with_a_reason(stack):  # noqa: F811
-    scenario = failed(stack, {"mode": "decline", "decline_code": "stolen_card"})
+def test_retry_refuses_a_dead_card_unless_forced_with_a_reason(stack):
+    scenario = stack.failed({"mode": "decline", "decline_code": "stolen_card"})
     stack.tick()
     refused = run("retry", scenario["invoice"])
     assert refused.exit_code == 1 and "refused" in refused.output and "dead_card" in refused.output
@@ -53,8 +53,8 @@ def test_retry_refuses_a_dead_card_unless_forced_with_a_reason(stack):  # noqa: 
     assert entry.detail["forced"] is True
 
 
-def test_pause_stops_the_plan_and_resume_plans_again(stack):  # noqa: F811
-    scenario = failed(stack, {"mode": "decline", "decline_code": "insufficient_funds"})
+def test_pause_stops_the_plan_and_resume_plans_again(stack):
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
     stack.tick()
     assert run("pause", scenario["invoice"], "--reason", "dispute").exit_code == 0
     again = run("pause", scenario["invoice"], "--reason", "dispute")

@@ -11,8 +11,6 @@ from recovery.cli import cli
 from recovery.db import session_scope
 from recovery.models import AuditEntry, RecoveryLink
 
-from .test_engine import failed, stack  # noqa: F401 - the fixture
-
 
 def run(*args):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
@@ -37,8 +35,8 @@ def test_preview_with_sample_data_in_a_locale(tmp_path):
     assert "￥1,500" in result.output and "￥1,500" in out.read_text()
 
 
-def test_preview_with_a_real_case_mints_no_link(stack):  # noqa: F811
-    scenario = failed(stack, {"mode": "decline", "decline_code": "expired_card"})
+def test_preview_with_a_real_case_mints_no_link(stack):
+    scenario = stack.failed({"mode": "decline", "decline_code": "expired_card"})
     stack.tick()
     with session_scope() as session:
         before = len(session.scalars(select(RecoveryLink)).all())
@@ -64,8 +62,8 @@ def test_bad_input_is_a_clear_error(db):
     assert run("emails", "preview", "recovered", "--case", "in_nope").exit_code == 1
 
 
-def test_revoke_links_and_list_the_outbox(stack):  # noqa: F811
-    scenario = failed(stack, {"mode": "decline", "decline_code": "expired_card"})
+def test_revoke_links_and_list_the_outbox(stack):
+    scenario = stack.failed({"mode": "decline", "decline_code": "expired_card"})
     stack.tick()
     result = run("links", "revoke", scenario["invoice"], "--reason", "asked to stop")
     assert result.exit_code == 0 and json.loads(result.output)["revoked"] == 1

@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 import pytest
+from freezegun import freeze_time
 
 from recovery.config import load_settings
 from recovery.customers import emails
@@ -119,3 +120,12 @@ def test_text_part_has_no_runs_of_blank_lines():
     for name in emails.NAMES:
         text = emails.render(name, emails.sample_facts(name), SETTINGS).text
         assert not re.search(r"\n\s*\n\s*\n", text), name
+
+
+@freeze_time("2026-12-31 18:00:00")
+def test_a_preview_on_new_years_eve_retries_in_january_of_the_next_year():
+    facts = emails.sample_facts("payment_failed")
+    rendered = emails.render("payment_failed", facts, SETTINGS)
+    assert (facts.next_retry_at.year, facts.next_retry_at.month) == (2027, 1)
+    assert "January 1, 2027" in rendered.text
+    assert (facts.card_exp_month, facts.card_exp_year) == (12, 2026)

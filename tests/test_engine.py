@@ -3,64 +3,21 @@ receiver, `tick` passes on a simulated clock, Stripe played by the simulator."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-import pytest
 from sqlalchemy import select
 
-from recovery import clock
 from recovery.config import get_settings
 from recovery.db import session_scope
-from recovery.engine import scheduler
 from recovery.models import AuditEntry, Message, RecoveryAttempt, RecoveryCase
 
-from .conftest import ROOT
+from .conftest import ROOT, T0
 from .factories import sim_post
-
-T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
-
-
-class Stack:
-    def __init__(self, sim, receiver):
-        self.sim, self.receiver = sim, receiver
-        sim_post(
-            sim.url,
-            "/_sim/webhook_endpoints",
-            {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
-        )
-        self.at(T0)
-
-    def at(self, instant: datetime) -> None:
-        clock.set_now(instant)
-
-    def tick(self, instant: datetime | None = None) -> scheduler.PassResult:
-        if instant is not None:
-            self.at(instant)
-        self.sim.flush()
-        return scheduler.run_pass(get_settings(), sync=True)
-
-    def run_until(self, end: datetime, step: timedelta = timedelta(hours=1)) -> None:
-        moment = clock.now()
-        while moment < end:
-            moment += step
-            self.tick(moment)
-
-    def charges(self, invoice_id: str) -> list:
-        with urllib.request.urlopen(f"{self.sim.url}/_sim/charges", timeout=10) as answer:
-            return [c for c in json.loads(answer.read())["data"] if c[0] == invoice_id]
-
-
-@pytest.fixture
-def stack(sim, receiver):
-    yield Stack(sim, receiver)
-    clock.set_now(None)
 
 
 def the_case(invoice_id: str) -> RecoveryCase:
@@ -81,14 +38,9 @@ def steps_of(case_id: int) -> list[RecoveryAttempt]:
         )
 
 
-def failed(stack, behavior: dict, **body) -> dict:
-    return sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {"behavior": behavior, **body})
-
-
 def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
     pays_from = T0 + timedelta(days=2, hours=12)
-    scenario = failed(
-        stack,
+    scenario = stack.failed(
         {
             "mode": "decline",
             "decline_code": "insufficient_funds",
@@ -118,8 +70,7 @@ def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
 
 
 def test_a_retry_due_with_a_reminder_goes_first_and_the_reminder_is_not_sent(stack):
-    scenario = failed(
-        stack,
+    scenario = stack.failed(
         {
             "mode": "decline",
             "decline_code": "insufficient_funds",
@@ -150,7 +101,7 @@ def test_a_retry_due_with_a_reminder_goes_first_and_the_reminder_is_not_sent(sta
 
 
 def test_card_update_retries_at_once_and_recovers(stack):
-    scenario = failed(stack, {"mode": "decline", "decline_code": "expired_card"})
+    scenario = stack.failed({"mode": "decline", "decline_code": "expired_card"})
     stack.tick()
     case = the_case(scenario["invoice"])
     assert case.category == "customer_action"
@@ -168,7 +119,7 @@ def test_card_update_retries_at_once_and_recovers(stack):
 
 
 def test_suspected_fraud_is_flagged_with_no_retry_and_no_email(stack):
-    scenario = failed(stack, {"mode": "decline", "decline_code": "fraudulent"})
+    scenario = stack.failed({"mode": "decline", "decline_code": "fraudulent"})
     stack.tick()
     stack.run_until(T0 + timedelta(days=3), timedelta(hours=6))
     case = the_case(scenario["invoice"])
@@ -178,8 +129,7 @@ def test_suspected_fraud_is_flagged_with_no_retry_and_no_email(stack):
 
 
 def test_dead_card_is_never_retried_but_the_customer_is_asked(stack):
-    scenario = failed(
-        stack,
+    scenario = stack.failed(
         {"mode": "decline", "decline_code": "do_not_honor", "network_decline_code": "14"},
         card={"brand": "visa"},
     )
@@ -195,8 +145,7 @@ def test_dead_card_is_never_retried_but_the_customer_is_asked(stack):
 
 def test_assist_mode_when_stripe_still_retries(stack):
     next_attempt = int((T0 + timedelta(days=3)).timestamp())
-    scenario = failed(
-        stack,
+    scenario = stack.failed(
         {"mode": "decline", "decline_code": "insufficient_funds"},
         next_payment_attempt=next_attempt,
     )
@@ -210,8 +159,7 @@ def test_assist_mode_when_stripe_still_retries(stack):
 def test_injected_faults_never_double_charge(stack):
     invoices = []
     for _ in range(10):
-        scenario = failed(
-            stack,
+        scenario = stack.failed(
             {
                 "mode": "decline",
                 "decline_code": "processing_error",
@@ -243,8 +191,7 @@ def test_injected_faults_never_double_charge(stack):
 
 
 def test_worker_killed_mid_retry_completes_later_with_one_charge(stack, pg_url):
-    scenario = failed(
-        stack,
+    scenario = stack.failed(
         {
             "mode": "decline",
             "decline_code": "processing_error",
@@ -301,7 +248,7 @@ def test_worker_killed_mid_retry_completes_later_with_one_charge(stack, pg_url):
 
 
 def test_events_are_audited_with_the_engine_decision(stack):
-    scenario = failed(stack, {"mode": "decline", "decline_code": "insufficient_funds"})
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
     stack.tick()
     with session_scope() as session:
         actions = session.scalars(select(AuditEntry.action)).all()

@@ -16,27 +16,6 @@ from recovery.models import AuditEntry, Customer, RecoveryCase, WebhookEvent
 from .factories import invoice_object, post_event, sim_post, stripe_event
 
 
-@pytest.fixture
-def stack(sim, receiver):
-    """Simulator delivering signed events to the receiver; yields a drain function."""
-    sim_post(
-        sim.url,
-        "/_sim/webhook_endpoints",
-        {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
-    )
-
-    def drain(now: datetime | None = None) -> dict[int, str | None]:
-        sim.flush()
-        now = now or datetime.now(UTC)
-        published: list[int] = []
-        relay.relay(published.extend, now, 500)
-        return scheduler.process_events(published, now, get_settings())
-
-    stack = type("Stack", (), {})()
-    stack.sim, stack.receiver, stack.drain = sim, receiver, drain
-    return stack
-
-
 def case_for(invoice_id: str) -> RecoveryCase | None:
     with session_scope() as session:
         return session.scalars(
@@ -49,9 +28,9 @@ def events_by_type() -> dict[str, str]:
         return {row.type: row.status for row in session.scalars(select(WebhookEvent))}
 
 
-def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(stack):
+def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(event_stack):
     scenario = sim_post(
-        stack.sim.url,
+        event_stack.sim.url,
         "/_sim/scenarios/failed_invoice",
         {
             "amount": 4900,
@@ -70,7 +49,7 @@ def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(stac
             },
         },
     )
-    assert set(stack.drain().values()) == {"processed"}
+    assert set(event_stack.drain().values()) == {"processed"}
     case = case_for(scenario["invoice"])
     assert case.status == "open"
     assert (case.amount_due, case.currency, case.attempt_count) == (4900, "eur", 1)
@@ -99,15 +78,15 @@ def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(stac
         assert case.customer_id == customer.id
 
 
-def test_processing_twice_changes_nothing(stack):
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
-    stack.drain()
+def test_processing_twice_changes_nothing(event_stack):
+    scenario = sim_post(event_stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    event_stack.drain()
     with session_scope() as session:
         row = session.scalars(select(WebhookEvent)).one()
         audit_before = len(session.scalars(select(AuditEntry)).all())
     assert scheduler.process_events([row.id], datetime.now(UTC), get_settings())[row.id] is None
     relay.replay([row.id], datetime.now(UTC))
-    stack.drain()
+    event_stack.drain()
     with session_scope() as session:
         assert len(session.scalars(select(RecoveryCase)).all()) == 1
         # the replay saw an attempt already recorded: no second case, no new entry
@@ -115,38 +94,38 @@ def test_processing_twice_changes_nothing(stack):
     assert case_for(scenario["invoice"]).attempt_count == 1
 
 
-def test_paid_then_late_failure_stays_closed(stack):
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
-    failed = next(e for e in stack.sim.state.events if e["type"] == "invoice.payment_failed")
-    stack.drain()
-    sim_post(stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
-    sim_post(stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/attempt")
-    stack.drain()
+def test_paid_then_late_failure_stays_closed(event_stack):
+    scenario = sim_post(event_stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    failed = next(e for e in event_stack.sim.state.events if e["type"] == "invoice.payment_failed")
+    event_stack.drain()
+    sim_post(event_stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
+    sim_post(event_stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/attempt")
+    event_stack.drain()
     assert case_for(scenario["invoice"]).status == "recovered"
     # Stripe delivers the old failure again, late.
     late = stripe_event("invoice.payment_failed", failed["data"]["object"])
-    assert post_event(stack.receiver, late)[0] == 200
-    stack.drain()
+    assert post_event(event_stack.receiver, late)[0] == 200
+    event_stack.drain()
     case = case_for(scenario["invoice"])
     assert (case.status, case.amount_recovered) == ("recovered", 2000)
 
 
-def test_failure_arriving_after_payment_never_opens_a_case(stack):
+def test_failure_arriving_after_payment_never_opens_a_case(event_stack):
     """Out of order: invoice.paid first (no case yet), then the older failure."""
     scenario = sim_post(
-        stack.sim.url,
+        event_stack.sim.url,
         "/_sim/invoices",
         {
-            "customer": sim_post(stack.sim.url, "/_sim/customers", {"card": {}})["id"],
+            "customer": sim_post(event_stack.sim.url, "/_sim/customers", {"card": {}})["id"],
             "amount": 1500,
             "subscription": "auto",
         },
     )
     stale_failure = stripe_event("invoice.payment_failed", dict(scenario, attempt_count=1))
-    sim_post(stack.sim.url, f"/_sim/invoices/{scenario['id']}/attempt")  # succeeds: paid
-    stack.drain()
-    assert post_event(stack.receiver, stale_failure)[0] == 200
-    stack.drain()
+    sim_post(event_stack.sim.url, f"/_sim/invoices/{scenario['id']}/attempt")  # succeeds: paid
+    event_stack.drain()
+    assert post_event(event_stack.receiver, stale_failure)[0] == 200
+    event_stack.drain()
     assert case_for(scenario["id"]) is None
     assert events_by_type()["invoice.payment_failed"] == "processed"
 
@@ -154,40 +133,42 @@ def test_failure_arriving_after_payment_never_opens_a_case(stack):
 @pytest.mark.parametrize(
     ("action", "status"), [("void", "voided"), ("mark_uncollectible", "uncollectible")]
 )
-def test_voided_and_uncollectible_close_the_case(stack, action, status):
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
-    stack.drain()
-    sim_post(stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/{action}")
-    stack.drain()
+def test_voided_and_uncollectible_close_the_case(event_stack, action, status):
+    scenario = sim_post(event_stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    event_stack.drain()
+    sim_post(event_stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/{action}")
+    event_stack.drain()
     case = case_for(scenario["invoice"])
     assert case.status == status and case.closed_at is not None
 
 
-def test_authentication_required_marks_the_case(stack):
+def test_authentication_required_marks_the_case(event_stack):
     scenario = sim_post(
-        stack.sim.url, "/_sim/scenarios/failed_invoice", {"behavior": {"mode": "authenticate"}}
+        event_stack.sim.url,
+        "/_sim/scenarios/failed_invoice",
+        {"behavior": {"mode": "authenticate"}},
     )
-    stack.drain()
+    event_stack.drain()
     case = case_for(scenario["invoice"])
     assert case.needs_authentication and case.decline_code == "authentication_required"
     assert events_by_type()["invoice.payment_action_required"] == "processed"
 
 
-def test_canceled_subscription_closes_its_case(stack):
+def test_canceled_subscription_closes_its_case(event_stack):
     from recovery import stripe_api
 
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
-    stack.drain()
+    scenario = sim_post(event_stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    event_stack.drain()
     stripe_api.cancel_subscription(scenario["subscription"], "cancel-test-1")
-    stack.drain()
+    event_stack.drain()
     assert case_for(scenario["invoice"]).status == "canceled"
 
 
-def test_card_change_is_recorded_for_the_engine(stack):
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
-    stack.drain()
-    new_card = sim_post(stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
-    results = stack.drain()
+def test_card_change_is_recorded_for_the_engine(event_stack):
+    scenario = sim_post(event_stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+    event_stack.drain()
+    new_card = sim_post(event_stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
+    results = event_stack.drain()
     assert set(results.values()) == {"processed"}
     with session_scope() as session:
         customer = session.scalars(select(Customer)).one()
@@ -197,60 +178,69 @@ def test_card_change_is_recorded_for_the_engine(stack):
         assert actions.count("card_updated") == 2  # payment_method.attached, customer.updated
 
 
-def test_customer_update_without_card_change_is_ignored(stack):
+def test_customer_update_without_card_change_is_ignored(event_stack):
     customer = {"id": "cus_unknown", "object": "customer", "invoice_settings": {}}
     event = stripe_event("customer.updated", customer, previous={"description": "old"})
-    post_event(stack.receiver, event)
-    assert set(stack.drain().values()) == {"ignored"}
+    post_event(event_stack.receiver, event)
+    assert set(event_stack.drain().values()) == {"ignored"}
 
 
-def test_unknown_types_and_other_mode_events_are_ignored(stack):
-    post_event(stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"}))
+def test_unknown_types_and_other_mode_events_are_ignored(event_stack):
     post_event(
-        stack.receiver, stripe_event("invoice.payment_failed", invoice_object(), livemode=True)
+        event_stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"})
     )
-    assert set(stack.drain().values()) == {"ignored"}
+    post_event(
+        event_stack.receiver,
+        stripe_event("invoice.payment_failed", invoice_object(), livemode=True),
+    )
+    assert set(event_stack.drain().values()) == {"ignored"}
     with session_scope() as session:
         assert session.scalars(select(RecoveryCase)).all() == []
 
 
-def test_events_for_unknown_objects_do_not_crash(stack):
+def test_events_for_unknown_objects_do_not_crash(event_stack):
     for kind in ("invoice.paid", "invoice.voided", "customer.subscription.deleted"):
-        post_event(stack.receiver, stripe_event(kind, invoice_object(id="in_nobody")))
-    assert set(stack.drain().values()) == {"processed"}
+        post_event(event_stack.receiver, stripe_event(kind, invoice_object(id="in_nobody")))
+    assert set(event_stack.drain().values()) == {"processed"}
 
 
-def test_stripe_errors_back_off_then_fail_and_can_be_replayed(stack):
-    scenario = sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {})
+def test_stripe_errors_back_off_then_fail_and_can_be_replayed(event_stack):
+    scenario = sim_post(event_stack.sim.url, "/_sim/scenarios/failed_invoice", {})
     sim_post(
-        stack.sim.url, "/_sim/faults", {"path_prefix": "/v1/invoices", "status": 500, "count": 3}
+        event_stack.sim.url,
+        "/_sim/faults",
+        {"path_prefix": "/v1/invoices", "status": 500, "count": 3},
     )
-    stack.sim.flush()
+    event_stack.sim.flush()
     now = datetime.now(UTC)
-    assert list(stack.drain(now).values()) == ["pending"]
+    assert list(event_stack.drain(now).values()) == ["pending"]
     with session_scope() as session:
         row = session.scalars(select(WebhookEvent)).one()
         assert row.attempts == 1 and "StripeUnavailable" in row.last_error
         assert row.available_at == now + timedelta(seconds=30)
     # Not due yet: nothing is published.
-    assert stack.drain(now + timedelta(seconds=10)) == {}
-    assert list(stack.drain(now + timedelta(seconds=31)).values()) == ["pending"]
-    assert list(stack.drain(now + timedelta(seconds=92)).values()) == ["failed"]  # 3rd and last
+    assert event_stack.drain(now + timedelta(seconds=10)) == {}
+    assert list(event_stack.drain(now + timedelta(seconds=31)).values()) == ["pending"]
+    assert list(event_stack.drain(now + timedelta(seconds=92)).values()) == [
+        "failed"
+    ]  # 3rd and last
     assert case_for(scenario["invoice"]) is None
     # The fault is gone: an operator replays and it goes through.
     with session_scope() as session:
         row_id = session.scalars(select(WebhookEvent.id)).one()
     relay.replay([row_id], datetime.now(UTC))
-    assert list(stack.drain().values()) == ["processed"]
+    assert list(event_stack.drain().values()) == ["processed"]
     assert case_for(scenario["invoice"]).status == "open"
 
 
-def test_a_claim_whose_worker_died_is_taken_again_after_its_lease(stack):
-    post_event(stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"}))
+def test_a_claim_whose_worker_died_is_taken_again_after_its_lease(event_stack):
+    post_event(
+        event_stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"})
+    )
     now = datetime.now(UTC) + timedelta(seconds=1)
     with session_scope() as session:
         row_id = session.scalars(select(WebhookEvent.id)).one()
     assert relay._claim(row_id, now) == 1  # a worker claims it, then dies
-    assert stack.drain(now) == {}
+    assert event_stack.drain(now) == {}
     later = now + relay.LEASE + timedelta(seconds=1)
-    assert stack.drain(later) == {row_id: "ignored"}
+    assert event_stack.drain(later) == {row_id: "ignored"}

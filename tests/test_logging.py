@@ -11,14 +11,13 @@ from recovery.observability import REDACTED, configure_logging, scrub, sentry_be
 
 from .conftest import OLD_WEBHOOK_SECRET, WEBHOOK_SECRET
 from .factories import post, sim_post
-from .test_events import stack  # noqa: F401 - fixture
 
 
-def test_event_path_logs_hold_no_personal_or_secret_data(stack):  # noqa: F811
+def test_event_path_logs_hold_no_personal_or_secret_data(event_stack):
     stream = io.StringIO()
     configure_logging(get_settings(), stream=stream)
     scenario = sim_post(
-        stack.sim.url,
+        event_stack.sim.url,
         "/_sim/scenarios/failed_invoice",
         {
             "email": "jenny.rosen@example.com",
@@ -26,12 +25,14 @@ def test_event_path_logs_hold_no_personal_or_secret_data(stack):  # noqa: F811
             "card": {"fingerprint": "fpSECRETCARD", "last4": "7319"},
         },
     )
-    stack.drain()
-    post(f"{stack.receiver}/webhooks/stripe", b"{}", {"Stripe-Signature": "t=1,v1=abc"})
-    sim_post(stack.sim.url, "/_sim/faults", {"path_prefix": "/v1/", "status": 500, "count": 5})
-    sim_post(stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
-    sim_post(stack.sim.url, "/_sim/scenarios/failed_invoice", {"email": "other@example.org"})
-    stack.drain()
+    event_stack.drain()
+    post(f"{event_stack.receiver}/webhooks/stripe", b"{}", {"Stripe-Signature": "t=1,v1=abc"})
+    sim_post(
+        event_stack.sim.url, "/_sim/faults", {"path_prefix": "/v1/", "status": 500, "count": 5}
+    )
+    sim_post(event_stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
+    sim_post(event_stack.sim.url, "/_sim/scenarios/failed_invoice", {"email": "other@example.org"})
+    event_stack.drain()
     logs = stream.getvalue()
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     events = {line["event"] for line in lines}

@@ -1,0 +1,290 @@
+"""The case state machine (engine/cases.py) on PostgreSQL, without the HTTP
+stack: each test builds its rows in a transaction rolled back afterwards."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from recovery import stripe_api
+from recovery.engine import cases
+from recovery.models import (
+    AuditEntry,
+    CaseStatus,
+    LinkPurpose,
+    LinkRevoked,
+    Message,
+    MessageStatus,
+    RecoveryAttempt,
+    RecoveryLink,
+    StepKind,
+    StepOrigin,
+    StepOutcome,
+    StepStatus,
+)
+
+from .conftest import T0
+from .factories import make_case, make_message, make_step
+
+pytestmark = pytest.mark.services
+
+OPEN, R, C, V, U = (
+    CaseStatus.OPEN,
+    CaseStatus.RECOVERED,
+    CaseStatus.CANCELED,
+    CaseStatus.VOIDED,
+    CaseStatus.UNCOLLECTIBLE,
+)
+# Written out here, apart from the code's table, so that a change to either
+# shows: Stripe lets an uncollectible invoice, or a canceled subscription's
+# invoice, still be paid or voided; a paid or voided invoice is final.
+ALLOWED = {
+    (OPEN, R), (OPEN, C), (OPEN, V), (OPEN, U),
+    (U, R), (U, V),
+    (C, R), (C, V),
+}  # fmt: skip
+
+
+def actions(session, case) -> list[str]:
+    return list(
+        session.scalars(
+            select(AuditEntry.action).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id)
+        )
+    )
+
+
+def steps_of(session, case) -> list[RecoveryAttempt]:
+    session.expire_all()
+    return list(
+        session.scalars(
+            select(RecoveryAttempt)
+            .where(RecoveryAttempt.case_id == case.id)
+            .order_by(RecoveryAttempt.id)
+        )
+    )
+
+
+@pytest.mark.parametrize("current", list(CaseStatus))
+@pytest.mark.parametrize("target", [R, C, V, U])
+def test_a_case_moves_only_where_its_state_allows(session, current, target):
+    case = make_case(session, status=current)
+    moved = cases.close(session, case, target, T0 + timedelta(days=1))
+    assert moved == ((current, target) in ALLOWED)
+    assert case.status is (target if moved else current)
+
+
+@pytest.mark.parametrize("late", [C, V, U])
+def test_a_recovered_case_stays_recovered(session, late):
+    case = make_case(session)
+    assert cases.close(session, case, R, T0, amount_recovered=2000)
+    assert not cases.close(session, case, late, T0 + timedelta(hours=1))
+    assert (case.status, case.amount_recovered, case.closed_at) == (R, 2000, T0)
+
+
+def test_closing_cancels_steps_revokes_links_and_thanks_a_reminded_customer(session):
+    case = make_case(session)
+    retry = make_step(session, case, StepKind.RETRY)
+    make_message(session, case, status=MessageStatus.SENT)
+    session.add(
+        RecoveryLink(
+            case_id=case.id,
+            token_hash="a" * 64,
+            purpose=LinkPurpose.UPDATE_CARD,
+            expires_at=T0 + timedelta(days=14),
+            click_count=0,
+            created_at=T0,
+        )
+    )
+    session.flush()
+
+    assert cases.close(session, case, R, T0 + timedelta(days=2))
+    session.expire_all()
+    assert session.get(RecoveryAttempt, retry.id).status is StepStatus.CANCELED
+    link = session.scalars(select(RecoveryLink).where(RecoveryLink.case_id == case.id)).one()
+    assert link.revoked_reason is LinkRevoked.CLOSED
+    thanks = session.scalars(
+        select(Message).where(Message.case_id == case.id, Message.template == "recovered")
+    ).all()
+    assert len(thanks) == 1
+    assert actions(session, case)[-1] == "case_recovered"
+
+
+def test_a_customer_never_reminded_is_not_thanked(session):
+    case = make_case(session)
+    cases.close(session, case, R, T0)
+    assert session.scalars(select(Message).where(Message.case_id == case.id)).all() == []
+
+
+@pytest.mark.parametrize(
+    ("status", "paused", "expected"),
+    [
+        (OPEN, False, True),
+        (OPEN, True, False),
+        (R, False, False),
+        (C, False, False),
+        (V, False, False),
+        (U, False, False),
+    ],
+)
+def test_only_an_open_unpaused_case_may_act(session, status, paused, expected):
+    case = make_case(session, status=status, paused_at=T0 if paused else None)
+    assert cases.may_act(case) is expected
+    assert (cases.idle_outcome(case) is None) is expected
+
+
+# -- failures ------------------------------------------------------------------------
+
+
+def report(at, attempt: int = 2, **fields) -> cases.FailureReport:
+    return cases.FailureReport(
+        event_id="evt_test",
+        created=at,
+        attempt_count=attempt,
+        next_payment_attempt=None,
+        hosted_invoice_url=None,
+        amount_due=None,
+        **fields,
+    )
+
+
+def never_read() -> stripe_api.DeclineDetails:
+    raise AssertionError("Stripe was asked for a decline that changes nothing")
+
+
+def test_a_late_stale_failure_changes_nothing(session, settings):
+    case = make_case(session, attempt_count=2, last_failure_at=T0 + timedelta(days=3))
+    before = (case.decline_code, case.last_failure_at, case.attempt_count, case.first_failed_at)
+    verdict = cases.record_failure(
+        session, case, report(T0 + timedelta(days=1), attempt=3), never_read, T0, settings
+    )
+    assert verdict is cases.Verdict.STALE
+    after = (case.decline_code, case.last_failure_at, case.attempt_count, case.first_failed_at)
+    assert after == before
+    assert steps_of(session, case) == []
+
+
+def test_a_failure_on_a_closed_case_changes_nothing(session, settings):
+    case = make_case(session, status=R)
+    verdict = cases.record_failure(
+        session, case, report(T0 + timedelta(days=1), attempt=3), never_read, T0, settings
+    )
+    assert verdict is cases.Verdict.CLOSED
+    assert case.status is R and case.attempt_count == 1
+
+
+def test_a_failure_already_recorded_is_not_read_again(session, settings):
+    case = make_case(session, attempt_count=2)
+    verdict = cases.record_failure(
+        session, case, report(T0 + timedelta(hours=1), attempt=2), never_read, T0, settings
+    )
+    assert verdict is cases.Verdict.ALREADY_RECORDED
+
+
+def test_a_new_failure_is_recorded_and_planned(session, settings):
+    case = make_case(session, category=None, mode=None, first_category=None, attempt_count=0)
+    details = stripe_api.DeclineDetails(decline_code="insufficient_funds", card_brand="visa")
+    verdict = cases.record_failure(
+        session, case, report(T0, attempt=1), lambda: details, T0, settings
+    )
+    assert verdict is cases.Verdict.RECORDED
+    assert (case.category, case.first_category, case.first_decline_code) == (
+        "retry",
+        "retry",
+        "insufficient_funds",
+    )
+    planned = {(s.kind, s.origin, s.number) for s in steps_of(session, case)}
+    assert (StepKind.RETRY, StepOrigin.PLAN, 1) in planned
+    assert (StepKind.EMAIL, StepOrigin.PLAN, 0) in planned
+    assert (StepKind.FINAL, StepOrigin.PLAN, None) in planned
+
+
+def test_a_failure_on_a_paused_case_is_recorded_but_plans_nothing(session, settings):
+    case = make_case(session, paused_at=T0, attempt_count=1)
+    details = stripe_api.DeclineDetails(decline_code="do_not_honor")
+    verdict = cases.record_failure(
+        session, case, report(T0 + timedelta(days=1), attempt=2), lambda: details, T0, settings
+    )
+    assert verdict is cases.Verdict.RECORDED and case.decline_code == "do_not_honor"
+    assert steps_of(session, case) == []
+
+
+# -- operators ---------------------------------------------------------------------------
+
+
+def test_pause_cancels_what_was_scheduled_and_a_new_card_changes_nothing(session, settings):
+    case = make_case(session)
+    make_step(session, case, StepKind.RETRY)
+    make_step(session, case, StepKind.EMAIL, template="payment_failed")
+    cases.pause(session, case, T0, "operator:test", "disputed")
+    assert {s.status for s in steps_of(session, case)} == {StepStatus.CANCELED}
+    assert not cases.card_updated(session, case, T0, T0 + timedelta(hours=1), settings)
+    assert all(s.status is StepStatus.CANCELED for s in steps_of(session, case))
+    with pytest.raises(cases.CaseRefused, match="already paused"):
+        cases.pause(session, case, T0, "operator:test", "again")
+
+
+def test_resume_plans_again_from_now(session, settings):
+    case = make_case(session, paused_at=T0)
+    cases.resume(session, case, T0 + timedelta(days=1), "operator:test", "resolved", settings)
+    assert case.paused_at is None
+    live = [s for s in steps_of(session, case) if s.status is StepStatus.SCHEDULED]
+    assert {s.kind for s in live} == {StepKind.RETRY, StepKind.EMAIL, StepKind.FINAL}
+    assert all(s.due_at >= T0 + timedelta(days=1) for s in live if s.kind is StepKind.RETRY)
+    with pytest.raises(cases.CaseRefused, match="not paused"):
+        cases.resume(session, case, T0, "operator:test", "twice", settings)
+
+
+def test_cancel_closes_the_case_and_is_refused_on_a_closed_one(session):
+    case = make_case(session)
+    cases.cancel(session, case, T0, "operator:test", "refunded")
+    assert case.status is C
+    assert actions(session, case)[-2:] == ["case_canceled", "cancel"]
+    with pytest.raises(cases.CaseRefused, match="is canceled"):
+        cases.cancel(session, case, T0, "operator:test", "twice")
+
+
+def test_a_new_card_retries_at_once_after_the_minimum_gap(session, settings):
+    case = make_case(session, last_failure_at=T0)
+    make_step(session, case, StepKind.RETRY, due_at=T0 + timedelta(days=3))
+    assert cases.card_updated(session, case, T0, T0 + timedelta(minutes=1), settings)
+    retries = [s for s in steps_of(session, case) if s.status is StepStatus.SCHEDULED]
+    assert [(r.origin, r.due_at) for r in retries] == [
+        (StepOrigin.CARD_UPDATE, T0 + timedelta(seconds=settings.card_update_min_gap_seconds))
+    ]
+
+
+def test_an_operator_retry_is_refused_where_the_rules_forbid_it(session, settings):
+    case = make_case(session, decline_code="expired_card", category="customer_action")
+    with pytest.raises(cases.CaseRefused, match="customer_action"):
+        cases.request_retry(session, case, T0, "operator:test", None, False, settings)
+    request = cases.request_retry(
+        session, case, T0, "operator:test", "asked on the phone", True, settings
+    )
+    [step] = steps_of(session, case)
+    assert step.step == request.step
+    assert (step.origin, step.forced, step.due_at) == (StepOrigin.OPERATOR, True, T0)
+
+
+def test_an_operator_retry_on_a_paused_case_is_refused(session, settings):
+    case = make_case(session, paused_at=T0)
+    with pytest.raises(cases.CaseRefused, match="paused"):
+        cases.request_retry(session, case, T0, "operator:test", "now", True, settings)
+    assert steps_of(session, case) == []
+
+
+def test_a_dry_run_schedules_nothing(session, settings):
+    case = make_case(session)
+    request = cases.request_retry(
+        session, case, T0, "operator:test", None, False, settings, dry_run=True
+    )
+    assert request == cases.RetryRequest((), None)
+    assert steps_of(session, case) == []
+
+
+def test_closed_steps_outcomes_are_told_apart(session):
+    paused = make_case(session, paused_at=T0)
+    closed = make_case(session, status=V)
+    assert cases.idle_outcome(paused) is StepOutcome.SKIPPED_PAUSED
+    assert cases.idle_outcome(closed) is StepOutcome.SKIPPED_CLOSED
