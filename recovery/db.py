@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from recovery.config import get_settings
 
@@ -102,18 +102,33 @@ def dialect_of(conn: Connection | Session) -> str:
     return conn.get_bind().dialect.name if isinstance(conn, Session) else conn.dialect.name
 
 
+def table_of(model: type[DeclarativeBase]) -> Table:
+    """A mapped class's table, for Core statements (no ORM bookkeeping per row)."""
+    return cast(Table, model.__table__)
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """How many rows an UPDATE, DELETE or INSERT changed (a Session types every
+    result as a plain Result; a DML statement's is a CursorResult)."""
+    if not isinstance(result, CursorResult):
+        raise TypeError("rows_changed needs the result of an UPDATE, DELETE or INSERT")
+    return result.rowcount
+
+
 def insert_ignore(
-    conn: Connection | Session, table: Table, values: dict[str, Any], unique: list[str]
+    conn: Connection | Session,
+    model: type[DeclarativeBase],
+    values: dict[str, Any],
+    unique: list[str],
 ) -> bool:
     """INSERT … ON CONFLICT DO NOTHING; True when this call inserted the row."""
     insert = pg_insert if dialect_of(conn) == "postgresql" else sqlite_insert
-    statement = insert(table).on_conflict_do_nothing(index_elements=unique)
-    result: Any = conn.execute(statement, values)
-    return bool(result.rowcount == 1)
+    statement = insert(table_of(model)).on_conflict_do_nothing(index_elements=unique)
+    return rows_changed(conn.execute(statement, values)) == 1
 
 
 def insert_ignore_returning(
-    conn: Connection, table: Table, rows: list[dict[str, Any]], key: str
+    conn: Connection, model: type[DeclarativeBase], rows: list[dict[str, Any]], key: str
 ) -> set[Any]:
     """INSERT … ON CONFLICT DO NOTHING for many rows; the keys actually inserted.
 
@@ -123,6 +138,7 @@ def insert_ignore_returning(
     receiver's CPU when it did).
     """
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    table = table_of(model)
     statement = insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
     return set(conn.execute(statement, rows).scalars())
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
+from sentry_sdk.types import Event
 
 from recovery.config import Settings
 
@@ -51,7 +53,9 @@ def scrub(value: Any, key: str | None = None) -> Any:
     return value
 
 
-def _scrub_processor(_logger, _method, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _scrub_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> Mapping[str, Any]:
     return {k: scrub(v, k) for k, v in event_dict.items()}
 
 
@@ -83,15 +87,16 @@ def configure_logging(settings: Settings, stream=None) -> None:
     logging.getLogger("celery.beat").setLevel(beat_level)
 
 
-def sentry_before_send(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, Any]:
+def sentry_before_send(event: Event, _hint: dict[str, Any]) -> Event | None:
     """Drop request bodies and cookies, scrub everything else."""
     request = event.get("request")
     if isinstance(request, dict):
         request.pop("data", None)
         request.pop("cookies", None)
+        headers = request.get("headers")
         request["headers"] = {
             k: v
-            for k, v in (request.get("headers") or {}).items()
+            for k, v in (headers.items() if isinstance(headers, dict) else ())
             if k.lower() not in ("stripe-signature", "authorization", "cookie")
         }
     return scrub(event)

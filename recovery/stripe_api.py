@@ -113,11 +113,11 @@ def _mapped(error: stripe.StripeError) -> StripeFailure:
 
 
 def make_client(settings: Settings) -> stripe.StripeClient:
-    base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
     return stripe.StripeClient(
         settings.stripe_api_key,
         stripe_version=settings.stripe_api_version,
-        base_addresses=base,
+        # A Stripe-compatible server instead of Stripe, when configured.
+        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else {},
         # We retry at our level with our own idempotency keys and backoff.
         max_network_retries=0,
         http_client=stripe.RequestsClient(timeout=REQUEST_TIMEOUT_SECONDS),

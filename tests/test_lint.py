@@ -1,4 +1,4 @@
-"""ruff's lint and format checks are part of the suite."""
+"""ruff's lint and format checks, and mypy's type check, are part of the suite."""
 
 import subprocess
 import sys
@@ -6,15 +6,18 @@ import sys
 from .conftest import ROOT
 
 
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+
+
 def test_ruff_lint_and_format_are_clean():
-    lint = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True
-    )
+    lint = run("ruff", "check", ".")
     assert lint.returncode == 0, lint.stdout
-    fmt = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", "."],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    fmt = run("ruff", "format", "--check", ".")
     assert fmt.returncode == 0, fmt.stdout
+
+
+def test_mypy_finds_nothing_in_the_package():
+    # The files and strictness are configured in pyproject.toml ([tool.mypy]).
+    checked = run("mypy")
+    assert checked.returncode == 0, checked.stdout[-5000:]

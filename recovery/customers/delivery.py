@@ -124,7 +124,7 @@ def facts(
 ) -> emails.Facts:
     """What the email says, in the customer's terms; `urls` by link purpose."""
     action_url = next((u for p, u in urls.items() if p is not LinkPurpose.OPT_OUT), None)
-    common = {
+    common: dict[str, Any] = {
         "locale": customer.locale,
         "timezone": customer.timezone,
         "customer_name": customer.name,
@@ -177,12 +177,13 @@ def prepare(
             .order_by(Message.id)
             .with_for_update(of=Message)
         ).all()
-        live = []
+        live: list[tuple[Message, RecoveryCase | None, Customer, str]] = []
         for message, case, customer in rows:
             reason = skip_reason(message, case, customer)
-            if reason is None:
-                live.append((message, case, customer))
+            if reason is None and customer is not None and customer.email:
+                live.append((message, case, customer, customer.email))
                 continue
+            reason = reason or "no email address"
             _mark(
                 session,
                 message.id,
@@ -192,8 +193,8 @@ def prepare(
             )
             outcomes[message.id] = MessageStatus.SKIPPED
             log.info("email_skipped", message_id=message.id, template=message.template, why=reason)
-        dates = plan_dates(session, [c for _, c, _ in live if c is not None], settings)
-        wanted = [links_wanted(m, c, cu) for m, c, cu in live]
+        dates = plan_dates(session, [c for _, c, _, _ in live if c is not None], settings)
+        wanted = [links_wanted(m, c, cu) for m, c, cu, _ in live]
         tokens = iter(
             links.mint_many(
                 session,
@@ -203,11 +204,12 @@ def prepare(
             )
         )
         ready = []
-        for (message, case, customer), its_links in zip(live, wanted, strict=True):
+        for (message, owner, customer, address), its_links in zip(live, wanted, strict=True):
             urls = {w.purpose: _url(settings, w.purpose, next(tokens)) for w in its_links}
-            said = facts(message, case, customer, dates.get(case.id) if case else None, urls, now)
+            its_dates = dates.get(owner.id) if owner else None
+            said = facts(message, owner, customer, its_dates, urls, now)
             rendered = emails.render(message.template, said, settings)
-            email = mailer.build(rendered, customer.email, settings, opt_out_url=said.opt_out_url)
+            email = mailer.build(rendered, address, settings, opt_out_url=said.opt_out_url)
             ready.append(Ready(message.id, message.template, message.attempts, email))
     return ready, outcomes
 

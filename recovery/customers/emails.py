@@ -83,9 +83,18 @@ class Rendered:
 @lru_cache(maxsize=4)
 def _environments(templates_dir: Path) -> tuple[Environment, Environment]:
     loader = FileSystemLoader(str(templates_dir / "emails"))
-    common = {"loader": loader, "undefined": StrictUndefined, "keep_trailing_newline": True}
-    html = Environment(autoescape=select_autoescape(default=True), **common)  # noqa: S701
-    text = Environment(autoescape=False, **common)  # noqa: S701 - plain text, never HTML
+    html = Environment(
+        loader=loader,
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=select_autoescape(default=True),
+    )
+    text = Environment(
+        loader=loader,
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701 - plain text, never HTML
+    )
     return html, text
 
 
@@ -158,7 +167,8 @@ def render(name: str, facts: Facts, settings: Settings) -> Rendered:
 
 def _tidy(text: str) -> str:
     """At most one blank line in a row: template tags leave empty lines behind."""
-    lines, blank = [], False
+    lines: list[str] = []
+    blank = False
     for line in text.splitlines():
         if not line.strip():
             if not blank and lines:

@@ -20,7 +20,6 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from recovery import stripe_api
 from recovery.config import Settings
-from recovery.db import get_engine, session_scope
+from recovery.db import get_engine, rows_changed, session_scope
 from recovery.models import (
     CaseStatus,
     Customer,
@@ -118,16 +117,17 @@ def mint(
 
 def revoke_case_links(session: Session, case_id: int, now: datetime, reason: LinkRevoked) -> int:
     """Revoke a case's live links (opt-out links live on: they are the customer's)."""
-    result: Any = session.execute(
-        update(RecoveryLink)
-        .where(
-            RecoveryLink.case_id == case_id,
-            RecoveryLink.revoked_at.is_(None),
-            RecoveryLink.purpose != LinkPurpose.OPT_OUT,
+    return rows_changed(
+        session.execute(
+            update(RecoveryLink)
+            .where(
+                RecoveryLink.case_id == case_id,
+                RecoveryLink.revoked_at.is_(None),
+                RecoveryLink.purpose != LinkPurpose.OPT_OUT,
+            )
+            .values(revoked_at=now, revoked_reason=reason)
         )
-        .values(revoked_at=now, revoked_reason=reason)
     )
-    return int(result.rowcount)
 
 
 @dataclass(frozen=True)

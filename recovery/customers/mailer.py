@@ -129,6 +129,9 @@ class SmtpTransport:
 
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
+        if not s.smtp_host:
+            raise SendFailed("no SMTP_HOST configured", permanent=False)
+        conn: smtplib.SMTP
         if s.smtp_security == "tls":
             conn = smtplib.SMTP_SSL(
                 s.smtp_host, s.smtp_port, timeout=self.timeout, context=ssl.create_default_context()
@@ -172,7 +175,8 @@ class SmtpTransport:
                 ) from None
             except smtplib.SMTPResponseException as exc:
                 self._reset(conn)
-                text = exc.smtp_error.decode(errors="replace")
+                error = exc.smtp_error
+                text = error.decode(errors="replace") if isinstance(error, bytes) else error
                 permanent = exc.smtp_code >= 500
                 raise SendFailed(f"{exc.smtp_code} {text}", permanent=permanent) from None
             except (smtplib.SMTPException, OSError) as exc:

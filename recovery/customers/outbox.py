@@ -19,13 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from recovery.db import dialect_of, insert_ignore, session_scope
+from recovery.db import dialect_of, insert_ignore, rows_changed, session_scope
 from recovery.models import Message, MessageStatus, RecoveryCase
 
 log = structlog.get_logger("recovery.outbox")
@@ -61,7 +60,7 @@ def enqueue(
     """Queue an email unless one with this key exists; True if queued now."""
     return insert_ignore(
         session,
-        Message.__table__,  # type: ignore[arg-type]
+        Message,
         {
             "key": key,
             "case_id": case_id,
@@ -98,19 +97,23 @@ def on_case_recovered(session: Session, case: RecoveryCase, now: datetime) -> No
 def release_lapsed(now: datetime) -> int:
     """Leases that ran out: back to pending before SMTP, failed after."""
     with session_scope() as session:
-        back: Any = session.execute(
-            update(Message)
-            .where(Message.status == MessageStatus.CLAIMED, Message.lease_until <= now)
-            .values(status=MessageStatus.PENDING, lease_until=None)
+        back = rows_changed(
+            session.execute(
+                update(Message)
+                .where(Message.status == MessageStatus.CLAIMED, Message.lease_until <= now)
+                .values(status=MessageStatus.PENDING, lease_until=None)
+            )
         )
-        lost: Any = session.execute(
-            update(Message)
-            .where(Message.status == MessageStatus.SENDING, Message.lease_until <= now)
-            .values(status=MessageStatus.FAILED, lease_until=None, last_error=_LOST)
+        lost = rows_changed(
+            session.execute(
+                update(Message)
+                .where(Message.status == MessageStatus.SENDING, Message.lease_until <= now)
+                .values(status=MessageStatus.FAILED, lease_until=None, last_error=_LOST)
+            )
         )
-    if lost.rowcount:
-        log.error("emails_lost_mid_send", count=lost.rowcount)
-    return int(back.rowcount + lost.rowcount)
+    if lost:
+        log.error("emails_lost_mid_send", count=lost)
+    return back + lost
 
 
 def claim(now: datetime, limit: int, keys: list[str] | None = None) -> list[int]:

@@ -116,7 +116,7 @@ def open_case(
     """The invoice's case, opened now unless another worker opened it first."""
     insert_ignore(
         session,
-        RecoveryCase.__table__,  # type: ignore[arg-type]
+        RecoveryCase,
         {
             "invoice_id": invoice["id"],
             "customer_id": customer_id,

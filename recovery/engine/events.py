@@ -50,7 +50,7 @@ def upsert_customer(session: Session, customer_id: str, **fields: Any) -> Custom
     """The customer's row, locked, with the fields Stripe told us set."""
     insert_ignore(
         session,
-        Customer.__table__,  # type: ignore[arg-type]
+        Customer,
         {
             "stripe_customer_id": customer_id,
             "created_at": clock.now(),

@@ -96,7 +96,7 @@ def record_card_attempt(
         return
     insert_ignore(
         session,
-        CardAttempt.__table__,  # type: ignore[arg-type]
+        CardAttempt,
         {
             "fingerprint": case.card_fingerprint,
             "brand": case.card_brand,

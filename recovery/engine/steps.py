@@ -29,7 +29,7 @@ from sqlalchemy import ColumnElement, Update, func, select, update
 from sqlalchemy.orm import Session
 
 from recovery.config import Settings
-from recovery.db import dialect_of, insert_ignore, session_scope
+from recovery.db import dialect_of, insert_ignore, rows_changed, session_scope
 from recovery.models import (
     RecoveryAttempt,
     RecoveryCase,
@@ -91,7 +91,7 @@ def schedule(
     A step canceled before it ever ran (a plan that changed back) is revived."""
     added = insert_ignore(
         session,
-        RecoveryAttempt.__table__,  # type: ignore[arg-type]
+        RecoveryAttempt,
         {
             "case_id": case.id,
             "kind": kind,
@@ -113,17 +113,19 @@ def schedule(
     )
     if added:
         return True
-    revived: Any = session.execute(
-        update(RecoveryAttempt)
-        .where(
-            RecoveryAttempt.case_id == case.id,
-            RecoveryAttempt.step == name,
-            RecoveryAttempt.status == StepStatus.CANCELED,
-            RecoveryAttempt.claims == 0,
+    revived = rows_changed(
+        session.execute(
+            update(RecoveryAttempt)
+            .where(
+                RecoveryAttempt.case_id == case.id,
+                RecoveryAttempt.step == name,
+                RecoveryAttempt.status == StepStatus.CANCELED,
+                RecoveryAttempt.claims == 0,
+            )
+            .values(status=StepStatus.SCHEDULED, due_at=due_at, outcome=None)
         )
-        .values(status=StepStatus.SCHEDULED, due_at=due_at, outcome=None)
     )
-    return bool(revived.rowcount == 1)
+    return revived == 1
 
 
 def cancel(session: Session, case: RecoveryCase, kind: StepKind | None = None) -> int:
@@ -135,10 +137,9 @@ def cancel(session: Session, case: RecoveryCase, kind: StepKind | None = None) -
     )
     if kind is not None:
         query = query.where(RecoveryAttempt.kind == kind)
-    result: Any = session.execute(
-        query.values(status=StepStatus.CANCELED, outcome=StepOutcome.CANCELED)
+    return rows_changed(
+        session.execute(query.values(status=StepStatus.CANCELED, outcome=StepOutcome.CANCELED))
     )
-    return int(result.rowcount)
 
 
 def plan_retries_made(session: Session, case: RecoveryCase) -> int:
@@ -336,18 +337,20 @@ def start(claim: Claim, now: datetime, lease: timedelta) -> Step | None:
 
 def finish(session: Session, step: Step, now: datetime, outcome: str, **fields: Any) -> bool:
     """Mark the step done with its outcome, if this claim still holds it."""
-    done: Any = session.execute(
-        update(RecoveryAttempt)
-        .where(
-            RecoveryAttempt.id == step.id,
-            RecoveryAttempt.claims == step.claim,
-            RecoveryAttempt.status == StepStatus.EXECUTING,
+    done = rows_changed(
+        session.execute(
+            update(RecoveryAttempt)
+            .where(
+                RecoveryAttempt.id == step.id,
+                RecoveryAttempt.claims == step.claim,
+                RecoveryAttempt.status == StepStatus.EXECUTING,
+            )
+            .values(status=StepStatus.DONE, outcome=outcome, executed_at=now, **fields)
         )
-        .values(status=StepStatus.DONE, outcome=outcome, executed_at=now, **fields)
     )
-    if not done.rowcount:
+    if not done:
         log.warning("step_lost_lease", step_id=step.id, outcome=outcome)
-    return bool(done.rowcount)
+    return bool(done)
 
 
 def reschedule(session: Session, step: Step, due: datetime, error: str | None, tries: int) -> None:

@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 
@@ -45,7 +46,7 @@ def _row(event: dict, now: datetime) -> dict:
 
 
 def _store(session, event: dict, now: datetime) -> bool:
-    return insert_ignore(session, WebhookEvent.__table__, _row(event, now), ["stripe_event_id"])
+    return insert_ignore(session, WebhookEvent, _row(event, now), ["stripe_event_id"])
 
 
 def failed(invoice: dict) -> bool:
@@ -73,14 +74,19 @@ def failure_event(invoice: dict, now: datetime) -> dict:
 
 
 def sync_invoices(
-    now: datetime, page_size: int = 100, restart: bool = False, on_page=None
+    now: datetime,
+    page_size: int = 100,
+    restart: bool = False,
+    on_page: Callable[[int, int], None] | None = None,
 ) -> Progress:
     """Queue a failure for every open, attempted invoice; resumable."""
-    state = None
-    for state in sync_pages(now, page_size, restart):
+    last = None
+    for last in sync_pages(now, page_size, restart):
         if on_page:
-            on_page(state.page_seen, state.page_queued)
-    return state
+            on_page(last.page_seen, last.page_queued)
+    if last is None:  # pragma: no cover - sync_pages yields after every page, one at least
+        raise RuntimeError("the sync listed no page")
+    return last
 
 
 @dataclass
@@ -105,13 +111,15 @@ def sync_pages(now: datetime, page_size: int = 100, restart: bool = False) -> It
             session.add(state)
         cursor = state.cursor
     while True:
-        params = {"status": "open", "limit": page_size}
+        params: dict[str, Any] = {"status": "open", "limit": page_size}
         if cursor:
             params["starting_after"] = cursor
         page = stripe_api.list_invoices(**params)
         invoices = page.get("data") or []
         with session_scope() as session:
             state = session.get(SyncCursor, SYNC, with_for_update=True)
+            if state is None:
+                raise RuntimeError("another `recovery sync --restart` took over this sync")
             queued = sum(_store(session, failure_event(i, now), now) for i in invoices if failed(i))
             state.seen += len(invoices)
             state.queued += queued

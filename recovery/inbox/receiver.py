@@ -226,9 +226,7 @@ class InboxWriter:
                 if conn.dialect.name == "postgresql":
                     inserted = _insert_postgres(conn, rows)
                 else:
-                    inserted = insert_ignore_returning(
-                        conn, WebhookEvent.__table__, rows, "stripe_event_id"
-                    )
+                    inserted = insert_ignore_returning(conn, WebhookEvent, rows, "stripe_event_id")
         except Exception as exc:  # noqa: BLE001 - every waiting request answers 503
             return [exc] * len(rows)
         outcomes: list[bool | Exception] = []
@@ -273,7 +271,10 @@ def _insert_postgres(conn: Connection, rows: list[dict]) -> set[str]:
     """The same INSERT … ON CONFLICT DO NOTHING as insert_ignore_returning, through
     psycopg2 directly: half the client CPU per row of SQLAlchemy's
     insertmanyvalues, measured, and the client is the receiver's bottleneck."""
-    cursor = conn.connection.dbapi_connection.cursor()
+    raw = conn.connection.dbapi_connection
+    if raw is None:
+        raise RuntimeError("the connection was closed before the insert")
+    cursor = raw.cursor()
     try:
         values = [tuple(row[column] for column in _COLUMNS) for row in rows]
         returned = execute_values(cursor, _INSERT, values, page_size=MAX_BATCH, fetch=True)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from recovery import clock
 from recovery.config import Settings
-from recovery.db import dialect_of, session_scope
+from recovery.db import dialect_of, rows_changed, session_scope
 from recovery.models import EventStatus, WebhookEvent
 from recovery.observability import scrub_text
 from recovery.stripe_api import StripeFailure
@@ -172,15 +172,16 @@ def process_events(
 def replay(event_ids: Sequence[int], now: datetime) -> int:
     """Put events back in the queue (operators: after fixing what failed them)."""
     with session_scope() as session:
-        result = session.execute(
-            update(WebhookEvent)
-            .where(WebhookEvent.id.in_(list(event_ids)))
-            .values(
-                status=EventStatus.PENDING,
-                attempts=0,
-                enqueued_at=None,
-                available_at=now,
-                last_error=None,
+        return rows_changed(
+            session.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.id.in_(list(event_ids)))
+                .values(
+                    status=EventStatus.PENDING,
+                    attempts=0,
+                    enqueued_at=None,
+                    available_at=now,
+                    last_error=None,
+                )
             )
         )
-    return int(result.rowcount)

@@ -114,6 +114,8 @@ def _post(url: str, body: dict | None = None) -> tuple[int, dict]:
 def _location(url: str) -> str | None:
     """GET a recovery link without following it; the redirect's target."""
     parts = urlsplit(url)
+    if not parts.hostname:
+        return None
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
         conn.request("GET", parts.path)
@@ -150,7 +152,8 @@ class Customers:
             member = self.by_email.get(message["To"])
             if member is None:
                 continue
-            text = message.get_body(("plain",)).get_content()
+            body = message.get_body(("plain",))
+            text = body.get_content() if body is not None else ""
             link = next((w for w in text.split() if "/r/" in w), None)
             template = message["Subject"]
             # One draw per member and email: the same seed, the same choices.
@@ -278,7 +281,7 @@ def _checks(
 ) -> dict[str, bool]:
     """What must hold whatever the outcome: sums that add up, and agreement
     with the Stripe-compatible server."""
-    paid = {}
+    paid: dict[str, int] = {}
     for invoice_id in invoices:
         invoice = sim.state.objects[invoice_id]
         if invoice["status"] == "paid":

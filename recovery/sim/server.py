@@ -358,7 +358,7 @@ class StripeSim:
         ("customer.invoice_settings.default_payment_method")."""
         obj = copy.deepcopy(obj)
         for path in expand:
-            node = obj
+            node: Any = obj
             for name in path.split("."):
                 value = node.get(name) if isinstance(node, dict) else None
                 if isinstance(value, str) and value in self.state.objects:
