@@ -52,7 +52,7 @@ class Settings:
     webhook_tolerance_seconds: int
     event_max_attempts: int
     relay_batch_size: int
-    # The engine (see engine.py, plans.py, ledger.py, steps.py).
+    # The engine (see engine/).
     recovery_mode: str = "auto"
     plans_file: str | None = None
     stripe_write_rate: float = 20.0
@@ -60,7 +60,7 @@ class Settings:
     step_lease_seconds: int = 300
     dispatch_batch_size: int = 500
     card_update_min_gap_seconds: int = 300
-    # The customer side (see outbox.py, mailer.py, links.py).
+    # The customer side (see customers/).
     smtp_host: str | None = None
     smtp_port: int = 587
     smtp_username: str | None = None

@@ -289,7 +289,7 @@ def simulate(
     Every plan runs through the real engine on the simulated clock against an
     identical population (same seed), so the plan is the only difference.
     The population and customer behaviour are assumptions, stated in
-    recovery/population.py; --from-db takes causes, amounts and currencies
+    recovery/sim/population.py; --from-db takes causes, amounts and currencies
     from your stored cases instead.
 
     \b
@@ -334,8 +334,8 @@ def simulate(
         click.echo(f"\nconsistency checks FAILED for: {', '.join(failed)}", err=True)
         raise SystemExit(1)
     click.echo(
-        "\nAssumptions: see recovery/population.py (causes, when cards work again, how customers"
-        " answer). Compare plans with one another, not with your real recovery rate."
+        "\nAssumptions: see recovery/sim/population.py (causes, when cards work again, how"
+        " customers answer). Compare plans with one another, not with your real recovery rate."
     )
 
 
