@@ -175,6 +175,9 @@ class Customer(Base):
     locale: Mapped[str | None] = mapped_column(String(35))
     timezone: Mapped[str | None] = mapped_column(String(64))
     default_payment_method: Mapped[str | None] = mapped_column(String(255))
+    # The card the customer saved through our link, which a retry on a card
+    # update pays with explicitly (an invoice's own default would win).
+    saved_payment_method: Mapped[str | None] = mapped_column(String(255))
     # Set when Stripe tells us the card changed; the engine retries at once.
     card_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     reminders_opted_out_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -282,6 +285,9 @@ class StepOutcome(enum.StrEnum):
     INVOICE_UNCOLLECTIBLE = "invoice_uncollectible"
     INVOICE_NOT_OPEN = "invoice_not_open"
     BLOCKED_STOP_CODE = "blocked_stop_code"
+    # The card that declined for a reason only the customer can fix, again.
+    BLOCKED_SAME_CARD = "blocked_same_card"
+    SUBSCRIPTION_CANCELED = "subscription_canceled"  # found ended at Stripe
     DEFERRED_NETWORK_LIMIT = "deferred_network_limit"
     DEFERRED_UNAVAILABLE = "deferred_unavailable"
     DEFERRED_FOR_RETRY = "deferred_for_retry"  # an email waits for a retry's answer

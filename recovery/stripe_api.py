@@ -21,6 +21,7 @@ for the write budget that all workers share (ratelimit.py).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
@@ -112,6 +113,13 @@ def _mapped(error: stripe.StripeError) -> StripeFailure:
     return StripeRequestRejected(message, http_status=status, code=code)
 
 
+def request_timeout(settings: Settings) -> float:
+    """At most 20 s, and under half a step's lease: a call with an idempotency
+    key has always ended before another worker may claim the step and send the
+    same key again."""
+    return min(REQUEST_TIMEOUT_SECONDS, settings.step_lease_seconds / 2)
+
+
 def make_client(settings: Settings) -> stripe.StripeClient:
     return stripe.StripeClient(
         settings.stripe_api_key,
@@ -120,7 +128,7 @@ def make_client(settings: Settings) -> stripe.StripeClient:
         base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else {},
         # We retry at our level with our own idempotency keys and backoff.
         max_network_retries=0,
-        http_client=stripe.RequestsClient(timeout=REQUEST_TIMEOUT_SECONDS),
+        http_client=stripe.RequestsClient(timeout=request_timeout(settings)),
     )
 
 
@@ -159,14 +167,20 @@ def retrieve_invoice(invoice_id: str) -> dict[str, Any]:
     return _request("get", _path("invoices", invoice_id))
 
 
-def retrieve_invoice_and_card(invoice_id: str) -> dict[str, Any]:
-    """The invoice with the cards Stripe would charge expanded, in one request:
-    the invoice's own default, else its customer's."""
-    return _request(
-        "get",
-        _path("invoices", invoice_id),
-        {"expand": ["default_payment_method", "customer.invoice_settings.default_payment_method"]},
-    )
+# Everything a decision needs about an invoice now, in one request: its
+# subscription (is it still alive?) and every card Stripe might charge.
+_INVOICE_STATE = [
+    "default_payment_method",
+    "parent.subscription_details.subscription.default_payment_method",
+    "customer.invoice_settings.default_payment_method",
+    "customer.default_source",
+]
+
+
+def retrieve_invoice_state(invoice_id: str) -> dict[str, Any]:
+    """The invoice as Stripe has it now, with its subscription and the cards it
+    would be charged to expanded (see card_to_charge, subscription_canceled)."""
+    return _request("get", _path("invoices", invoice_id), {"expand": _INVOICE_STATE})
 
 
 def list_invoices(**params: Any) -> dict[str, Any]:
@@ -325,8 +339,11 @@ class DeclineDetails:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
-def _latest_payment(invoice: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(charge, payment_intent) of the invoice's latest attempt, fetched if needed."""
+def _latest_payment(
+    invoice: dict[str, Any], at: datetime | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(charge, payment_intent) of the invoice's latest attempt at `at` (the
+    failure's moment; None: the latest of all), fetched if needed."""
     charge = invoice.get("charge")
     intent = invoice.get("payment_intent")
     if isinstance(charge, str):
@@ -337,6 +354,9 @@ def _latest_payment(invoice: dict[str, Any]) -> tuple[dict[str, Any] | None, dic
         # Since API version 2025-03-31 invoices name their payments only
         # through InvoicePayment objects.
         payments = list_invoice_payments(invoice["id"]).get("data", [])
+        if at is not None:
+            # A late event speaks of its own attempt, not of those after it.
+            payments = [p for p in payments if (p.get("created") or 0) <= at.timestamp()]
         if payments:
             payment = max(payments, key=lambda p: p.get("created") or 0).get("payment") or {}
             intent_id, charge_id = (
@@ -360,10 +380,11 @@ def _latest_payment(invoice: dict[str, Any]) -> tuple[dict[str, Any] | None, dic
     )
 
 
-def decline_details(invoice: dict[str, Any]) -> DeclineDetails:
-    """The decline of the invoice's latest payment, from its charge or payment
-    intent (fetched when the event carries only their ids)."""
-    charge, intent = _latest_payment(invoice)
+def decline_details(invoice: dict[str, Any], at: datetime | None = None) -> DeclineDetails:
+    """The decline of the invoice's payment attempt at `at` (else its latest),
+    from its charge or payment intent (fetched when the event carries only
+    their ids)."""
+    charge, intent = _latest_payment(invoice, at)
     error = (intent or {}).get("last_payment_error") or {}
     outcome = (charge or {}).get("outcome") or {}
     method_details = (charge or {}).get("payment_method_details") or {}
@@ -405,20 +426,46 @@ class Card:
     exp_year: int | None
 
 
+def subscription_of_state(invoice: dict[str, Any]) -> dict[str, Any] | None:
+    """The invoice's subscription object, as retrieve_invoice_state expands it."""
+    parent = invoice.get("parent") or {}
+    found = (parent.get("subscription_details") or {}).get("subscription")
+    if not isinstance(found, dict):
+        found = invoice.get("subscription")
+    return found if isinstance(found, dict) else None
+
+
+def subscription_canceled(invoice: dict[str, Any]) -> bool:
+    """Whether the invoice's subscription has ended at Stripe."""
+    subscription = subscription_of_state(invoice)
+    return subscription is not None and subscription.get("status") in ("canceled",)
+
+
 def card_to_charge(invoice: dict[str, Any]) -> Card | None:
-    """The card Stripe will charge for the invoice: the invoice's default, else
-    the customer's (expanded by retrieve_invoice_and_card; fetched only if not)."""
-    pm = invoice.get("default_payment_method")
+    """The card Stripe will charge for the invoice, in Stripe's order: the
+    invoice's default payment method, else its subscription's, else the
+    customer's invoice default, else the customer's default source.
+    Expanded by retrieve_invoice_state; fetched here only if it was not."""
+    subscription = subscription_of_state(invoice) or {}
     customer = invoice.get("customer")
+    pm: Any = invoice.get("default_payment_method") or subscription.get("default_payment_method")
     if not pm and isinstance(customer, str):
         customer = retrieve_customer(customer)
     if not pm and isinstance(customer, dict):
-        pm = (customer.get("invoice_settings") or {}).get("default_payment_method")
+        pm = (customer.get("invoice_settings") or {}).get("default_payment_method") or customer.get(
+            "default_source"
+        )
     if isinstance(pm, str):
         pm = retrieve_payment_method(pm)
+    return card_of(pm)
+
+
+def card_of(pm: Any) -> Card | None:
+    """A payment method object (or a legacy card source) as a Card."""
     if not isinstance(pm, dict):
         return None
-    card = pm.get("card") or {}
+    card = pm.get("card") if pm.get("object") != "card" else pm
+    card = card or {}
     return Card(
         payment_method_id=pm.get("id"),
         fingerprint=card.get("fingerprint"),

@@ -231,8 +231,15 @@ class StripeSim:
     # -- payments -----------------------------------------------------------
 
     def default_payment_method(self, invoice: dict) -> dict[str, Any]:
+        """The card Stripe charges for an invoice: the invoice's default, else
+        its subscription's, else the customer's invoice default."""
         customer = self.get("customer", invoice["customer"])
-        pm_id = customer["invoice_settings"].get("default_payment_method")
+        subscription = self.state.objects.get(invoice.get("subscription") or "") or {}
+        pm_id = (
+            invoice.get("default_payment_method")
+            or subscription.get("default_payment_method")
+            or customer["invoice_settings"].get("default_payment_method")
+        )
         if not pm_id:
             raise _invalid("The customer has no default payment method", "payment_method")
         return self.get("payment_method", pm_id)
@@ -687,7 +694,10 @@ class StripeSim:
         return session
 
     def _failed_invoice(self, body: dict) -> dict:
-        """Customer, card, subscription and an invoice whose first attempt fails."""
+        """Customer, card, subscription and an invoice whose first attempt fails.
+        With "card_on": "subscription" the declining card is the subscription's
+        own default (as Checkout sets it) and the customer's default is another,
+        working card that Stripe does not charge for this invoice."""
         behavior = {
             "mode": "decline",
             "decline_code": "insufficient_funds",
@@ -711,13 +721,21 @@ class StripeSim:
                 "next_payment_attempt": body.get("next_payment_attempt"),
             },
         )
+        declining = customer["invoice_settings"]["default_payment_method"]
+        if body.get("card_on") == "subscription":
+            subscription = self.get("subscription", invoice["subscription"])
+            subscription["default_payment_method"] = declining
+            other = self.put(
+                objects.payment_method(self.now(), customer["id"], {}, self.state.livemode)
+            )
+            customer["invoice_settings"]["default_payment_method"] = other["id"]
         _intent, chg, error = self.attempt_payment(invoice, self.default_payment_method(invoice))
         return {
             "customer": customer["id"],
             "invoice": invoice["id"],
             "subscription": invoice["subscription"],
             "charge": chg["id"],
-            "payment_method": customer["invoice_settings"]["default_payment_method"],
+            "payment_method": declining,
             "error": error,
         }
 
