@@ -11,8 +11,10 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from recovery.db import session_scope
 from recovery.inbox.receiver import signature_header
 from recovery.models import (
     CaseStatus,
@@ -200,3 +202,31 @@ def make_message(
     session.add(message)
     session.flush()
     return message
+
+
+# -- reading rows back (each in its own transaction) -------------------------------------
+
+
+def case_of(invoice_id: str) -> RecoveryCase | None:
+    """The invoice's case as committed, or None."""
+    with session_scope() as session:
+        return session.scalars(
+            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
+        ).one_or_none()
+
+
+def the_case(invoice_id: str) -> RecoveryCase:
+    case = case_of(invoice_id)
+    assert case is not None, f"no case for {invoice_id}"
+    return case
+
+
+def steps_of(case_id: int) -> list[RecoveryAttempt]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(RecoveryAttempt)
+                .where(RecoveryAttempt.case_id == case_id)
+                .order_by(RecoveryAttempt.id)
+            )
+        )

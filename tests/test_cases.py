@@ -13,6 +13,7 @@ from recovery.engine import cases
 from recovery.models import (
     AuditEntry,
     CaseStatus,
+    Customer,
     LinkPurpose,
     LinkRevoked,
     Message,
@@ -39,11 +40,13 @@ OPEN, R, C, V, U = (
 )
 # Written out here, apart from the code's table, so that a change to either
 # shows: Stripe lets an uncollectible invoice, or a canceled subscription's
-# invoice, still be paid or voided; a paid or voided invoice is final.
+# invoice, still be paid or voided, and the latter written off; a paid or
+# voided invoice is final. The moves form a lattice: any order of the same
+# closing events ends in the same state.
 ALLOWED = {
     (OPEN, R), (OPEN, C), (OPEN, V), (OPEN, U),
+    (C, U), (C, R), (C, V),
     (U, R), (U, V),
-    (C, R), (C, V),
 }  # fmt: skip
 
 
@@ -154,10 +157,12 @@ def never_read() -> stripe_api.DeclineDetails:
 
 
 def test_a_late_stale_failure_changes_nothing(session, settings):
+    # Attempt 2 failed on day 3; attempt 1 of day 1 arrives late, after the
+    # earliest failure (day 0) is known: it neither anchors nor is current.
     case = make_case(session, attempt_count=2, last_failure_at=T0 + timedelta(days=3))
     before = (case.decline_code, case.last_failure_at, case.attempt_count, case.first_failed_at)
     verdict = cases.record_failure(
-        session, case, report(T0 + timedelta(days=1), attempt=3), never_read, T0, settings
+        session, case, report(T0 + timedelta(days=1), attempt=1), never_read, T0, settings
     )
     assert verdict is cases.Verdict.STALE
     after = (case.decline_code, case.last_failure_at, case.attempt_count, case.first_failed_at)
@@ -165,13 +170,45 @@ def test_a_late_stale_failure_changes_nothing(session, settings):
     assert steps_of(session, case) == []
 
 
-def test_a_failure_on_a_closed_case_changes_nothing(session, settings):
-    case = make_case(session, status=R)
-    verdict = cases.record_failure(
-        session, case, report(T0 + timedelta(days=1), attempt=3), never_read, T0, settings
+def test_the_earliest_failure_anchors_the_plan_whatever_arrives_first(session, settings):
+    later = stripe_api.DeclineDetails(decline_code="do_not_honor", card_brand="visa")
+    earliest = stripe_api.DeclineDetails(decline_code="insufficient_funds", card_brand="visa")
+    case = make_case(
+        session,
+        category=None,
+        mode=None,
+        first_category=None,
+        attempt_count=0,
+        first_failed_at=None,
+        last_failure_at=None,
+        decline_code=None,
     )
-    assert verdict is cases.Verdict.CLOSED
-    assert case.status is R and case.attempt_count == 1
+    cases.record_failure(
+        session, case, report(T0 + timedelta(days=3), attempt=2), lambda: later, T0, settings
+    )
+    shifted = {s.step: s.due_at for s in steps_of(session, case) if s.kind is StepKind.FINAL}
+    verdict = cases.record_failure(
+        session, case, report(T0, attempt=1), lambda: earliest, T0, settings
+    )
+    assert verdict is cases.Verdict.RECORDED
+    assert case.first_failed_at == T0 and case.first_decline_code == "insufficient_funds"
+    # the newest attempt still names the current decline
+    assert case.last_failure_at == T0 + timedelta(days=3) and case.attempt_count == 2
+    assert case.decline_code == "do_not_honor"
+    finals = [s for s in steps_of(session, case) if s.kind is StepKind.FINAL]
+    live = [s for s in finals if s.status is StepStatus.SCHEDULED]
+    assert len(live) == 1 and live[0].due_at < max(shifted.values())
+
+
+def test_a_failure_on_a_closed_case_is_recorded_but_plans_nothing(session, settings):
+    case = make_case(session, status=R)
+    details = stripe_api.DeclineDetails(decline_code="do_not_honor")
+    verdict = cases.record_failure(
+        session, case, report(T0 + timedelta(days=1), attempt=3), lambda: details, T0, settings
+    )
+    assert verdict is cases.Verdict.RECORDED
+    assert case.status is R and case.attempt_count == 3
+    assert steps_of(session, case) == []
 
 
 def test_a_failure_already_recorded_is_not_read_again(session, settings):
@@ -183,7 +220,15 @@ def test_a_failure_already_recorded_is_not_read_again(session, settings):
 
 
 def test_a_new_failure_is_recorded_and_planned(session, settings):
-    case = make_case(session, category=None, mode=None, first_category=None, attempt_count=0)
+    case = make_case(
+        session,
+        category=None,
+        mode=None,
+        first_category=None,
+        attempt_count=0,
+        first_failed_at=None,
+        last_failure_at=None,
+    )
     details = stripe_api.DeclineDetails(decline_code="insufficient_funds", card_brand="visa")
     verdict = cases.record_failure(
         session, case, report(T0, attempt=1), lambda: details, T0, settings
@@ -219,7 +264,7 @@ def test_pause_cancels_what_was_scheduled_and_a_new_card_changes_nothing(session
     make_step(session, case, StepKind.EMAIL, template="payment_failed")
     cases.pause(session, case, T0, "operator:test", "disputed")
     assert {s.status for s in steps_of(session, case)} == {StepStatus.CANCELED}
-    assert not cases.card_updated(session, case, T0, T0 + timedelta(hours=1), settings)
+    assert not cases.card_updated(session, case, T0 + timedelta(hours=1), settings)
     assert all(s.status is StepStatus.CANCELED for s in steps_of(session, case))
     with pytest.raises(cases.CaseRefused, match="already paused"):
         cases.pause(session, case, T0, "operator:test", "again")
@@ -247,9 +292,14 @@ def test_cancel_closes_the_case_and_is_refused_on_a_closed_one(session):
 
 def test_a_new_card_retries_at_once_after_the_minimum_gap(session, settings):
     case = make_case(session, last_failure_at=T0)
+    session.get(Customer, case.customer_id).card_updated_at = T0 + timedelta(seconds=30)
     make_step(session, case, StepKind.RETRY, due_at=T0 + timedelta(days=3))
-    assert cases.card_updated(session, case, T0, T0 + timedelta(minutes=1), settings)
-    retries = [s for s in steps_of(session, case) if s.status is StepStatus.SCHEDULED]
+    assert cases.card_updated(session, case, T0 + timedelta(minutes=1), settings)
+    retries = [
+        s
+        for s in steps_of(session, case)
+        if s.status is StepStatus.SCHEDULED and s.kind is StepKind.RETRY
+    ]
     assert [(r.origin, r.due_at) for r in retries] == [
         (StepOrigin.CARD_UPDATE, T0 + timedelta(seconds=settings.card_update_min_gap_seconds))
     ]

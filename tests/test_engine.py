@@ -14,28 +14,10 @@ from sqlalchemy import select
 
 from recovery.config import get_settings
 from recovery.db import session_scope
-from recovery.models import AuditEntry, Message, RecoveryAttempt, RecoveryCase
+from recovery.models import AuditEntry, Message, RecoveryAttempt
 
 from .conftest import ROOT, T0
-from .factories import sim_post
-
-
-def the_case(invoice_id: str) -> RecoveryCase:
-    with session_scope() as session:
-        return session.scalars(
-            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
-        ).one()
-
-
-def steps_of(case_id: int) -> list[RecoveryAttempt]:
-    with session_scope() as session:
-        return list(
-            session.scalars(
-                select(RecoveryAttempt)
-                .where(RecoveryAttempt.case_id == case_id)
-                .order_by(RecoveryAttempt.id)
-            )
-        )
+from .factories import sim_post, steps_of, the_case
 
 
 def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
@@ -109,6 +91,7 @@ def test_card_update_retries_at_once_and_recovers(stack):
     with session_scope() as session:
         assert session.scalars(select(Message.template)).all() == ["card_update_needed"]
 
+    stack.at(T0 + timedelta(minutes=5))  # the customer reads the email, then
     sim_post(stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
     result = stack.tick(T0 + timedelta(minutes=10))
     case = the_case(scenario["invoice"])

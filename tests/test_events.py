@@ -13,14 +13,7 @@ from recovery.engine import scheduler
 from recovery.inbox import relay
 from recovery.models import AuditEntry, Customer, RecoveryCase, WebhookEvent
 
-from .factories import invoice_object, post_event, sim_post, stripe_event
-
-
-def case_for(invoice_id: str) -> RecoveryCase | None:
-    with session_scope() as session:
-        return session.scalars(
-            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
-        ).one_or_none()
+from .factories import case_of, invoice_object, post_event, sim_post, steps_of, stripe_event
 
 
 def events_by_type() -> dict[str, str]:
@@ -50,7 +43,7 @@ def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(even
         },
     )
     assert set(event_stack.drain().values()) == {"processed"}
-    case = case_for(scenario["invoice"])
+    case = case_of(scenario["invoice"])
     assert case.status == "open"
     assert (case.amount_due, case.currency, case.attempt_count) == (4900, "eur", 1)
     assert (case.failure_code, case.decline_code, case.advice_code) == (
@@ -91,7 +84,7 @@ def test_processing_twice_changes_nothing(event_stack):
         assert len(session.scalars(select(RecoveryCase)).all()) == 1
         # the replay saw an attempt already recorded: no second case, no new entry
         assert len(session.scalars(select(AuditEntry)).all()) == audit_before
-    assert case_for(scenario["invoice"]).attempt_count == 1
+    assert case_of(scenario["invoice"]).attempt_count == 1
 
 
 def test_paid_then_late_failure_stays_closed(event_stack):
@@ -101,17 +94,18 @@ def test_paid_then_late_failure_stays_closed(event_stack):
     sim_post(event_stack.sim.url, f"/_sim/customers/{scenario['customer']}/cards", {})
     sim_post(event_stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/attempt")
     event_stack.drain()
-    assert case_for(scenario["invoice"]).status == "recovered"
+    assert case_of(scenario["invoice"]).status == "recovered"
     # Stripe delivers the old failure again, late.
     late = stripe_event("invoice.payment_failed", failed["data"]["object"])
     assert post_event(event_stack.receiver, late)[0] == 200
     event_stack.drain()
-    case = case_for(scenario["invoice"])
+    case = case_of(scenario["invoice"])
     assert (case.status, case.amount_recovered) == ("recovered", 2000)
 
 
-def test_failure_arriving_after_payment_never_opens_a_case(event_stack):
-    """Out of order: invoice.paid first (no case yet), then the older failure."""
+def test_failure_arriving_after_payment_is_recorded_closed(event_stack):
+    """Out of order: invoice.paid first (no case yet), then the older failure:
+    the case is recorded as paid elsewhere, and nothing is planned or sent."""
     scenario = sim_post(
         event_stack.sim.url,
         "/_sim/invoices",
@@ -126,7 +120,14 @@ def test_failure_arriving_after_payment_never_opens_a_case(event_stack):
     event_stack.drain()
     assert post_event(event_stack.receiver, stale_failure)[0] == 200
     event_stack.drain()
-    assert case_for(scenario["id"]) is None
+    case = case_of(scenario["id"])
+    assert (case.status, case.recovery_path, case.amount_recovered) == (
+        "recovered",
+        "paid_elsewhere",
+        1500,
+    )
+    assert case.first_failed_at is not None and case.attempt_count == 1
+    assert steps_of(case.id) == []
     assert events_by_type()["invoice.payment_failed"] == "processed"
 
 
@@ -138,7 +139,7 @@ def test_voided_and_uncollectible_close_the_case(event_stack, action, status):
     event_stack.drain()
     sim_post(event_stack.sim.url, f"/_sim/invoices/{scenario['invoice']}/{action}")
     event_stack.drain()
-    case = case_for(scenario["invoice"])
+    case = case_of(scenario["invoice"])
     assert case.status == status and case.closed_at is not None
 
 
@@ -149,7 +150,7 @@ def test_authentication_required_marks_the_case(event_stack):
         {"behavior": {"mode": "authenticate"}},
     )
     event_stack.drain()
-    case = case_for(scenario["invoice"])
+    case = case_of(scenario["invoice"])
     assert case.needs_authentication and case.decline_code == "authentication_required"
     assert events_by_type()["invoice.payment_action_required"] == "processed"
 
@@ -161,7 +162,7 @@ def test_canceled_subscription_closes_its_case(event_stack):
     event_stack.drain()
     stripe_api.cancel_subscription(scenario["subscription"], "cancel-test-1")
     event_stack.drain()
-    assert case_for(scenario["invoice"]).status == "canceled"
+    assert case_of(scenario["invoice"]).status == "canceled"
 
 
 def test_card_change_is_recorded_for_the_engine(event_stack):
@@ -224,13 +225,13 @@ def test_stripe_errors_back_off_then_fail_and_can_be_replayed(event_stack):
     assert list(event_stack.drain(now + timedelta(seconds=92)).values()) == [
         "failed"
     ]  # 3rd and last
-    assert case_for(scenario["invoice"]) is None
+    assert case_of(scenario["invoice"]) is None
     # The fault is gone: an operator replays and it goes through.
     with session_scope() as session:
         row_id = session.scalars(select(WebhookEvent.id)).one()
     relay.replay([row_id], datetime.now(UTC))
     assert list(event_stack.drain().values()) == ["processed"]
-    assert case_for(scenario["invoice"]).status == "open"
+    assert case_of(scenario["invoice"]).status == "open"
 
 
 def test_a_claim_whose_worker_died_is_taken_again_after_its_lease(event_stack):

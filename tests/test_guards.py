@@ -8,16 +8,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
 
 from recovery.config import get_settings
 from recovery.customers import delivery, outbox
 from recovery.db import session_scope
 from recovery.engine import cases, scheduler, steps
-from recovery.models import Message, MessageStatus, RecoveryCase, StepOutcome
+from recovery.models import Message, MessageStatus, StepOutcome
 
 from .conftest import T0
-from .factories import make_case, make_message
+from .factories import make_case, make_message, the_case
 
 pytestmark = pytest.mark.services
 
@@ -27,13 +26,6 @@ LEASE = timedelta(minutes=5)
 def pause(case_id: int) -> None:
     with session_scope() as session:
         cases.pause(session, cases.locked(session, case_id), T0, "operator:test", "disputed")
-
-
-def the_case(invoice_id: str) -> RecoveryCase:
-    with session_scope() as session:
-        return session.scalars(
-            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
-        ).one()
 
 
 def test_an_email_queued_before_a_pause_is_not_sent(db, smtp_sink):

@@ -1,9 +1,17 @@
 """The case state machine: every move a recovery case makes is made here.
 
     open ──▶ recovered | canceled | voided | uncollectible
-    uncollectible ──▶ recovered | voided   (Stripe still lets such an invoice
-    canceled ──▶ recovered | voided         be paid or voided; a canceled
-    recovered, voided: nothing follows      subscription's invoice too)
+    canceled ──▶ recovered | voided | uncollectible   (a canceled subscription's
+    uncollectible ──▶ recovered | voided               invoice can still be paid,
+    recovered, voided: nothing follows                 voided or written off)
+
+The moves form a lattice, so a case's final state is a function of the set
+of events Stripe sent, not of their order: whichever of "subscription
+deleted" and "invoice marked uncollectible" comes first, the case ends
+uncollectible. A failure's facts merge the same way (the earliest failure
+anchors the plan and names the first decline, the newest attempt says where
+things stand), closed cases included, so late and repeated events add what
+they know once and reopen nothing.
 
 An operator may pause an open case and resume it; while it is paused nothing
 happens to it. `may_act` is the one answer to "may anything still happen to
@@ -30,13 +38,14 @@ from recovery.config import Settings
 from recovery.customers import links, outbox
 from recovery.db import insert_ignore
 from recovery.engine import planner, steps
-from recovery.engine.classify import Category, classify
+from recovery.engine.classify import Failure, classify
 from recovery.models import (
     AuditEntry,
     CardAttemptSource,
     CaseStatus,
     LinkRevoked,
     RecoveryCase,
+    RecoveryPath,
     StepKind,
     StepOrigin,
     StepOutcome,
@@ -49,7 +58,9 @@ CASE_NEXT: dict[CaseStatus, frozenset[CaseStatus]] = {
         {CaseStatus.RECOVERED, CaseStatus.CANCELED, CaseStatus.VOIDED, CaseStatus.UNCOLLECTIBLE}
     ),
     CaseStatus.UNCOLLECTIBLE: frozenset({CaseStatus.RECOVERED, CaseStatus.VOIDED}),
-    CaseStatus.CANCELED: frozenset({CaseStatus.RECOVERED, CaseStatus.VOIDED}),
+    CaseStatus.CANCELED: frozenset(
+        {CaseStatus.RECOVERED, CaseStatus.VOIDED, CaseStatus.UNCOLLECTIBLE}
+    ),
     CaseStatus.RECOVERED: frozenset(),
     CaseStatus.VOIDED: frozenset(),
 }
@@ -156,9 +167,8 @@ class FailureReport:
 
 class Verdict(enum.StrEnum):
     RECORDED = "recorded"
-    ALREADY_RECORDED = "already_recorded"  # this attempt's decline is known
-    STALE = "stale"  # older than the newest failure applied
-    CLOSED = "closed"  # the case is closed: a late failure changes nothing
+    ALREADY_RECORDED = "already_recorded"  # this attempt and its anchor are known
+    STALE = "stale"  # neither newer nor earlier than what is known: nothing to add
 
 
 def record_failure(
@@ -169,38 +179,48 @@ def record_failure(
     now: datetime,
     settings: Settings,
 ) -> Verdict:
-    """Apply a failure Stripe reported: its decline, the ledger, the plan.
-    `read_details` is called only for a failure not seen before."""
-    if case.status is not CaseStatus.OPEN:
-        return Verdict.CLOSED
-    if case.last_failure_at is not None and report.created < case.last_failure_at:
+    """Merge a failure Stripe reported into the case: the earliest failure
+    anchors the plan and names the first decline, the newest attempt sets the
+    current decline; the card's ledger; then the plan, if the case may act.
+    Any order of the same failures gives the same case. `read_details` is
+    called only for a failure that adds something."""
+    known = case.last_failure_at is not None
+    # Stripe numbers an invoice's attempts; two reports of one attempt (failed,
+    # then action required) describe the same charge, so the number decides.
+    newer = not known or report.attempt_count > case.attempt_count
+    earlier = case.first_failed_at is None or report.created < case.first_failed_at
+    # Stripe reports one attempt twice when it needs the customer: failed,
+    # then action required; the second adds that fact to the same attempt.
+    adds_action = (
+        report.action_required
+        and not case.needs_authentication
+        and report.attempt_count == case.attempt_count
+    )
+    if not (newer or earlier or adds_action):
+        if known and report.attempt_count == case.attempt_count:
+            return Verdict.ALREADY_RECORDED
         return Verdict.STALE
-    if (
-        not report.action_required
-        and case.last_failure_at is not None
-        and 0 < report.attempt_count <= case.attempt_count
-    ):
-        # Recorded already, by our own retry (which read the decline from
-        # Stripe's answer) or by this same event delivered twice.
-        case.next_payment_attempt = report.next_payment_attempt
-        return Verdict.ALREADY_RECORDED
 
-    case.last_failure_at = report.created
-    case.first_failed_at = min(case.first_failed_at or report.created, report.created)
-    case.attempt_count = max(case.attempt_count, report.attempt_count)
-    case.next_payment_attempt = report.next_payment_attempt
-    case.hosted_invoice_url = report.hosted_invoice_url or case.hosted_invoice_url
-    if report.amount_due is not None:
-        case.amount_due = report.amount_due
     details = read_details()
-    if report.action_required or details.decline_code == "authentication_required":
-        case.needs_authentication = True
-    for key, value in details.known().items():
-        setattr(case, key, value)
-    reading = classify(planner.failure_of(case))
-    if case.first_category is None:
-        case.first_decline_code = case.decline_code or case.failure_code
+    reading = classify(_failure(details, report.action_required))
+    if earlier:
+        case.first_failed_at = report.created
+        case.first_decline_code = details.decline_code or details.failure_code
         case.first_category = reading.category.value
+    if newer:
+        case.last_failure_at = report.created
+        case.attempt_count = report.attempt_count
+        case.next_payment_attempt = report.next_payment_attempt
+        case.hosted_invoice_url = report.hosted_invoice_url or case.hosted_invoice_url
+        if report.amount_due is not None and case.status is CaseStatus.OPEN:
+            case.amount_due = report.amount_due
+        for key in _DECLINE_COLUMNS:
+            setattr(case, key, getattr(details, key))
+        case.needs_authentication = (
+            report.action_required or details.decline_code == "authentication_required"
+        )
+    elif adds_action:
+        case.needs_authentication = True
     planner.record_card_attempt(
         session,
         case,
@@ -208,7 +228,10 @@ def record_failure(
         report.created,
         CardAttemptSource.STRIPE,
         reading.stops_card,
+        fingerprint=details.card_fingerprint,
+        brand=details.card_brand,
     )
+    planner.flag_if_needed(session, case, reading)
     _replan(session, case, now, settings)
     session.add(
         AuditEntry.of(
@@ -230,6 +253,39 @@ def record_failure(
     return Verdict.RECORDED
 
 
+# The columns a newer failure's decline replaces, all of them: a code the
+# newer decline lacks must not survive from an older one.
+_DECLINE_COLUMNS = (
+    "charge_id",
+    "payment_intent_id",
+    "failure_code",
+    "decline_code",
+    "advice_code",
+    "network_advice_code",
+    "network_decline_code",
+    "outcome_type",
+    "payment_method_id",
+    "payment_method_type",
+    "card_brand",
+    "card_fingerprint",
+    "card_last4",
+    "card_exp_month",
+    "card_exp_year",
+)
+
+
+def _failure(details: stripe_api.DeclineDetails, action_required: bool) -> Failure:
+    return Failure(
+        decline_code=details.decline_code,
+        failure_code=details.failure_code,
+        advice_code=details.advice_code,
+        network_advice_code=details.network_advice_code,
+        network_decline_code=details.network_decline_code,
+        card_brand=details.card_brand,
+        needs_authentication=action_required or details.decline_code == "authentication_required",
+    )
+
+
 def record_decline(
     session: Session,
     case: RecoveryCase,
@@ -247,10 +303,16 @@ def record_decline(
     case.needs_authentication = decline.decline_code == "authentication_required"
     case.last_failure_at = now
     case.attempt_count += 1
-    stop = classify(planner.failure_of(case)).stops_card
+    reading = classify(planner.failure_of(case))
     planner.record_card_attempt(
-        session, case, decline.charge_id or reference, now, CardAttemptSource.RECOVERY, stop
+        session,
+        case,
+        decline.charge_id or reference,
+        now,
+        CardAttemptSource.RECOVERY,
+        reading.stops_card,
     )
+    planner.flag_if_needed(session, case, reading)
     _replan(session, case, now, settings)
 
 
@@ -269,19 +331,17 @@ def use_card(case: RecoveryCase, card: stripe_api.Card) -> bool:
 def card_updated(
     session: Session,
     case: RecoveryCase,
-    changed_at: datetime,
     now: datetime,
     settings: Settings,
     **detail: Any,
 ) -> bool:
-    """The customer changed the card: retry at once, before more emails.
-    True if a retry was scheduled."""
+    """The customer changed the card (the customer's row already says when):
+    the plan retries at once if the change came after the last decline."""
     session.add(AuditEntry.of(case, "stripe", "card_updated", **detail))
     if not may_act(case):
         return False
-    if case.category in (Category.DO_NOT_CONTACT, Category.OUR_BUG):
-        return False
-    return planner.retry_on_card_update(session, case, changed_at, now, settings)
+    _replan(session, case, now, settings)
+    return steps.has_live_retry(session, case, StepOrigin.CARD_UPDATE)
 
 
 def _replan(session: Session, case: RecoveryCase, now: datetime, settings: Settings) -> None:
@@ -316,6 +376,20 @@ def close(
         outbox.on_case_recovered(session, case, now)
     session.add(AuditEntry.of(case, actor, f"case_{status.value}", previous=previous.value))
     log.info("case_closed", case_id=case.id, invoice_id=case.invoice_id, status=status.value)
+    return True
+
+
+def credit_recovery(
+    session: Session, case: RecoveryCase, path: RecoveryPath, step_label: str
+) -> bool:
+    """A recovery first put down as paid elsewhere turns out to be a retry of
+    ours (its worker died before recording the answer): credit it."""
+    if case.status is not CaseStatus.RECOVERED or case.recovery_path is not (
+        RecoveryPath.PAID_ELSEWHERE
+    ):
+        return False
+    case.recovery_path, case.recovered_by_step = path, step_label
+    session.add(AuditEntry.of(case, "engine", "recovery_credited", path=path.value))
     return True
 
 

@@ -79,27 +79,7 @@ def on_payment_failed(
         return EventStatus.IGNORED
     case = cases.for_invoice(session, invoice_id)
     if case is None:
-        current = stripe_api.retrieve_invoice(invoice_id)
-        if current.get("status") != "open":
-            # Paid, voided or uncollectible since: the event is stale.
-            log.info(
-                "failure_for_settled_invoice",
-                invoice_id=invoice_id,
-                invoice_status=current.get("status"),
-            )
-            return EventStatus.PROCESSED
-        customer_id = stripe_api.id_of(invoice.get("customer"))
-        customer = (
-            upsert_customer(
-                session,
-                customer_id,
-                email=invoice.get("customer_email"),
-                name=invoice.get("customer_name"),
-            )
-            if customer_id
-            else None
-        )
-        case = cases.open_case(session, invoice, customer.id if customer else None, now)
+        case = _open_case(session, invoice, now)
     report = cases.FailureReport(
         event_id=event["id"],
         created=_created(event),
@@ -110,11 +90,61 @@ def on_payment_failed(
         action_required=event["type"] == "invoice.payment_action_required",
     )
     verdict = cases.record_failure(
-        session, case, report, lambda: stripe_api.decline_details(invoice), now, settings
+        session,
+        case,
+        report,
+        lambda: stripe_api.decline_details(invoice, at=report.created),
+        now,
+        settings,
     )
     if verdict is not cases.Verdict.RECORDED:
         log.info("failure_not_applied", invoice_id=invoice_id, case_id=case.id, why=verdict.value)
     return EventStatus.PROCESSED
+
+
+def _open_case(session: Session, invoice: Event, now: datetime) -> RecoveryCase:
+    """The invoice's case, opened as Stripe has things now: webhooks lag, and
+    a failure may arrive after the invoice was paid, voided or written off,
+    or its subscription ended (late, replayed, out of order). Such a case is
+    recorded closed, with how it closed, so the figures stay complete."""
+    current = stripe_api.retrieve_invoice_state(invoice["id"])
+    customer_id = stripe_api.id_of(invoice.get("customer"))
+    customer = (
+        upsert_customer(
+            session,
+            customer_id,
+            email=invoice.get("customer_email"),
+            name=invoice.get("customer_name"),
+        )
+        if customer_id
+        else None
+    )
+    case = cases.open_case(session, invoice, customer.id if customer else None, now)
+    settled = _SETTLED.get(current.get("status") or "")
+    if settled is CaseStatus.RECOVERED:
+        cases.close(
+            session,
+            case,
+            settled,
+            now,
+            amount_recovered=current.get("amount_paid"),
+            recovery_path=RecoveryPath.PAID_ELSEWHERE,
+        )
+    elif settled is not None:
+        cases.close(session, case, settled, now)
+    elif stripe_api.subscription_canceled(current):
+        cases.close(session, case, CaseStatus.CANCELED, now)
+    if case.status is not CaseStatus.OPEN:
+        log.info("case_opened_closed", case_id=case.id, status=case.status.value)
+    return case
+
+
+# An invoice Stripe says is settled, and the state of its case.
+_SETTLED = {
+    "paid": CaseStatus.RECOVERED,
+    "void": CaseStatus.VOIDED,
+    "uncollectible": CaseStatus.UNCOLLECTIBLE,
+}
 
 
 # -- payment, voiding, cancellation ----------------------------------------------------------
@@ -189,18 +219,21 @@ def _card_change_customer(event: Event) -> str | None:
     return None
 
 
-def _make_saved_card_default(session: Session, event: Event, customer_id: str) -> None:
-    """A card saved through our setup link becomes the one invoices use.
+def _make_saved_card_default(session: Session, event: Event, customer_id: str) -> str | None:
+    """A card saved through our setup link becomes the one invoices use; its
+    payment method, or None.
 
     Checkout in setup mode only attaches the card; Stripe charges an invoice
-    to the subscription's default card, else the customer's, so both are set
-    (the subscription's only where it names one)."""
+    with the invoice's default card, else the subscription's, else the
+    customer's. So the customer's default is set, and the subscription's
+    where it names one of its own (Checkout-made subscriptions do); the retry
+    that follows pays with this card explicitly, past an invoice's own."""
     intent_id = stripe_api.id_of(event["data"]["object"].get("setup_intent"))
     if not intent_id:
-        return
+        return None
     pm_id = stripe_api.id_of(stripe_api.retrieve_setup_intent(intent_id).get("payment_method"))
     if not pm_id:
-        return
+        return None
     stripe_api.set_default_payment_method(customer_id, pm_id, f"default-pm-{event['id']}")
     subscriptions = session.scalars(
         select(RecoveryCase.subscription_id).where(
@@ -216,6 +249,7 @@ def _make_saved_card_default(session: Session, event: Event, customer_id: str) -
                 f"default-pm-{event['id']}-{subscription_id}",
                 default_payment_method=pm_id,
             )
+    return pm_id
 
 
 def on_card_changed(
@@ -224,10 +258,15 @@ def on_card_changed(
     customer_id = _card_change_customer(event)
     if not customer_id:
         return EventStatus.IGNORED
-    if event["type"] == "checkout.session.completed":
+    saved = (
         _make_saved_card_default(session, event, customer_id)
+        if event["type"] == "checkout.session.completed"
+        else None
+    )
     changed_at = _created(event)
     customer = upsert_customer(session, customer_id)
+    if saved:
+        customer.saved_payment_method = saved
     if customer.card_updated_at is None or changed_at > customer.card_updated_at:
         customer.card_updated_at = changed_at
     if event["type"] == "customer.updated":
@@ -236,6 +275,9 @@ def on_card_changed(
         customer.default_payment_method = stripe_api.id_of(
             invoice_settings.get("default_payment_method")
         )
+        if customer.default_payment_method not in (None, customer.saved_payment_method):
+            # A card chosen since, elsewhere (the portal, the business).
+            customer.saved_payment_method = None
         customer.locale = next(iter(obj.get("preferred_locales") or []), customer.locale)
     open_cases = session.scalars(
         select(RecoveryCase)
@@ -246,7 +288,6 @@ def on_card_changed(
         cases.card_updated(
             session,
             case,
-            changed_at,
             now,
             settings,
             event_id=event["id"],

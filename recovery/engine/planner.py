@@ -90,16 +90,20 @@ def record_card_attempt(
     at: datetime,
     source: CardAttemptSource,
     stop: bool,
+    fingerprint: str | None = None,
+    brand: str | None = None,
 ) -> None:
-    """One charge attempt on the case's card; the same reference counts once."""
-    if not case.card_fingerprint or not reference:
+    """One charge attempt on a card (the case's unless named); the same
+    reference counts once."""
+    fingerprint = fingerprint or case.card_fingerprint
+    if not fingerprint or not reference:
         return
     insert_ignore(
         session,
         CardAttempt,
         {
-            "fingerprint": case.card_fingerprint,
-            "brand": case.card_brand,
+            "fingerprint": fingerprint,
+            "brand": brand or case.card_brand,
             "attempted_at": at,
             "source": source,
             "reference": reference,
@@ -123,19 +127,17 @@ def earliest_retry(
 
 
 def classify_case(session: Session, case: RecoveryCase, settings: Settings) -> Classification:
-    """Read the case's latest failure; a new category drops the old plan's steps."""
+    """Read the case's latest failure: its category, and who retries it."""
     reading = classify(failure_of(case))
     previous = case.category
     case.category = reading.category.value
-    case.mode = case.mode or decide_mode(case, settings.recovery_mode)
+    # From the newest failure every time: once Stripe stops retrying (no next
+    # attempt), we take over, whatever order the failures came in.
+    case.mode = decide_mode(case, settings.recovery_mode)
     if previous != case.category:
         session.add(
             AuditEntry.of(case, "engine", "classified", category=case.category, why=reading.source)
         )
-        if previous is not None:
-            # The plan changed: its retries and emails no longer apply.
-            steps.cancel(session, case, StepKind.RETRY)
-            steps.cancel(session, case, StepKind.EMAIL)
     return reading
 
 
@@ -146,56 +148,69 @@ def schedule_next(
     now: datetime,
     settings: Settings,
 ) -> None:
-    """Schedule what the case's plan says comes next (its caller has checked
-    that the case may act)."""
-    if reading.needs_review:
-        if case.flag_reason is None:
-            case.flag_reason = f"{reading.category.value}: {reading.why}"
-            session.add(AuditEntry.of(case, "engine", "flagged", reason=case.flag_reason))
-            log.warning("case_flagged", case_id=case.id, category=case.category)
+    """Make the case's scheduled steps what its facts call for now (its caller
+    has checked that the case may act). The steps follow from the facts alone,
+    so the same facts, reached in any order, schedule the same steps. A case
+    flagged for review waits for an operator with nothing scheduled."""
+    if case.flag_reason is not None:
+        steps.sync(session, case, {})
         return
     anchor = case.first_failed_at or case.opened_at
     plan = plan_for(reading.category, settings)
-    tz = _timezone(session, case)
-    _schedule_emails(session, case, plan, anchor, now, tz)
-    if case.mode is RetryMode.TAKE_OVER:
-        if reading.may_retry_card:
-            _schedule_next_retry(session, case, plan, reading, anchor, now, tz, settings)
-        if plan.final_action is not plans.FinalAction.LEAVE_PAST_DUE:
-            steps.schedule(
-                session, case, StepKind.FINAL, steps.FINAL, max(anchor + plan.window, now)
-            )
+    customer = session.get(Customer, case.customer_id) if case.customer_id else None
+    tz = customer.timezone if customer else None
+    wanted: dict[str, steps.Planned] = {}
+    _emails(wanted, case, plan, anchor, now, tz)
+    if not steps.has_live_retry(session, case, StepOrigin.OPERATOR):
+        new_card = _card_changed_since_decline(case, customer)
+        if new_card is not None and reading.category not in _NO_CARD_UPDATE_RETRY:
+            _card_update_retry(wanted, case, new_card, now, settings)
+        elif case.mode is RetryMode.TAKE_OVER and reading.may_retry_card:
+            _next_plan_retry(session, wanted, case, plan, reading, anchor, now, tz, settings)
+    final = plan.final_action is not plans.FinalAction.LEAVE_PAST_DUE
+    if case.mode is RetryMode.TAKE_OVER and final:
+        wanted[steps.FINAL] = steps.Planned(StepKind.FINAL, max(anchor + plan.window, now))
+    steps.sync(session, case, wanted)
 
 
-def retry_on_card_update(
-    session: Session, case: RecoveryCase, changed_at: datetime, now: datetime, settings: Settings
-) -> bool:
-    """A new card: retry at once, before more emails (the caller checked the
-    case may act and its category allows a retry)."""
-    steps.cancel(session, case, StepKind.RETRY)
+# A flagged case's categories: no retry, not even on a new card, until reviewed.
+_NO_CARD_UPDATE_RETRY = frozenset({Category.DO_NOT_CONTACT, Category.OUR_BUG})
+
+
+def flag_if_needed(session: Session, case: RecoveryCase, reading: Classification) -> None:
+    """A failure that needs an operator (suspected fraud, our own bad request)
+    flags the case for good: whichever failure said so, in whatever order."""
+    if reading.needs_review and case.flag_reason is None:
+        case.flag_reason = f"{reading.category.value}: {reading.why}"
+        session.add(AuditEntry.of(case, "engine", "flagged", reason=case.flag_reason))
+        log.warning("case_flagged", case_id=case.id, category=reading.category.value)
+
+
+def _card_changed_since_decline(case: RecoveryCase, customer: Customer | None) -> datetime | None:
+    """When the customer changed the card, if after the case's last decline."""
+    changed = customer.card_updated_at if customer else None
+    last = case.last_failure_at or case.opened_at
+    return changed if changed is not None and changed > last else None
+
+
+def _card_update_retry(
+    wanted: dict[str, steps.Planned],
+    case: RecoveryCase,
+    changed_at: datetime,
+    now: datetime,
+    settings: Settings,
+) -> None:
+    """A new card: retry at once, before more emails, a moment after the last
+    decline at the earliest."""
     gap = timedelta(seconds=settings.card_update_min_gap_seconds)
     due = max(now, (case.last_failure_at or now) + gap)
-    added = steps.schedule(
-        session,
-        case,
-        StepKind.RETRY,
-        steps.card_update_retry_name(changed_at),
-        due,
-        origin=StepOrigin.CARD_UPDATE,
+    wanted[steps.card_update_retry_name(changed_at)] = steps.Planned(
+        StepKind.RETRY, due, origin=StepOrigin.CARD_UPDATE
     )
-    if added:
-        session.add(AuditEntry.of(case, "engine", "retry_on_card_update", due_at=due.isoformat()))
-    return added
 
 
-def _timezone(session: Session, case: RecoveryCase) -> str | None:
-    if case.customer_id is None:
-        return None
-    return session.scalar(select(Customer.timezone).where(Customer.id == case.customer_id))
-
-
-def _schedule_emails(
-    session: Session,
+def _emails(
+    wanted: dict[str, steps.Planned],
     case: RecoveryCase,
     plan: plans.Plan,
     anchor: datetime,
@@ -210,20 +225,15 @@ def _schedule_emails(
         due = plans.email_moment(email, anchor, tz)
         if due < now - timedelta(hours=1) and not first:
             continue
-        steps.schedule(
-            session,
-            case,
-            StepKind.EMAIL,
-            steps.email_name(category, number),
-            max(due, now) if first else due,
-            number=number,
-            template=email.template,
+        wanted[steps.email_name(category, number)] = steps.Planned(
+            StepKind.EMAIL, max(due, now) if first else due, number=number, template=email.template
         )
         first = False
 
 
-def _schedule_next_retry(
+def _next_plan_retry(
     session: Session,
+    wanted: dict[str, steps.Planned],
     case: RecoveryCase,
     plan: plans.Plan,
     reading: Classification,
@@ -232,8 +242,6 @@ def _schedule_next_retry(
     tz: str | None,
     settings: Settings,
 ) -> None:
-    if steps.has_live_retry(session, case):
-        return
     number = steps.plan_retries_made(session, case) + 1
     rng = random.Random(f"{case.id}:{number}")  # noqa: S311 - jitter, reproducible
     moment = plans.retry_moment(
@@ -247,6 +255,4 @@ def _schedule_next_retry(
     if allowed is None or allowed > anchor + plan.window:
         log.info("retry_not_allowed", case_id=case.id, by="network_limits")
         return
-    steps.schedule(
-        session, case, StepKind.RETRY, steps.plan_retry_name(number), allowed, number=number
-    )
+    wanted[steps.plan_retry_name(number)] = steps.Planned(StepKind.RETRY, allowed, number=number)

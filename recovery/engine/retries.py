@@ -1,11 +1,18 @@
 """One retry, or the final action, against Stripe, for a step already started.
 
-A retry asks Stripe first (the invoice may be paid, voided or charged by
-someone else since it was planned), checks the card networks' limits, then
-calls Invoice.pay with the step's own idempotency key: the same on every
-re-execution, so Stripe charges at most once per step. No database lock is
-held while Stripe is called, and every change to the case goes through
-engine/cases.py.
+A retry first reads the invoice as Stripe has it now, with its subscription
+and the card it would be charged to (webhooks lag: it may be paid, voided,
+its subscription ended, or the card changed since this was planned). It
+charges only a card that may be charged off-session, within the card
+networks' limits, with the step's own idempotency key: the same on every
+re-execution, so Stripe charges at most once per step.
+
+The case row stays locked from the last check through the pay call and the
+recording of its answer. An operator's cancel or pause, and a webhook saying
+the invoice was paid, therefore come either before the call (and no call is
+made) or after it (and see its result, credited to this retry). The lock is
+one row for the length of one request, bounded by the client's timeout,
+which is shorter than the step's lease (see stripe_api.make_client).
 """
 
 from __future__ import annotations
@@ -14,16 +21,19 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy.orm import Session
 
 from recovery import clock, stripe_api
 from recovery.config import Settings
 from recovery.db import session_scope
 from recovery.engine import cases, planner, plans, steps
+from recovery.engine.classify import classify
 from recovery.engine.events import recovery_path_of_payment
 from recovery.models import (
     AuditEntry,
     CardAttemptSource,
     CaseStatus,
+    Customer,
     RecoveryCase,
     RecoveryPath,
     StepKind,
@@ -33,10 +43,6 @@ from recovery.models import (
 from recovery.observability import scrub_text
 
 log = structlog.get_logger("recovery.retries")
-
-MAX_TRANSIENT_TRIES = 12
-# 30 s, 1 min, 2 min, … at most half an hour between tries of a step.
-STEP_RETRY_CAP = timedelta(minutes=30)
 
 _CLOSING = {
     "paid": CaseStatus.RECOVERED,
@@ -50,33 +56,52 @@ _FOUND = {
 }
 
 
-def _settled_outcome(invoice: dict[str, Any]) -> StepOutcome:
-    return _FOUND.get(invoice.get("status") or "", StepOutcome.INVOICE_NOT_OPEN)
-
-
-def _close_from_invoice(
-    session: Any, case: RecoveryCase, invoice: dict[str, Any], now: datetime, step: steps.Step
-) -> None:
-    status = _CLOSING.get(invoice.get("status") or "")
-    if status is CaseStatus.RECOVERED:
-        # Found paid. A step claimed before may itself have charged (its worker
-        # died waiting for the answer): then the recovery is that retry's.
-        ours = step.kind is StepKind.RETRY and step.claim > 1
-        cases.close(
-            session,
-            case,
-            status,
-            now,
-            amount_recovered=invoice.get("amount_paid"),
-            recovery_path=_path_of(step) if ours else recovery_path_of_payment(session, case),
-            recovered_by_step=step.label if ours else None,
-        )
-    elif status is not None:
-        cases.close(session, case, status, now)
-
-
 def _path_of(step: steps.Step) -> RecoveryPath:
     return RecoveryPath.CARD_UPDATE if step.origin is StepOrigin.CARD_UPDATE else RecoveryPath.RETRY
+
+
+def settle_from_stripe(
+    session: Session,
+    case: RecoveryCase,
+    invoice: dict[str, Any],
+    now: datetime,
+    step: steps.Step | None = None,
+) -> StepOutcome | None:
+    """Close the case if Stripe says its invoice is settled or its subscription
+    ended; the outcome for the step that found it, or None if neither."""
+    status = _CLOSING.get(invoice.get("status") or "")
+    if status is CaseStatus.RECOVERED:
+        # A retry claimed before may itself have charged (its worker died
+        # waiting for the answer): then the recovery is that retry's.
+        ours = step is not None and step.kind is StepKind.RETRY and step.claim > 1
+        fields: dict[str, Any] = {
+            "amount_recovered": invoice.get("amount_paid"),
+            "recovery_path": _path_of(step) if ours and step else None,
+            "recovered_by_step": step.label if ours and step else None,
+        }
+        if not ours:
+            fields["recovery_path"] = recovery_path_of_payment(session, case)
+        if not cases.close(session, case, status, now, **fields) and ours and step:
+            cases.credit_recovery(session, case, _path_of(step), step.label)
+        return _FOUND["paid"]
+    if status is not None:
+        cases.close(session, case, status, now)
+        return _FOUND[invoice.get("status") or ""]
+    if invoice.get("status") != "open":
+        return StepOutcome.INVOICE_NOT_OPEN
+    if stripe_api.subscription_canceled(invoice):
+        cases.close(session, case, CaseStatus.CANCELED, now)
+        return StepOutcome.SUBSCRIPTION_CANCELED
+    return None
+
+
+def _saved_card(session: Session, case: RecoveryCase, step: steps.Step) -> str | None:
+    """The card the customer saved through our link, which a retry on a card
+    update pays with explicitly: an invoice's own default would win over it."""
+    if step.origin is not StepOrigin.CARD_UPDATE or case.customer_id is None:
+        return None
+    customer = session.get(Customer, case.customer_id)
+    return customer.saved_payment_method if customer else None
 
 
 def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOutcome:
@@ -86,23 +111,32 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
         if idle is not None:
             steps.finish(session, step, now, idle)
             return idle
-        invoice_id = case.invoice_id
+        invoice_id, saved = case.invoice_id, _saved_card(session, case, step)
     try:
-        invoice = stripe_api.retrieve_invoice_and_card(invoice_id)
-        card = stripe_api.card_to_charge(invoice) if invoice.get("status") == "open" else None
+        invoice = stripe_api.retrieve_invoice_state(invoice_id)
+        card = (
+            stripe_api.card_of(stripe_api.retrieve_payment_method(saved))
+            if saved
+            else stripe_api.card_to_charge(invoice)
+        )
     except stripe_api.StripeUnavailable as exc:
         return _transient(step, now, exc)
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        if invoice.get("status") != "open":
-            _close_from_invoice(session, case, invoice, now, step)
-            outcome = _settled_outcome(invoice)
-            steps.finish(session, step, now, outcome)
-            return outcome
+        settled = settle_from_stripe(session, case, invoice, now, step)
+        if settled is not None:
+            steps.finish(session, step, now, settled)
+            return settled
         idle = cases.idle_outcome(case)
         if idle is not None:  # paused or closed while we asked Stripe
             steps.finish(session, step, now, idle)
             return idle
+        if not step.forced and not _may_charge(case, card):
+            steps.finish(session, step, now, StepOutcome.BLOCKED_SAME_CARD)
+            session.add(
+                AuditEntry.of(case, "engine", "retry_blocked", reason="the declined card again")
+            )
+            return StepOutcome.BLOCKED_SAME_CARD
         if card is not None:
             cases.use_card(case, card)
         allowed = now if step.forced else planner.earliest_retry(session, case, now, settings)
@@ -113,16 +147,27 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
         if allowed > now:
             steps.reschedule(session, step, allowed, "network limit", step.tries)
             return StepOutcome.DEFERRED_NETWORK_LIMIT
-    try:
-        paid = stripe_api.pay_invoice(invoice_id, step.key)
-    except stripe_api.CardDeclined as declined:
-        return _declined(step, now, settings, declined.decline)
-    except stripe_api.StripeUnavailable as exc:
-        return _transient(step, now, exc)
-    except stripe_api.StripeRequestRejected as exc:
-        return _rejected(step, now, exc)
-    with session_scope() as session:
-        case = cases.locked(session, step.case_id)
+        # From here the call may reach Stripe: no other worker may send this
+        # key until it has answered, so the lease runs from now.
+        steps.renew(session, step, clock.now() + timedelta(seconds=settings.step_lease_seconds))
+        extra = {"payment_method": saved} if saved else {}
+        try:
+            paid = stripe_api.pay_invoice(invoice_id, step.key, **extra)
+        except stripe_api.CardDeclined as declined:
+            steps.finish(
+                session,
+                step,
+                now,
+                StepOutcome.DECLINED,
+                decline_code=declined.decline.decline_code,
+            )
+            cases.record_decline(session, case, declined.decline, step.key, now, settings)
+            log.info("retry_declined", decline_code=declined.decline.decline_code)
+            return StepOutcome.DECLINED
+        except stripe_api.StripeUnavailable as exc:
+            return _transient(step, now, exc, session)
+        except stripe_api.StripeRequestRejected as exc:
+            return _rejected(session, case, step, now, exc)
         planner.record_card_attempt(session, case, step.key, now, CardAttemptSource.RECOVERY, False)
         cases.close(
             session,
@@ -145,53 +190,46 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
     return StepOutcome.PAID
 
 
-def _declined(
-    step: steps.Step, now: datetime, settings: Settings, decline: stripe_api.Decline
+def _may_charge(case: RecoveryCase, card: stripe_api.Card | None) -> bool:
+    """Never an off-session charge on the card that declined for a reason only
+    the customer can fix; another card, or a decline that time can fix, may."""
+    if card is not None and card.fingerprint and card.fingerprint != case.card_fingerprint:
+        return True
+    return classify(planner.failure_of(case)).may_retry_card
+
+
+def _transient(
+    step: steps.Step, now: datetime, exc: Exception, session: Session | None = None
 ) -> StepOutcome:
-    with session_scope() as session:
-        case = cases.locked(session, step.case_id)
-        steps.finish(session, step, now, StepOutcome.DECLINED, decline_code=decline.decline_code)
-        cases.record_decline(session, case, decline, step.key, now, settings)
-    log.info("retry_declined", decline_code=decline.decline_code)
-    return StepOutcome.DECLINED
+    """Stripe was unavailable: try again with backoff from now, the same key."""
+    error = scrub_text(f"{type(exc).__name__}: {exc}")[:500]
+    if session is not None:
+        return steps.back_off(session, step, clock.now(), error)
+    with session_scope() as own:
+        return steps.back_off(own, step, clock.now(), error)
 
 
-def _transient(step: steps.Step, now: datetime, exc: Exception) -> StepOutcome:
-    tries = step.tries + 1
-    error = scrub_text(str(exc))[:500]
-    with session_scope() as session:
-        if tries >= MAX_TRANSIENT_TRIES:
-            steps.finish(session, step, now, StepOutcome.FAILED_UNAVAILABLE, last_error=error)
-            return StepOutcome.FAILED_UNAVAILABLE
-        steps.reschedule(session, step, now + clock.doubling(tries, STEP_RETRY_CAP), error, tries)
-    log.warning("retry_deferred", error=type(exc).__name__, tries=tries)
-    return StepOutcome.DEFERRED_UNAVAILABLE
-
-
-def _rejected(step: steps.Step, now: datetime, exc: Exception) -> StepOutcome:
-    with session_scope() as session:
-        invoice_id = cases.locked(session, step.case_id).invoice_id
+def _rejected(
+    session: Session, case: RecoveryCase, step: steps.Step, now: datetime, exc: Exception
+) -> StepOutcome:
+    """Stripe refused the request: settled meanwhile, or an operator must look."""
     try:
-        invoice: dict[str, Any] | None = stripe_api.retrieve_invoice(invoice_id)
+        invoice: dict[str, Any] | None = stripe_api.retrieve_invoice_state(case.invoice_id)
     except stripe_api.StripeFailure:
         invoice = None
-    with session_scope() as session:
-        case = cases.locked(session, step.case_id)
-        if invoice is not None and invoice.get("status") != "open":
-            _close_from_invoice(session, case, invoice, now, step)
-            outcome = _settled_outcome(invoice)
-            steps.finish(session, step, now, outcome)
-            return outcome
-        case.flag_reason = case.flag_reason or f"retry rejected by Stripe: {type(exc).__name__}"
-        steps.finish(
-            session, step, now, StepOutcome.REJECTED, last_error=scrub_text(str(exc))[:500]
-        )
+    settled = settle_from_stripe(session, case, invoice, now, step) if invoice else None
+    if settled is not None:
+        steps.finish(session, step, now, settled)
+        return settled
+    case.flag_reason = case.flag_reason or f"retry rejected by Stripe: {type(exc).__name__}"
+    steps.finish(session, step, now, StepOutcome.REJECTED, last_error=scrub_text(str(exc))[:500])
     log.error("retry_rejected", error=type(exc).__name__)
     return StepOutcome.REJECTED
 
 
 def execute_final(step: steps.Step, now: datetime, settings: Settings) -> StepOutcome:
-    """The plan ran out: cancel the subscription or mark the invoice uncollectible."""
+    """The plan ran out: cancel the subscription or mark the invoice
+    uncollectible, with the case row held as for a retry."""
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
         idle = cases.idle_outcome(case)
@@ -200,21 +238,34 @@ def execute_final(step: steps.Step, now: datetime, settings: Settings) -> StepOu
             return idle
         action = planner.plan_for(case.category or "", settings).final_action
         invoice_id, subscription_id = case.invoice_id, case.subscription_id
-    status: CaseStatus | None = None
     try:
-        if action is plans.FinalAction.CANCEL_SUBSCRIPTION and subscription_id:
-            stripe_api.cancel_subscription(subscription_id, step.key)
-            status = CaseStatus.CANCELED
-        elif action is plans.FinalAction.MARK_UNCOLLECTIBLE:
-            stripe_api.mark_uncollectible(invoice_id, step.key)
-            status = CaseStatus.UNCOLLECTIBLE
+        invoice = stripe_api.retrieve_invoice_state(invoice_id)
     except stripe_api.StripeUnavailable as exc:
         return _transient(step, now, exc)
-    except stripe_api.StripeRequestRejected as exc:
-        return _rejected(step, now, exc)
-    outcome = StepOutcome(action.value)
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
+        settled = settle_from_stripe(session, case, invoice, now, step)
+        if settled is not None:
+            steps.finish(session, step, now, settled)
+            return settled
+        idle = cases.idle_outcome(case)
+        if idle is not None:
+            steps.finish(session, step, now, idle)
+            return idle
+        steps.renew(session, step, clock.now() + timedelta(seconds=settings.step_lease_seconds))
+        status: CaseStatus | None = None
+        try:
+            if action is plans.FinalAction.CANCEL_SUBSCRIPTION and subscription_id:
+                stripe_api.cancel_subscription(subscription_id, step.key)
+                status = CaseStatus.CANCELED
+            elif action is plans.FinalAction.MARK_UNCOLLECTIBLE:
+                stripe_api.mark_uncollectible(invoice_id, step.key)
+                status = CaseStatus.UNCOLLECTIBLE
+        except stripe_api.StripeUnavailable as exc:
+            return _transient(step, now, exc, session)
+        except stripe_api.StripeRequestRejected as exc:
+            return _rejected(session, case, step, now, exc)
+        outcome = StepOutcome(action.value)
         if status is not None:
             cases.close(session, case, status, now, actor="engine")
         session.add(AuditEntry.of(case, "engine", "final_action", final_action=action.value))

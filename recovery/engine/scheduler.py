@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy.orm import Session
 
-from recovery import clock
+from recovery import clock, stripe_api
 from recovery.config import Settings
 from recovery.customers import delivery, outbox
 from recovery.db import session_scope
 from recovery.engine import cases, events, retries, steps
 from recovery.inbox import relay
-from recovery.models import StepKind, StepOutcome
+from recovery.models import RecoveryCase, StepKind, StepOutcome
 
 log = structlog.get_logger("recovery.scheduler")
 
@@ -33,24 +34,51 @@ EMAIL_WAITS_FOR_RETRY = timedelta(minutes=15)
 
 
 def execute_email(step: steps.Step, now: datetime, settings: Settings) -> str:
-    """Queue the step's email in the outbox and send it."""
+    """Queue the step's email in the outbox and send it, once Stripe has said
+    the invoice is still open and its subscription alive: webhooks lag, and a
+    customer who just paid or left is not told the payment failed."""
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        idle = cases.idle_outcome(case)
-        if idle is not None:
-            steps.finish(session, step, now, idle)
-            return idle
-        if steps.retry_due_or_running(session, case.id, now):
-            # A retry is due or under way (a new card's, or the plan's): its
-            # result decides what to say, or whether to write at all.
-            steps.reschedule(session, step, now + EMAIL_WAITS_FOR_RETRY, None, step.tries)
-            return StepOutcome.DEFERRED_FOR_RETRY
+        outcome = _email_must_wait(session, case, step, now)
+        if outcome is not None:
+            return outcome
+        invoice_id = case.invoice_id
+    try:
+        invoice = stripe_api.retrieve_invoice_state(invoice_id)
+    except stripe_api.StripeUnavailable as exc:
+        with session_scope() as session:
+            return steps.back_off(session, step, clock.now(), type(exc).__name__)
+    with session_scope() as session:
+        case = cases.locked(session, step.case_id)
+        settled = retries.settle_from_stripe(session, case, invoice, now)
+        if settled is not None:
+            steps.finish(session, step, now, settled)
+            return settled
+        outcome = _email_must_wait(session, case, step, now)
+        if outcome is not None:
+            return outcome
         key = outbox.case_key(case.id, step.name)
         template = step.template or "payment_failed"
         outbox.enqueue(session, key, template, step.name, now, case_id=case.id)
         steps.finish(session, step, now, StepOutcome.QUEUED)
     # Sent here and now; a failure is retried by the outbox, not by the step.
     return delivery.send_now(key, now, settings) or StepOutcome.QUEUED
+
+
+def _email_must_wait(
+    session: Session, case: RecoveryCase, step: steps.Step, now: datetime
+) -> str | None:
+    """Why the email is not sent now (its outcome), or None."""
+    idle = cases.idle_outcome(case)
+    if idle is not None:
+        steps.finish(session, step, now, idle)
+        return idle
+    if steps.retry_due_or_running(session, case.id, now):
+        # A retry is due or under way (a new card's, or the plan's): its
+        # result decides what to say, or whether to write at all.
+        steps.reschedule(session, step, now + EMAIL_WAITS_FOR_RETRY, None, step.tries)
+        return StepOutcome.DEFERRED_FOR_RETRY
+    return None
 
 
 EXECUTORS: dict[StepKind, Callable[[steps.Step, datetime, Settings], str]] = {
@@ -61,7 +89,10 @@ EXECUTORS: dict[StepKind, Callable[[steps.Step, datetime, Settings], str]] = {
 
 
 def execute(claim: steps.Claim, now: datetime, settings: Settings) -> str | None:
-    """Run one claimed step; returns its outcome, or None if the claim is stale."""
+    """Run one claimed step; returns its outcome, or None if the claim is stale.
+    The step runs as of the later of `now` and the clock: a batch takes time,
+    and each step's lease and backoff count from when the step itself runs."""
+    now = max(now, clock.now())
     step = steps.start(claim, now, timedelta(seconds=settings.step_lease_seconds))
     if step is None:
         return None

@@ -28,6 +28,7 @@ import structlog
 from sqlalchemy import ColumnElement, Update, func, select, update
 from sqlalchemy.orm import Session
 
+from recovery import clock
 from recovery.config import Settings
 from recovery.db import dialect_of, insert_ignore, rows_changed, session_scope
 from recovery.models import (
@@ -158,16 +159,72 @@ def plan_retries_made(session: Session, case: RecoveryCase) -> int:
     )
 
 
-def has_live_retry(session: Session, case: RecoveryCase) -> bool:
-    return bool(
-        session.scalar(
-            select(func.count()).where(
+def has_live_retry(session: Session, case: RecoveryCase, origin: StepOrigin | None = None) -> bool:
+    """Whether a retry (of that origin) is scheduled or under way."""
+    query = select(func.count()).where(
+        RecoveryAttempt.case_id == case.id,
+        RecoveryAttempt.kind == StepKind.RETRY,
+        RecoveryAttempt.status.in_(LIVE),
+    )
+    if origin is not None:
+        query = query.where(RecoveryAttempt.origin == origin)
+    return bool(session.scalar(query))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A step the planner wants scheduled, by name (see sync)."""
+
+    kind: StepKind
+    due_at: datetime
+    origin: StepOrigin = StepOrigin.PLAN
+    number: int | None = None
+    template: str | None = None
+
+
+def sync(session: Session, case: RecoveryCase, wanted: dict[str, Planned]) -> None:
+    """Make the case's scheduled steps (all but an operator's) exactly `wanted`:
+    a missing one is added (or revived if it was canceled before it ran), one
+    due at another moment is moved, any other is canceled. Steps under way or
+    done are left as they are: a done step's name is never scheduled again."""
+    scheduled = {
+        row.step: row
+        for row in session.execute(
+            select(RecoveryAttempt.id, RecoveryAttempt.step, RecoveryAttempt.due_at).where(
                 RecoveryAttempt.case_id == case.id,
-                RecoveryAttempt.kind == StepKind.RETRY,
-                RecoveryAttempt.status.in_(LIVE),
+                RecoveryAttempt.status == StepStatus.SCHEDULED,
+                RecoveryAttempt.origin != StepOrigin.OPERATOR,
             )
         )
-    )
+    }
+    for name, planned in wanted.items():
+        row = scheduled.pop(name, None)
+        if row is None:
+            schedule(
+                session,
+                case,
+                planned.kind,
+                name,
+                planned.due_at,
+                origin=planned.origin,
+                number=planned.number,
+                template=planned.template,
+            )
+        elif row.due_at != planned.due_at:
+            session.execute(
+                update(RecoveryAttempt)
+                .where(RecoveryAttempt.id == row.id, RecoveryAttempt.status == StepStatus.SCHEDULED)
+                .values(due_at=planned.due_at)
+            )
+    if scheduled:
+        session.execute(
+            update(RecoveryAttempt)
+            .where(
+                RecoveryAttempt.id.in_([row.id for row in scheduled.values()]),
+                RecoveryAttempt.status == StepStatus.SCHEDULED,
+            )
+            .values(status=StepStatus.CANCELED, outcome=StepOutcome.CANCELED)
+        )
 
 
 def retry_due_or_running(session: Session, case_id: int, now: datetime) -> bool:
@@ -351,6 +408,37 @@ def finish(session: Session, step: Step, now: datetime, outcome: str, **fields: 
     if not done:
         log.warning("step_lost_lease", step_id=step.id, outcome=outcome)
     return bool(done)
+
+
+def renew(session: Session, step: Step, until: datetime) -> None:
+    """Extend this claim's lease, right before a call that must not be repeated
+    by another worker while it may still be open."""
+    session.execute(
+        update(RecoveryAttempt)
+        .where(
+            RecoveryAttempt.id == step.id,
+            RecoveryAttempt.claims == step.claim,
+            RecoveryAttempt.status == StepStatus.EXECUTING,
+        )
+        .values(lease_until=until)
+    )
+
+
+MAX_TRANSIENT_TRIES = 12
+# 30 s, 1 min, 2 min, … at most half an hour between tries of a step.
+STEP_RETRY_CAP = timedelta(minutes=30)
+
+
+def back_off(session: Session, step: Step, now: datetime, error: str) -> StepOutcome:
+    """Stripe was unavailable: the step is due again after a doubling wait
+    from `now`, with the same key; after the last try it fails."""
+    tries = step.tries + 1
+    if tries >= MAX_TRANSIENT_TRIES:
+        finish(session, step, now, StepOutcome.FAILED_UNAVAILABLE, last_error=error)
+        return StepOutcome.FAILED_UNAVAILABLE
+    reschedule(session, step, now + clock.doubling(tries, STEP_RETRY_CAP), error, tries)
+    log.warning("step_deferred", tries=tries)
+    return StepOutcome.DEFERRED_UNAVAILABLE
 
 
 def reschedule(session: Session, step: Step, due: datetime, error: str | None, tries: int) -> None:
