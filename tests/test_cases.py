@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from recovery import stripe_api
-from recovery.engine import cases
+from recovery.engine import cases, planner
 from recovery.models import (
     AuditEntry,
     CaseStatus,
@@ -156,18 +156,22 @@ def never_read() -> stripe_api.DeclineDetails:
     raise AssertionError("Stripe was asked for a decline that changes nothing")
 
 
-def test_a_late_stale_failure_changes_nothing(session, settings):
+def test_a_late_stale_failure_changes_nothing_but_the_card_ledger(session, settings):
     # Attempt 2 failed on day 3; attempt 1 of day 1 arrives late, after the
-    # earliest failure (day 0) is known: it neither anchors nor is current.
+    # earliest failure (day 0) is known: it neither anchors nor is current,
+    # but the networks count its charge.
     case = make_case(session, attempt_count=2, last_failure_at=T0 + timedelta(days=3))
     before = (case.decline_code, case.last_failure_at, case.attempt_count, case.first_failed_at)
+    late = stripe_api.DeclineDetails(
+        decline_code="do_not_honor", charge_id="ch_late", card_fingerprint=case.card_fingerprint
+    )
     verdict = cases.record_failure(
-        session, case, report(T0 + timedelta(days=1), attempt=1), never_read, T0, settings
+        session, case, report(T0 + timedelta(days=1), attempt=1), lambda: late, T0, settings
     )
     assert verdict is cases.Verdict.STALE
     after = (case.decline_code, case.last_failure_at, case.attempt_count, case.first_failed_at)
     assert after == before
-    assert steps_of(session, case) == []
+    assert planner.card_history(session, case.card_fingerprint)[0] == [T0 + timedelta(days=1)]
 
 
 def test_the_earliest_failure_anchors_the_plan_whatever_arrives_first(session, settings):

@@ -183,7 +183,7 @@ def record_failure(
     anchors the plan and names the first decline, the newest attempt sets the
     current decline; the card's ledger; then the plan, if the case may act.
     Any order of the same failures gives the same case. `read_details` is
-    called only for a failure that adds something."""
+    not called for an attempt already recorded."""
     known = case.last_failure_at is not None
     # Stripe numbers an invoice's attempts; two reports of one attempt (failed,
     # then action required) describe the same charge, so the number decides.
@@ -196,11 +196,13 @@ def record_failure(
         and not case.needs_authentication
         and report.attempt_count == case.attempt_count
     )
-    if not (newer or earlier or adds_action):
-        if known and report.attempt_count == case.attempt_count:
-            return Verdict.ALREADY_RECORDED
-        return Verdict.STALE
+    adds_fact = newer or earlier or adds_action
+    if not adds_fact and known and report.attempt_count == case.attempt_count:
+        return Verdict.ALREADY_RECORDED
 
+    # A stale failure changes no field of the case, but its charge happened:
+    # the card networks count it, and a failure that needs an operator flags
+    # the case whenever it arrives.
     details = read_details()
     reading = classify(_failure(details, report.action_required))
     if earlier:
@@ -233,6 +235,8 @@ def record_failure(
     )
     planner.flag_if_needed(session, case, reading)
     _replan(session, case, now, settings)
+    if not adds_fact:
+        return Verdict.STALE
     session.add(
         AuditEntry.of(
             case,
