@@ -234,7 +234,7 @@ def record_failure(
         brand=details.card_brand,
     )
     planner.flag_if_needed(session, case, reading)
-    _replan(session, case, now, settings)
+    replan(session, case, now, settings)
     if not adds_fact:
         return Verdict.STALE
     session.add(
@@ -317,7 +317,7 @@ def record_decline(
         reading.stops_card,
     )
     planner.flag_if_needed(session, case, reading)
-    _replan(session, case, now, settings)
+    replan(session, case, now, settings)
 
 
 def use_card(case: RecoveryCase, card: stripe_api.Card) -> bool:
@@ -344,11 +344,12 @@ def card_updated(
     session.add(AuditEntry.of(case, "stripe", "card_updated", **detail))
     if not may_act(case):
         return False
-    _replan(session, case, now, settings)
+    replan(session, case, now, settings)
     return steps.has_live_retry(session, case, StepOrigin.CARD_UPDATE)
 
 
-def _replan(session: Session, case: RecoveryCase, now: datetime, settings: Settings) -> None:
+def replan(session: Session, case: RecoveryCase, now: datetime, settings: Settings) -> None:
+    """Classify the case again and, if it may act, make its steps what its facts call for."""
     reading = planner.classify_case(session, case, settings)
     if may_act(case):
         planner.schedule_next(session, case, reading, now, settings)
@@ -427,7 +428,7 @@ def resume(
     if case.paused_at is None:
         raise CaseRefused(f"case {case.id} is not paused")
     case.paused_at = None
-    _replan(session, case, now, settings)
+    replan(session, case, now, settings)
     session.add(AuditEntry.of(case, actor, "resume", reason=reason))
 
 

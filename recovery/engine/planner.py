@@ -162,7 +162,7 @@ def schedule_next(
     wanted: dict[str, steps.Planned] = {}
     _emails(wanted, case, plan, anchor, now, tz)
     if not steps.has_live_retry(session, case, StepOrigin.OPERATOR):
-        new_card = _card_changed_since_decline(case, customer)
+        new_card = _card_changed_since_decline(session, case, customer)
         if new_card is not None and reading.category not in _NO_CARD_UPDATE_RETRY:
             _card_update_retry(wanted, case, new_card, now, settings)
         elif case.mode is RetryMode.TAKE_OVER and reading.may_retry_card:
@@ -186,11 +186,17 @@ def flag_if_needed(session: Session, case: RecoveryCase, reading: Classification
         log.warning("case_flagged", case_id=case.id, category=reading.category.value)
 
 
-def _card_changed_since_decline(case: RecoveryCase, customer: Customer | None) -> datetime | None:
-    """When the customer changed the card, if after the case's last decline."""
+def _card_changed_since_decline(
+    session: Session, case: RecoveryCase, customer: Customer | None
+) -> datetime | None:
+    """When the customer changed the card, if after the case's last decline
+    and no retry has run for that change yet (one that found the declined
+    card still the one Stripe charges leaves the plan to go on)."""
     changed = customer.card_updated_at if customer else None
     last = case.last_failure_at or case.opened_at
-    return changed if changed is not None and changed > last else None
+    if changed is None or changed <= last:
+        return None
+    return None if steps.has_run(session, case, steps.card_update_retry_name(changed)) else changed
 
 
 def _card_update_retry(

@@ -131,11 +131,12 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
         if idle is not None:  # paused or closed while we asked Stripe
             steps.finish(session, step, now, idle)
             return idle
-        if not step.forced and not _may_charge(case, card):
+        if not step.forced and not _may_charge(case, card, step):
             steps.finish(session, step, now, StepOutcome.BLOCKED_SAME_CARD)
             session.add(
                 AuditEntry.of(case, "engine", "retry_blocked", reason="the declined card again")
             )
+            cases.replan(session, case, now, settings)
             return StepOutcome.BLOCKED_SAME_CARD
         if card is not None:
             cases.use_card(case, card)
@@ -190,11 +191,15 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
     return StepOutcome.PAID
 
 
-def _may_charge(case: RecoveryCase, card: stripe_api.Card | None) -> bool:
-    """Never an off-session charge on the card that declined for a reason only
-    the customer can fix; another card, or a decline that time can fix, may."""
+def _may_charge(case: RecoveryCase, card: stripe_api.Card | None, step: steps.Step) -> bool:
+    """Another card than the one that declined may be charged. The same card
+    never for a retry on a card update (the new card is not the one Stripe
+    will charge: a subscription's own default wins over the customer's), nor
+    off-session for a decline only the customer can fix."""
     if card is not None and card.fingerprint and card.fingerprint != case.card_fingerprint:
         return True
+    if step.origin is StepOrigin.CARD_UPDATE:
+        return False
     return classify(planner.failure_of(case)).may_retry_card
 
 

@@ -171,6 +171,18 @@ def has_live_retry(session: Session, case: RecoveryCase, origin: StepOrigin | No
     return bool(session.scalar(query))
 
 
+def has_run(session: Session, case: RecoveryCase, name: str) -> bool:
+    """Whether the case's step of that name has run (whatever it found)."""
+    found = session.scalar(
+        select(RecoveryAttempt.id).where(
+            RecoveryAttempt.case_id == case.id,
+            RecoveryAttempt.step == name,
+            RecoveryAttempt.status == StepStatus.DONE,
+        )
+    )
+    return found is not None
+
+
 @dataclass(frozen=True)
 class Planned:
     """A step the planner wants scheduled, by name (see sync)."""

@@ -695,9 +695,10 @@ class StripeSim:
 
     def _failed_invoice(self, body: dict) -> dict:
         """Customer, card, subscription and an invoice whose first attempt fails.
-        With "card_on": "subscription" the declining card is the subscription's
-        own default (as Checkout sets it) and the customer's default is another,
-        working card that Stripe does not charge for this invoice."""
+        With "card_on": "subscription" (or "invoice") the declining card is the
+        subscription's own default (as Checkout sets it) or the invoice's, and
+        the customer's default is another, working card that Stripe does not
+        charge for this invoice."""
         behavior = {
             "mode": "decline",
             "decline_code": "insufficient_funds",
@@ -722,9 +723,13 @@ class StripeSim:
             },
         )
         declining = customer["invoice_settings"]["default_payment_method"]
-        if body.get("card_on") == "subscription":
-            subscription = self.get("subscription", invoice["subscription"])
-            subscription["default_payment_method"] = declining
+        if body.get("card_on") in ("subscription", "invoice"):
+            owner = (
+                self.get("subscription", invoice["subscription"])
+                if body["card_on"] == "subscription"
+                else invoice
+            )
+            owner["default_payment_method"] = declining
             other = self.put(
                 objects.payment_method(self.now(), customer["id"], {}, self.state.livemode)
             )
