@@ -116,7 +116,9 @@ class Fault:
     count: int
     delay: float = 0.0
     # "before": fail without acting; "after": act, then lose the answer (the
-    # caller sees a timeout although the charge happened).
+    # caller sees a timeout although the charge happened); "slow": wait
+    # `delay` seconds, then act and answer as usual; "late": act, then answer
+    # as usual `delay` seconds later (its webhooks go out meanwhile).
     when: str = "before"
 
 
@@ -612,7 +614,7 @@ class StripeSim:
                 self.state.faults.append(
                     Fault(
                         body.get("path_prefix", "/v1/"),
-                        None if body.get("status") == "timeout" else int(body["status"]),
+                        None if body.get("status") in ("timeout", None) else int(body["status"]),
                         int(body.get("count", 1)),
                         float(body.get("delay", 0)),
                         body.get("when", "before"),
@@ -783,6 +785,9 @@ class StripeSim:
             return 429, _RATE_LIMITED, {}
         if fault is not None and fault.when == "before":
             return self._fault_answer(fault)
+        if fault is not None and fault.when == "slow":  # a slow answer, then as usual
+            time.sleep(fault.delay)
+            fault = None
         params = decode_form(query if method in ("GET", "DELETE") else body.decode())
         key = headers.get("idempotency-key")
         with self.lock:
@@ -816,7 +821,9 @@ class StripeSim:
                     status,
                     json.dumps(answer).encode(),
                 )
-        if fault is not None:  # "after": the effect happened; the answer is lost
+        if fault is not None and fault.when == "late":  # acted; the answer comes late
+            time.sleep(fault.delay)
+        elif fault is not None:  # "after": the effect happened; the answer is lost
             return self._fault_answer(fault)
         return status, answer, {"Idempotency-Key": key} if key else {}
 
