@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from recovery import stripe_api
 from recovery.engine import cases, planner
@@ -331,10 +331,36 @@ def test_an_operator_retry_on_a_paused_case_is_refused(session, settings):
 def test_a_dry_run_schedules_nothing(session, settings):
     case = make_case(session)
     request = cases.request_retry(
-        session, case, T0, "operator:test", None, False, settings, dry_run=True
+        session, case, T0 + timedelta(hours=1), "operator:test", None, False, settings, dry_run=True
     )
     assert request == cases.RetryRequest((), None)
     assert steps_of(session, case) == []
+
+
+def test_an_operator_retry_moments_after_a_decline_is_refused(session, settings):
+    case = make_case(session, last_failure_at=T0)
+    with pytest.raises(cases.CaseRefused, match="moments ago"):
+        cases.request_retry(session, case, T0 + timedelta(seconds=20), "op", None, False, settings)
+
+
+def test_operator_retries_join_the_one_in_flight(session, settings):
+    case = make_case(session)
+    later = T0 + timedelta(hours=1)
+    first = cases.request_retry(session, case, later, "operator:a", None, False, settings)
+    again = cases.request_retry(
+        session, case, later + timedelta(seconds=3), "b", None, False, settings
+    )
+    assert (again.step, again.joined) == (first.step, True)
+    session.execute(
+        update(RecoveryAttempt)
+        .where(RecoveryAttempt.step == first.step)
+        .values(status=StepStatus.EXECUTING)
+    )
+    third = cases.request_retry(
+        session, case, later + timedelta(minutes=1), "c", None, False, settings
+    )
+    assert (third.step, third.joined) == (first.step, True)
+    assert [s.step for s in steps_of(session, case) if s.kind is StepKind.RETRY] == [first.step]
 
 
 def test_closed_steps_outcomes_are_told_apart(session):

@@ -6,14 +6,21 @@ emails against the simulator over HTTP with the real SDK."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 
 from recovery import stripe_api
 from recovery.db import session_scope
-from recovery.models import Message, StepKind, StepOrigin, StepStatus
+from recovery.engine import scheduler, steps
+from recovery.models import AuditEntry, Message, StepKind, StepOrigin, StepStatus
 
 from .conftest import T0
 from .factories import sim_post, steps_of, the_case
@@ -125,3 +132,133 @@ def test_a_subscription_canceled_before_its_webhook_is_not_charged(stack):
     with session_scope() as session:
         sent = session.scalars(select(Message.template).where(Message.case_id == case.id)).all()
     assert sent == ["payment_failed"]
+
+
+# -- operators and a retry in flight, through the `recovery` command ---------------------
+
+
+def recovery_command(*args: str) -> subprocess.Popen:
+    """`recovery …` in its own process, on this test's database and simulator."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "recovery", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LOG_LEVEL": "WARNING"},
+    )
+
+
+def test_twenty_operator_retries_at_once_make_one_charge(stack):
+    stack.at(datetime.now(UTC) - timedelta(hours=1))  # the commands run on the real clock
+    scenario = stack.failed({"mode": "decline", "decline_code": "do_not_honor"})
+    stack.tick()
+    # The charge is slow, so the requests overlap it.
+    sim_post(
+        stack.sim.url,
+        "/_sim/faults",
+        {"path_prefix": f"/v1/invoices/{scenario['invoice']}/pay", "when": "slow", "delay": 1},
+    )
+    commands = [recovery_command("retry", scenario["invoice"]) for _ in range(20)]
+    answers = [(*c.communicate(timeout=60), c.returncode) for c in commands]
+
+    case = the_case(scenario["invoice"])
+    operator_retries = [s for s in retries(case.id) if s.origin is StepOrigin.OPERATOR]
+    assert len(operator_retries) == 1, answers
+    assert len(stack.charges(scenario["invoice"])) == 1
+    assert any(code == 0 and "declined" in out for out, _err, code in answers)
+    for out, err, code in answers:  # the others joined it, or were told it just declined
+        assert code == 0 or "moments ago" in err, (code, out, err)
+
+
+def test_a_cancel_while_a_retry_charges_is_recorded_after_the_charge(stack):
+    stack.at(datetime.now(UTC) - timedelta(hours=1))  # the commands run on the real clock
+    scenario = stack.failed({"mode": "decline", "decline_code": "do_not_honor"})
+    stack.tick()
+    sim_post(stack.sim.url, f"/_sim/payment_methods/{scenario['payment_method']}/behavior", {})
+    slow = {"path_prefix": f"/v1/invoices/{scenario['invoice']}/pay", "when": "slow", "delay": 2}
+    sim_post(stack.sim.url, "/_sim/faults", slow)
+    retry = recovery_command("retry", scenario["invoice"])
+    deadline = time.monotonic() + 30
+    while stack.sim.state.faults[-1].count and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the pay call is at Stripe
+    cancel = recovery_command("cancel", scenario["invoice"], "--reason", "refunded")
+    retried = retry.communicate(timeout=60)
+    assert retry.returncode == 0, retried
+    _out, err = cancel.communicate(timeout=60)
+
+    assert cancel.returncode == 1 and "is recovered" in err, err
+    case = the_case(scenario["invoice"])
+    assert (case.status, case.recovery_path) == ("recovered", "retry")
+    assert len(stack.charges(scenario["invoice"])) == 1
+    with session_scope() as session:
+        timeline = session.scalars(
+            select(AuditEntry.action).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id)
+        ).all()
+    assert timeline[-2:] == ["case_recovered", "cancel_refused"]
+
+
+# -- leases and backoff count from each step's own start -----------------------------------
+
+
+def test_a_step_run_late_in_its_batch_counts_lease_and_backoff_from_its_own_start(stack, settings):
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    first = next(s for s in retries(case.id) if s.status is StepStatus.SCHEDULED)
+    lease = timedelta(seconds=settings.step_lease_seconds)
+    [claim] = [c for c in steps.claim_due(first.due_at, 10, lease) if c[0] == first.id]
+    # The batch was handed out at first.due_at; earlier steps of it took an hour.
+    started = first.due_at + timedelta(hours=1)
+    stack.at(started)
+    sim_post(
+        stack.sim.url,
+        "/_sim/faults",
+        {"path_prefix": f"/v1/invoices/{scenario['invoice']}", "status": 503, "count": 1},
+    )
+    assert scheduler.execute(claim, first.due_at, settings) == "deferred_unavailable"
+    [again] = [s for s in steps_of(case.id) if s.id == first.id]
+    assert again.due_at == started + timedelta(seconds=30)  # not at once: backoff from now
+
+    [claim] = steps.claim_due(again.due_at, 10, lease)
+    stack.at(again.due_at + timedelta(hours=1))
+    assert scheduler.execute(claim, again.due_at, settings) == "declined"
+    [done] = [s for s in steps_of(case.id) if s.id == first.id]
+    assert done.executed_at == again.due_at + timedelta(hours=1)
+    assert done.lease_until >= done.executed_at + lease
+
+
+def test_a_stripe_call_ends_before_its_step_lease_does(settings):
+    for lease in (5, 60, 300, 3600):
+        shorter = dataclasses.replace(settings, step_lease_seconds=lease)
+        assert stripe_api.request_timeout(shorter) <= lease / 2
+
+
+# -- a recovery is credited to what made it ------------------------------------------------
+
+
+def test_invoice_paid_arriving_before_the_retry_records_its_answer_credits_the_retry(stack):
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    first = next(s for s in retries(case.id) if s.status is StepStatus.SCHEDULED)
+    sim_post(stack.sim.url, f"/_sim/payment_methods/{scenario['payment_method']}/behavior", {})
+    late = {"path_prefix": f"/v1/invoices/{scenario['invoice']}/pay", "when": "late", "delay": 1}
+    sim_post(stack.sim.url, "/_sim/faults", late)
+    stack.at(first.due_at)
+    retry = threading.Thread(target=stack.tick)
+    retry.start()
+    deadline = time.monotonic() + 30
+    while (
+        not any(e["type"] == "invoice.paid" for e in stack.sim.state.events)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    stack.drain(first.due_at)  # invoice.paid, while the pay call's answer is on its way
+    retry.join(timeout=60)
+
+    case = the_case(scenario["invoice"])
+    assert (case.status, case.recovery_path, case.recovered_by_step) == (
+        "recovered",
+        "retry",
+        "retry:1",
+    )

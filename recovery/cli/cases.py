@@ -346,7 +346,8 @@ def retry(ref: str, dry_run: bool, force: bool, reason: str | None) -> None:
         click.echo(f"case {case_id}: would retry{past} invoice {invoice_id} now")
         return
     outcome = scheduler.execute_named(case_id, request.step, now, settings)
-    click.echo(f"case {case_id}: {outcome or 'step already taken by a worker'}")
+    joined = f" (joined retry {request.step}, already due)" if request.joined else ""
+    click.echo(f"case {case_id}: {outcome or 'the retry is under way in a worker'}{joined}")
 
 
 _ACTIONS: dict[str, Callable[..., None]] = {
@@ -360,13 +361,19 @@ _ACTIONS: dict[str, Callable[..., None]] = {
 
 def _case_action(ref: str, reason: str, action: str) -> None:
     now = clock.now()
+    error: click.ClickException | None
     with session_scope() as session:
         case = find_case(session, ref, lock=True)
         try:
             _ACTIONS[action](session, case, now, operator(), reason)
         except case_machine.CaseRefused as refused:
-            raise click.ClickException(str(refused)) from None
-        click.echo(f"case {case.id}: {action}d")
+            case_machine.refused(session, case, operator(), action, str(refused))
+            error = click.ClickException(str(refused))
+        else:
+            error = None
+            click.echo(f"case {case.id}: {action}d")
+    if error is not None:
+        raise error
 
 
 def _action_command(action: str, help_text: str) -> click.Command:

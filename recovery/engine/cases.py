@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -447,13 +447,20 @@ def revoke_links(
     return count
 
 
+def refused(session: Session, case: RecoveryCase, actor: str, action: str, why: str) -> None:
+    """An operator's action the case's state did not allow, kept in its timeline
+    (a cancel that came while a retry was charging the card shows there)."""
+    session.add(AuditEntry.of(case, actor, f"{action}_refused", why=why))
+
+
 @dataclass(frozen=True)
 class RetryRequest:
     """An operator's retry: the rules it goes past, and the step made for it
-    (None on a dry run)."""
+    (None on a dry run), or the retry already in flight it joined."""
 
     refusals: tuple[str, ...]
     step: str | None
+    joined: bool = False
 
 
 def request_retry(
@@ -472,10 +479,18 @@ def request_retry(
     _require_open(case, "retry")
     if case.paused_at is not None:
         raise CaseRefused(f"case {case.id} is paused; resume it first")
+    # At most one retry of a case in flight: a request made while one is due
+    # or running (twenty operators, or one pressing twice) joins it.
+    in_flight = steps.retry_in_flight(session, case, now)
+    if in_flight is not None:
+        return RetryRequest((), in_flight, joined=True)
     reading = classify(planner.failure_of(case))
     refusals = []
     if not reading.may_retry_card:
         refusals.append(f"category {reading.category.value}: {reading.why}")
+    gap = timedelta(seconds=settings.card_update_min_gap_seconds)
+    if case.last_failure_at is not None and now < case.last_failure_at + gap:
+        refusals.append(f"the card declined at {case.last_failure_at:%H:%M:%S}Z, moments ago")
     allowed = planner.earliest_retry(session, case, now, settings)
     if allowed is None:
         refusals.append("a stop code was seen on this card")

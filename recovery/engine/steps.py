@@ -171,6 +171,21 @@ def has_live_retry(session: Session, case: RecoveryCase, origin: StepOrigin | No
     return bool(session.scalar(query))
 
 
+def retry_in_flight(session: Session, case: RecoveryCase, now: datetime) -> str | None:
+    """The name of the case's retry that is claimed, running, or due by `now`."""
+    return session.scalar(
+        select(RecoveryAttempt.step)
+        .where(
+            RecoveryAttempt.case_id == case.id,
+            RecoveryAttempt.kind == StepKind.RETRY,
+            RecoveryAttempt.status.in_(LIVE),
+            (RecoveryAttempt.status != StepStatus.SCHEDULED) | (RecoveryAttempt.due_at <= now),
+        )
+        .order_by(RecoveryAttempt.id)
+        .limit(1)
+    )
+
+
 def has_run(session: Session, case: RecoveryCase, name: str) -> bool:
     """Whether the case's step of that name has run (whatever it found)."""
     found = session.scalar(
