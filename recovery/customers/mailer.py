@@ -27,23 +27,28 @@ _ADDRESS = re.compile(r"[^\s<>@]+@[^\s<>@]+")
 
 
 class SendFailed(Exception):
-    """The email was not accepted. `permanent`: trying again will not help."""
+    """The email was not accepted. `permanent`: trying again will not help.
+    `in_doubt`: the server may have taken it (the connection was lost after
+    the message was sent, before the server's answer)."""
 
-    def __init__(self, reason: str, permanent: bool):
+    def __init__(self, reason: str, permanent: bool, in_doubt: bool = False):
         # SMTP replies often quote the recipient; keep addresses out of the
         # record, the logs and Sentry.
         super().__init__(_ADDRESS.sub("<address>", reason)[:300])
         self.permanent = permanent
+        self.in_doubt = in_doubt
 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """An email ready for the wire: envelope, identity and the flattened bytes."""
+    """An email ready for the wire: envelope, identity and the flattened bytes.
+    `smtputf8`: the address is not ASCII, so the server must offer SMTPUTF8."""
 
     sender: str
     recipient: str
     message_id: str
     data: bytes
+    smtputf8: bool = False
 
 
 def build(
@@ -52,13 +57,16 @@ def build(
     settings: Settings,
     opt_out_url: str | None = None,
     subject_prefix: str = "",
+    message_id: str | None = None,
 ) -> Outgoing:
+    """The email as bytes; `message_id` to send again one that may have arrived
+    (the same Message-ID lets mail systems drop the copy)."""
     # Written out by hand: the email package's generator took a third of the
     # time of a send; this is the same multipart/alternative, and the tests
     # read it back with the email package.
     name, sender = parseaddr(settings.email_from)
     domain = sender.rsplit("@", 1)[-1] or None
-    message_id = make_msgid(domain=domain)
+    message_id = message_id or make_msgid(domain=domain)
     subject = subject_prefix + rendered.subject
     boundary = f"=_{secrets.token_hex(16)}"
     headers = [
@@ -87,7 +95,11 @@ def build(
             base64.encodebytes(body.encode()).decode("ascii").replace("\n", "\r\n"),
         ]
     lines += [f"--{boundary}--", ""]
-    return Outgoing(sender, to, message_id, "\r\n".join(lines).encode("ascii"))
+    # An internationalized address goes in the headers as UTF-8 (RFC 6532),
+    # which only a server offering SMTPUTF8 (RFC 6531) takes.
+    smtputf8 = not to.isascii()
+    data = "\r\n".join(lines).encode("utf-8" if smtputf8 else "ascii")
+    return Outgoing(sender, to, message_id, data, smtputf8)
 
 
 def _header(value: str) -> str:
@@ -161,31 +173,61 @@ class SmtpTransport:
             except (smtplib.SMTPException, OSError) as exc:
                 raise SendFailed(f"cannot connect: {type(exc).__name__}", permanent=False) from None
             try:
-                refused = conn.sendmail(message.sender, [message.recipient], message.data)
+                self._envelope(conn, message)
             except smtplib.SMTPServerDisconnected as exc:
+                # Before the message was sent: nothing left us. A pooled
+                # connection may have timed out; try a fresh one.
                 _close(conn)
-                if attempt == 2:  # a pooled connection may have timed out; try a fresh one
+                if attempt == 2:
                     raise SendFailed(f"server disconnected: {exc}", permanent=False) from None
                 continue
-            except smtplib.SMTPRecipientsRefused as exc:
+            except SendFailed:
                 self._reset(conn)
-                codes = [code for code, _ in exc.recipients.values()]
-                raise SendFailed(
-                    f"recipient refused: {codes}", permanent=all(c >= 500 for c in codes)
-                ) from None
-            except smtplib.SMTPResponseException as exc:
-                self._reset(conn)
-                error = exc.smtp_error
-                text = error.decode(errors="replace") if isinstance(error, bytes) else error
-                permanent = exc.smtp_code >= 500
-                raise SendFailed(f"{exc.smtp_code} {text}", permanent=permanent) from None
+                raise
             except (smtplib.SMTPException, OSError) as exc:
                 _close(conn)
                 raise SendFailed(f"{type(exc).__name__}: {exc}", permanent=False) from None
+            self._data(conn, message)
             self._give_back(conn)
-            if refused:
-                raise SendFailed(f"recipient refused: {list(refused.values())}", permanent=True)
             return
+
+    @staticmethod
+    def _envelope(conn: smtplib.SMTP, message: Outgoing) -> None:
+        """MAIL FROM and RCPT TO, refused replies as SendFailed."""
+        conn.ehlo_or_helo_if_needed()
+        options = []
+        if message.smtputf8:
+            if not conn.has_extn("smtputf8"):
+                raise SendFailed(
+                    "the mail server does not offer SMTPUTF8, which this address needs",
+                    permanent=True,
+                )
+            options = ["SMTPUTF8", "BODY=8BITMIME"]
+        code, reply = conn.mail(message.sender, options)
+        if code != 250:
+            raise SendFailed(f"sender refused: {code} {_text(reply)}", permanent=code >= 500)
+        code, reply = conn.rcpt(message.recipient)
+        if code not in (250, 251):
+            raise SendFailed(f"recipient refused: {code} {_text(reply)}", permanent=code >= 500)
+
+    def _data(self, conn: smtplib.SMTP, message: Outgoing) -> None:
+        """DATA: a reply refused it, or the connection was lost waiting for the
+        reply, when the server may already have taken it."""
+        try:
+            code, reply = conn.data(message.data)
+            if code != 250:  # data() raises only for a refused DATA command itself
+                raise smtplib.SMTPDataError(code, reply)
+        except smtplib.SMTPResponseException as exc:
+            self._reset(conn)
+            code = exc.smtp_code
+            raise SendFailed(f"{code} {_text(exc.smtp_error)}", permanent=code >= 500) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            _close(conn)
+            raise SendFailed(
+                f"in doubt: connection lost after the message was sent ({type(exc).__name__})",
+                permanent=False,
+                in_doubt=True,
+            ) from None
 
     def _reset(self, conn: smtplib.SMTP) -> None:
         try:
@@ -194,6 +236,10 @@ class SmtpTransport:
             _close(conn)
             return
         self._give_back(conn)
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else reply
 
 
 def _close(conn: smtplib.SMTP) -> None:
