@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
@@ -301,8 +302,9 @@ class StepOutcome(enum.StrEnum):
 
 class MessageStatus(enum.StrEnum):
     """pending ─claim─▶ claimed ─(checks, link, render)─▶ sending ─SMTP─▶ sent
-    claimed → skipped (no longer to be sent); sending → failed (never resent);
-    a transient failure goes back to pending with a backoff."""
+    claimed → skipped (no longer to be sent) or failed (cannot be prepared);
+    a transient failure goes back to pending with a backoff; sending without
+    an answer (in doubt) goes back to pending once, then to failed."""
 
     PENDING = "pending"
     CLAIMED = "claimed"
@@ -417,8 +419,8 @@ class Message(Base):
     card_last4: Mapped[str | None] = mapped_column(String(4))
     card_exp_month: Mapped[int | None] = mapped_column(Integer)
     card_exp_year: Mapped[int | None] = mapped_column(Integer)
-    # A permanent failure, or a worker lost mid-send, is never resent: a step
-    # is delivered at most once.
+    # A permanent failure is never resent; one in doubt once, with its
+    # Message-ID: a step reaches the customer once.
     status: Mapped[MessageStatus] = mapped_column(
         Enumerated(MessageStatus), default=MessageStatus.PENDING
     )
@@ -427,6 +429,9 @@ class Message(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     smtp_message_id: Mapped[str | None] = mapped_column(String(255))
+    # Handed to the server without its answer: sent once more with the same
+    # Message-ID (mail systems drop the copy), and if in doubt again, failed.
+    in_doubt: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -237,15 +237,20 @@ def private_redis() -> Iterator:
 
 class SmtpSink:
     """A real SMTP server (aiosmtpd) that keeps what it receives; `refuse`
-    queues replies to give instead of accepting (e.g. "451 4.3.0 try later")."""
+    queues replies to give instead of accepting (e.g. "451 4.3.0 try later");
+    `cut` is how many messages to take and then drop the connection before
+    answering; `smtputf8` offers SMTPUTF8 for internationalized addresses."""
 
-    def __init__(self) -> None:
+    def __init__(self, smtputf8: bool = False) -> None:
         from aiosmtpd.controller import Controller
 
         self.messages: list = []
         self.refuse: list[str] = []
+        self.cut = 0
         self.port = free_port()
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller = Controller(
+            self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=smtputf8
+        )
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
         import email
@@ -255,6 +260,9 @@ class SmtpSink:
             return self.refuse.pop(0)
         message = email.message_from_bytes(envelope.content, policy=policy.default)
         self.messages.append((envelope.rcpt_tos, message))
+        if self.cut:
+            self.cut -= 1
+            server.transport.close()  # taken, and the answer never comes
         return "250 OK"
 
     def env(self) -> dict[str, str]:
@@ -262,11 +270,12 @@ class SmtpSink:
 
 
 @pytest.fixture
-def smtp_sink() -> Iterator[SmtpSink]:
-    """An SMTP server on a free port, configured as SMTP_HOST for the test."""
+def smtp_sink(request) -> Iterator[SmtpSink]:
+    """An SMTP server on a free port, configured as SMTP_HOST for the test
+    (parametrize indirectly with True for one that offers SMTPUTF8)."""
     from recovery.config import get_settings
 
-    sink = SmtpSink()
+    sink = SmtpSink(smtputf8=getattr(request, "param", False))
     sink.controller.start()
     previous = {key: os.environ.get(key) for key in sink.env()}
     os.environ.update(sink.env())

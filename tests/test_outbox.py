@@ -177,25 +177,31 @@ def test_opted_out_customer_gets_no_more_reminders(world):
 
 
 @pytest.mark.parametrize(
-    ("left_as", "then", "delivered"),
+    ("left_as", "in_doubt", "then", "delivered"),
     [
-        # Handed to SMTP when its worker died: it may have gone out; never again.
-        ("sending", "failed", 0),
+        # Handed to SMTP when its worker died: it may have arrived; sent once
+        # more with the same Message-ID, so mail systems drop a copy.
+        ("sending", False, "sent", 1),
+        # The same a second time: it may have arrived twice; never again.
+        ("sending", True, "failed", 0),
         # Claimed but not yet handed to SMTP: nothing left us; it is sent.
-        ("claimed", "sent", 1),
+        ("claimed", False, "sent", 1),
     ],
 )
-def test_a_worker_lost_mid_email(world, left_as, then, delivered):
+def test_a_worker_lost_mid_email(world, left_as, in_doubt, then, delivered):
     sim, sink = world
     fail(sim)
     scheduler.run_pass(get_settings(), sync=True)
+    [(_rcpt, first)] = sink.messages
     sink.messages.clear()
     with session_scope() as session:
-        session.execute(update(Message).values(status=left_as, lease_until=T0))
+        session.execute(update(Message).values(status=left_as, lease_until=T0, in_doubt=in_doubt))
     clock.set_now(T0 + timedelta(minutes=6))
     scheduler.run_pass(get_settings(), sync=True)
     [row] = messages()
     assert row.status == then and len(sink.messages) == delivered
+    if left_as == "sending" and delivered:
+        assert sink.messages[0][1]["Message-ID"] == first["Message-ID"]
     if then == "failed":
         assert "not sent again" in row.last_error
 

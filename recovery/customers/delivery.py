@@ -49,6 +49,9 @@ class Ready:
     template: str
     attempts: int
     email: mailer.Outgoing
+    in_doubt: bool  # a resend of one that may have arrived
+    # The customer's name and address, kept out of what is stored and logged.
+    personal: tuple[str, ...]
 
 
 def skip_reason(
@@ -207,11 +210,49 @@ def prepare(
         for (message, owner, customer, address), its_links in zip(live, wanted, strict=True):
             urls = {w.purpose: _url(settings, w.purpose, next(tokens)) for w in its_links}
             its_dates = dates.get(owner.id) if owner else None
-            said = facts(message, owner, customer, its_dates, urls, now)
-            rendered = emails.render(message.template, said, settings)
-            email = mailer.build(rendered, address, settings, opt_out_url=said.opt_out_url)
-            ready.append(Ready(message.id, message.template, message.attempts, email))
+            personal = tuple(p for p in (customer.name, address) if p)
+            try:
+                said = facts(message, owner, customer, its_dates, urls, now)
+                rendered = emails.render(message.template, said, settings)
+                email = mailer.build(
+                    rendered,
+                    address,
+                    settings,
+                    opt_out_url=said.opt_out_url,
+                    message_id=message.smtp_message_id if message.in_doubt else None,
+                )
+            except Exception as exc:  # noqa: BLE001 - one email's fault stays with it
+                # Its own fault (data no template or encoding can take): it
+                # fails alone, with a reason, and the batch goes on.
+                reason = scrub(f"cannot be prepared: {type(exc).__name__}: {exc}", personal)
+                _mark(
+                    session,
+                    message.id,
+                    status=MessageStatus.FAILED,
+                    last_error=reason,
+                    lease_until=None,
+                )
+                outcomes[message.id] = MessageStatus.FAILED
+                log.error("email_unpreparable", message_id=message.id, error=type(exc).__name__)
+                continue
+            ready.append(
+                Ready(
+                    message.id,
+                    message.template,
+                    message.attempts,
+                    email,
+                    message.in_doubt,
+                    personal,
+                )
+            )
     return ready, outcomes
+
+
+def scrub(text: str, personal: tuple[str, ...]) -> str:
+    """`text` without the customer's name or address (servers quote them)."""
+    for value in sorted(personal, key=len, reverse=True):
+        text = text.replace(value, "<customer>")
+    return text
 
 
 def _url(settings: Settings, purpose: LinkPurpose, token: str) -> str:
@@ -288,18 +329,22 @@ def _mark(session: Session, message_id: int, **values: Any) -> None:
 
 
 def _failed(item: Ready, now: datetime, failed: mailer.SendFailed) -> str:
-    permanent = failed.permanent or item.attempts >= MAX_ATTEMPTS
-    values: dict[str, Any] = {"last_error": str(failed), "lease_until": None}
+    # In doubt twice: it may have arrived twice already; never a third time.
+    permanent = (
+        failed.permanent or item.attempts >= MAX_ATTEMPTS or (failed.in_doubt and item.in_doubt)
+    )
+    error = scrub(str(failed), item.personal)
+    values: dict[str, Any] = {"last_error": error, "lease_until": None}
     if permanent:
         values["status"] = MessageStatus.FAILED
     else:
         delay = clock.doubling(item.attempts, EMAIL_RETRY_CAP, first=timedelta(minutes=1))
         values.update(status=MessageStatus.PENDING, next_attempt_at=now + delay)
+        if failed.in_doubt:
+            values["in_doubt"] = True  # the resend keeps its Message-ID
     with session_scope() as session:
         _mark(session, item.message_id, **values)
-    log.warning(
-        "email_failed", message_id=item.message_id, permanent=permanent, error=str(failed)[:120]
-    )
+    log.warning("email_failed", message_id=item.message_id, permanent=permanent, error=error[:120])
     return MessageStatus.FAILED if permanent else "retrying"
 
 

@@ -30,7 +30,8 @@ from recovery.models import Message, MessageStatus, RecoveryCase
 log = structlog.get_logger("recovery.outbox")
 
 LEASE = timedelta(minutes=5)
-_LOST = "worker lost while sending; not sent again so it cannot arrive twice"
+_IN_DOUBT = "in doubt: worker lost while sending; sent once more with the same Message-ID"
+_LOST = "in doubt twice; not sent again so it cannot arrive more than twice"
 
 
 def case_key(case_id: int, step: str) -> str:
@@ -95,7 +96,8 @@ def on_case_recovered(session: Session, case: RecoveryCase, now: datetime) -> No
 
 
 def release_lapsed(now: datetime) -> int:
-    """Leases that ran out: back to pending before SMTP, failed after."""
+    """Leases that ran out: back to pending before SMTP; after, once more with
+    the same Message-ID, then failed."""
     with session_scope() as session:
         back = rows_changed(
             session.execute(
@@ -104,16 +106,32 @@ def release_lapsed(now: datetime) -> int:
                 .values(status=MessageStatus.PENDING, lease_until=None)
             )
         )
+        lapsed_sending = (Message.status == MessageStatus.SENDING) & (Message.lease_until <= now)
+        again = rows_changed(
+            session.execute(
+                update(Message)
+                .where(lapsed_sending, Message.in_doubt.is_(False))
+                .values(
+                    status=MessageStatus.PENDING,
+                    lease_until=None,
+                    in_doubt=True,
+                    next_attempt_at=now,
+                    last_error=_IN_DOUBT,
+                )
+            )
+        )
         lost = rows_changed(
             session.execute(
                 update(Message)
-                .where(Message.status == MessageStatus.SENDING, Message.lease_until <= now)
+                .where(lapsed_sending, Message.in_doubt.is_(True))
                 .values(status=MessageStatus.FAILED, lease_until=None, last_error=_LOST)
             )
         )
+    if again:
+        log.warning("emails_in_doubt_sent_again", count=again)
     if lost:
         log.error("emails_lost_mid_send", count=lost)
-    return back + lost
+    return back + again + lost
 
 
 def claim(now: datetime, limit: int, keys: list[str] | None = None) -> list[int]:
