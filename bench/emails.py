@@ -103,7 +103,7 @@ def measure(count: int, workers: int) -> dict:
             os.environ.update(env)
             pool = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "recovery.cli", "worker", "--pool", "solo"],
+                    [sys.executable, "-m", "recovery", "worker", "--pool", "solo"],
                     cwd=ROOT,
                     env=env,
                     stdout=subprocess.DEVNULL,

@@ -87,7 +87,7 @@ def measure(count: int, workers: int, concurrency: int) -> dict:
             [
                 sys.executable,
                 "-m",
-                "recovery.cli",
+                "recovery",
                 "serve",
                 "--port",
                 str(port),

@@ -97,7 +97,7 @@ def step_outcomes(db_url: str) -> dict[str, int]:
 def start_workers(count: int, concurrency: int, env: dict) -> list[subprocess.Popen]:
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "recovery.cli", "worker", "--concurrency", str(concurrency)],
+            [sys.executable, "-m", "recovery", "worker", "--concurrency", str(concurrency)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
