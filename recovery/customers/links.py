@@ -163,9 +163,20 @@ _OWNER = (
 
 # Built once: constructing a CTE statement per click cost more CPU than the
 # database spent on it. Executions only bind the token's hash and the time.
+# Only a link that still leads somewhere is counted (and found): a live one,
+# or a recovered case's, which says "all set". An expired or revoked link then
+# does what a forged token does, an index probe that changes no row, so the
+# time a click takes tells them apart no better than the page does.
+_RECOVERED_CASES = select(RecoveryCase.id).where(RecoveryCase.status == CaseStatus.RECOVERED)
 _COUNT_CLICK = (
     update(RecoveryLink)
-    .where(RecoveryLink.token_hash == bindparam("hash_of_token"))
+    .where(
+        RecoveryLink.token_hash == bindparam("hash_of_token"),
+        or_(
+            RecoveryLink.revoked_at.is_(None) & (RecoveryLink.expires_at > bindparam("clicked_at")),
+            RecoveryLink.case_id.in_(_RECOVERED_CASES),
+        ),
+    )
     .values(
         click_count=RecoveryLink.click_count + 1,
         first_clicked_at=func.coalesce(RecoveryLink.first_clicked_at, bindparam("clicked_at")),
@@ -190,12 +201,11 @@ _READ_CLICKED = (
 
 
 def click(conn: Connection, token: str, now: datetime) -> Clicked | None:
-    """Record a click on the token's link and read it and its case.
+    """Record a click on the token's link and read it and its case; None for
+    a token that leads nowhere (forged, expired, revoked), alike.
 
     On PostgreSQL this is one statement (the UPDATE in a CTE joined to the
-    case): a click costs one round trip. A forged, an expired and a revoked
-    token run the very same statement, so the time taken tells them apart no
-    better than the page does.
+    case): a click costs one round trip.
     """
     values = {"hash_of_token": token_hash(token), "clicked_at": now}
     if conn.dialect.name == "postgresql":
