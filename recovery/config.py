@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -74,6 +75,9 @@ class Settings:
     brand_accent_color: str = "#635bff"
     link_ttl_days: int = 14
     link_clicks_per_minute: int = 30
+    # Proxies in front of the web app whose X-Forwarded-For is believed: the
+    # click limit keys on the first address before them.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     templates_dir: Path = DEFAULT_TEMPLATES_DIR
 
     @property
@@ -157,6 +161,20 @@ def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[
     return raw.rstrip("/") if scheme in ("http", "https") else raw
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    found = []
+    for part in env.get(name, "").split(","):
+        if part.strip():
+            try:
+                found.append(ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"{name} must be IP addresses or networks, comma-separated "
+                    f"(e.g. 10.0.0.0/8,127.0.0.1); got {part.strip()[:40]!r}"
+                ) from None
+    return tuple(found)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from a mapping (the process environment by default)."""
     env = os.environ if env is None else env
@@ -222,6 +240,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         brand_accent_color=_colour(env, "BRAND_ACCENT_COLOR", "#635bff"),
         link_ttl_days=_int(env, "LINK_TTL_DAYS", 14, 1, 90),
         link_clicks_per_minute=_int(env, "LINK_CLICKS_PER_MINUTE", 30, 1, 100_000),
+        trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         templates_dir=_directory(env, "TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
     )
 

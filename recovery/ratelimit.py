@@ -51,9 +51,11 @@ return wait
 
 
 class RedisBucket:
-    def __init__(self, client: redis.Redis, rate: float, key: str = KEY):
+    def __init__(
+        self, client: redis.Redis, rate: float, key: str = KEY, burst: float | None = None
+    ):
         self.rate = rate
-        self.capacity = capacity(rate)
+        self.capacity = burst if burst is not None else capacity(rate)
         self.key = key
         self._take = client.register_script(_TAKE)
 

@@ -25,9 +25,12 @@ import asyncio
 import re
 import threading
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
 
+import redis
+import structlog
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -37,7 +40,9 @@ from recovery.config import Settings
 from recovery.customers import links
 from recovery.db import get_engine
 from recovery.inbox.receiver import InboxWriter, Receive, Send, receive_webhook, respond
-from recovery.ratelimit import LocalBucket
+from recovery.ratelimit import LocalBucket, RedisBucket
+
+log = structlog.get_logger("recovery.web")
 
 Scope = dict[str, Any]
 
@@ -85,26 +90,65 @@ def render_page(name: str, settings: Settings, **values: Any) -> bytes:
 
 
 class ClientLimiter:
-    """Clicks per minute per client address, in this process: enough to make
-    guessing tokens pointless (2^256 of them) and to stop a client hammering
-    Stripe session creation through us."""
+    """Clicks per minute per client address: enough to make guessing tokens
+    pointless (2^256 of them) and to stop a client hammering Stripe session
+    creation through us. In Redis where the broker is Redis, so the limit
+    holds across web processes; else in this process."""
 
-    def __init__(self, per_minute: int, max_clients: int = 50_000):
+    def __init__(self, per_minute: int, redis_url: str | None = None, max_clients: int = 50_000):
         self.per_minute = per_minute
         self.max_clients = max_clients
         self._buckets: dict[str, LocalBucket] = {}
         self._lock = threading.Lock()
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=0.5) if redis_url else None
 
     def allow(self, client: str) -> bool:
+        # A minute's clicks may come at once, then they refill over the minute.
+        rate, burst = self.per_minute / 60.0, float(self.per_minute)
+        if self._redis is not None:
+            key = f"recovery:ratelimit:clicks:{client}"
+            try:
+                return RedisBucket(self._redis, rate, key, burst).try_take() == 0
+            except redis.RedisError as exc:
+                # Customers' links keep working while Redis is away, limited
+                # per process meanwhile.
+                log.warning("click_limit_local", error=type(exc).__name__)
         with self._lock:
             if len(self._buckets) >= self.max_clients:
                 self._buckets.clear()  # a flood of addresses: forget, rather than grow
             bucket = self._buckets.get(client)
             if bucket is None:
-                # A minute's clicks may come at once, then they refill over the minute.
-                bucket = LocalBucket(self.per_minute / 60.0, burst=float(self.per_minute))
+                bucket = LocalBucket(rate, burst=burst)
                 self._buckets[client] = bucket
         return bucket.try_take() == 0
+
+
+def client_address(scope: Scope, trusted: tuple[IPv4Network | IPv6Network, ...]) -> str:
+    """The client's address: the peer's, or where the peer is a trusted proxy,
+    the last address in X-Forwarded-For that is not a trusted proxy (each
+    proxy appends the address it got the request from; anything to the left
+    of the first untrusted one is the client's to forge)."""
+    peer = (scope.get("client") or ("unknown", 0))[0]
+    if not trusted or not _within(peer, trusted):
+        return peer
+    forwarded = [
+        value.decode("latin-1")
+        for name, value in scope.get("headers") or ()
+        if name.lower() == b"x-forwarded-for"
+    ]
+    hops = [h.strip() for h in ",".join(forwarded).split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _within(address: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    try:
+        ip = ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 async def _page(send: Send, status: int, body: bytes = b"", location: str | None = None) -> None:
@@ -117,18 +161,21 @@ async def _page(send: Send, status: int, body: bytes = b"", location: str | None
 
 def make_links_app(settings: Settings) -> Any:
     """The customer's side: recovery links and reminder opt-out."""
-    limiter = ClientLimiter(settings.link_clicks_per_minute)
+    shared = settings.broker_url.startswith(("redis://", "rediss://"))
+    limiter = ClientLimiter(
+        settings.link_clicks_per_minute, settings.broker_url if shared else None
+    )
 
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        client = (scope.get("client") or ("unknown", 0))[0]
+        client = client_address(scope, settings.trusted_proxies)
         if path in ("/r/card-saved", "/r/not-saved") and method in ("GET", "HEAD"):
             name = "card_saved" if path == "/r/card-saved" else "card_not_saved"
             return await _page(send, 200, render_page(name, settings))
         kind, _, token = path[1:].partition("/")
         if not _TOKEN.fullmatch(token):
             return await _page(send, 404, render_page("link_invalid", settings))
-        if not limiter.allow(client):
+        if not await asyncio.to_thread(limiter.allow, client):
             return await _page(send, 429, render_page("too_many", settings))
         now = clock.now()
         if kind == "r" and method in ("GET", "HEAD"):
