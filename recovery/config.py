@@ -57,6 +57,7 @@ class Settings:
     recovery_mode: str = "auto"
     plans_file: str | None = None
     stripe_write_rate: float = 20.0
+    stripe_read_rate: float = 20.0
     visa_max_attempts_30d: int = 15
     step_lease_seconds: int = 300
     dispatch_batch_size: int = 500
@@ -223,6 +224,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         recovery_mode=_choice(env, "RECOVERY_MODE", RECOVERY_MODES, "auto"),
         plans_file=env.get("RECOVERY_PLANS_FILE", "").strip() or None,
         stripe_write_rate=float(_int(env, "STRIPE_WRITE_RATE", 20, 1, 10_000)),
+        stripe_read_rate=float(_int(env, "STRIPE_READ_RATE", 20, 1, 10_000)),
         visa_max_attempts_30d=_int(env, "VISA_MAX_ATTEMPTS_30D", 15, 1, 20),
         step_lease_seconds=_int(env, "STEP_LEASE_SECONDS", 300, 5, 86_400),
         dispatch_batch_size=_int(env, "DISPATCH_BATCH_SIZE", 500, 1, 10_000),

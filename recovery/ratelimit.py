@@ -1,4 +1,4 @@
-"""One budget of Stripe write requests per second, shared by every worker.
+"""Budgets of Stripe requests per second (writes, and reads), shared by every worker.
 
 A token bucket in Redis, updated by one Lua script so concurrent workers never
 overdraw it. The bucket holds only a fifth of a second of tokens: a backlog is
@@ -21,6 +21,7 @@ import redis
 from recovery.config import get_settings
 
 KEY = "recovery:ratelimit:stripe-writes"
+READ_KEY = "recovery:ratelimit:stripe-reads"
 BURST_SECONDS = 0.2
 
 
@@ -86,7 +87,8 @@ class LocalBucket:
 
 
 def acquire(bucket: RedisBucket | LocalBucket | None = None) -> float:
-    """Block until a write may go to Stripe; returns the seconds waited."""
+    """Block until a request may go to Stripe (a write, unless another bucket
+    is named); returns the seconds waited."""
     bucket = bucket or shared_bucket()
     waited = 0.0
     while (wait := bucket.try_take()) > 0:
@@ -98,6 +100,20 @@ def acquire(bucket: RedisBucket | LocalBucket | None = None) -> float:
 @lru_cache(maxsize=1)
 def shared_bucket() -> RedisBucket | LocalBucket:
     settings = get_settings()
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        return RedisBucket(redis.Redis.from_url(settings.broker_url), settings.stripe_write_rate)
-    return LocalBucket(settings.stripe_write_rate)
+    return _bucket(settings.broker_url, settings.stripe_write_rate, KEY)
+
+
+@lru_cache(maxsize=1)
+def read_bucket() -> RedisBucket | LocalBucket:
+    """The budget of Stripe reads (an invoice read before each reminder and
+    each charge, decline details), apart from the writes': Stripe limits each
+    endpoint to 25 requests a second, and a backlog of due steps must not
+    spend it all on reads."""
+    settings = get_settings()
+    return _bucket(settings.broker_url, settings.stripe_read_rate, READ_KEY)
+
+
+def _bucket(broker_url: str, rate: float, key: str) -> RedisBucket | LocalBucket:
+    if broker_url.startswith(("redis://", "rediss://")):
+        return RedisBucket(redis.Redis.from_url(broker_url), rate, key)
+    return LocalBucket(rate)

@@ -144,6 +144,8 @@ def _request(
     typed errors), answered as plain JSON: building StripeObjects and turning
     them back into dicts cost more CPU than the request itself."""
     options = {"idempotency_key": key} if key else {}
+    if method == "get":
+        ratelimit.acquire(ratelimit.read_bucket())
     try:
         answer = client().raw_request(method, path, **(params or {}), **options)
     except stripe.StripeError as exc:

@@ -38,6 +38,8 @@ BASE_ENV = {
     "LOG_FORMAT": "json",
     "LOG_LEVEL": "INFO",
     "EVENT_MAX_ATTEMPTS": "3",
+    # The simulator is local: the read budget is tested on its own.
+    "STRIPE_READ_RATE": "10000",
     # The file sink, when a test sends email without an SMTP server.
     "OUTBOX_DIR": tempfile.mkdtemp(prefix="recovery-outbox-"),
 }
@@ -60,13 +62,15 @@ def _reachable(host: str, port: int) -> bool:
 
 def reload_settings(**overrides: str) -> None:
     """Apply BASE_ENV plus overrides to os.environ and drop every cached object."""
-    from recovery import stripe_api
+    from recovery import ratelimit, stripe_api
     from recovery.config import get_settings
     from recovery.db import reset_engine
 
     os.environ.update({**BASE_ENV, **overrides})
     get_settings.cache_clear()
     stripe_api.client.cache_clear()
+    ratelimit.shared_bucket.cache_clear()
+    ratelimit.read_bucket.cache_clear()
     reset_engine()
 
 

@@ -1,4 +1,4 @@
-"""The shared Stripe write budget: concurrent takers never overdraw it."""
+"""The shared Stripe budgets: concurrent takers never overdraw them, reads spend their own."""
 
 from __future__ import annotations
 
@@ -58,3 +58,33 @@ def test_local_bucket_never_exceeds_its_rate():
 def test_burst_is_a_fifth_of_a_second_and_at_least_one_token():
     assert ratelimit.capacity(20) == 4
     assert ratelimit.capacity(2) == 1
+
+
+@pytest.fixture
+def one_read_a_second(monkeypatch):
+    from recovery import stripe_api
+    from recovery.config import get_settings
+
+    def rebuild() -> None:
+        get_settings.cache_clear()
+        stripe_api.client.cache_clear()
+        ratelimit.read_bucket.cache_clear()
+        ratelimit.shared_bucket.cache_clear()
+
+    monkeypatch.setenv("STRIPE_READ_RATE", "1")
+    monkeypatch.setenv("BROKER_URL", "memory://")
+    rebuild()
+    yield
+    monkeypatch.undo()
+    rebuild()
+
+
+def test_stripe_reads_draw_from_their_own_budget(sim, one_read_a_second):
+    from recovery import stripe_api
+
+    customer = sim.control("POST", "/_sim/customers", {"card": {}})[1]
+    invoice = sim.control("POST", "/_sim/invoices", {"customer": customer["id"], "amount": 900})[1]
+    for _ in range(2):  # the second waits for the budget to refill
+        assert stripe_api.retrieve_invoice(invoice["id"])["id"] == invoice["id"]
+    assert ratelimit.read_bucket().try_take() > 0  # spent by the reads
+    assert ratelimit.shared_bucket().try_take() == 0  # the writes' budget untouched

@@ -74,8 +74,9 @@ def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
         "STRIPE_WEBHOOK_SECRET": _SECRET,
         "OUTBOX_DIR": str(workdir / "outbox"),
         "SMTP_HOST": "",
-        # The simulator is in this process: no reason to pace writes to it.
+        # The simulator is in this process: no reason to pace requests to it.
         "STRIPE_WRITE_RATE": "10000",
+        "STRIPE_READ_RATE": "10000",
         "LINK_CLICKS_PER_MINUTE": "100000",
         "RECOVERY_PLANS_FILE": plans_file or "",
         # The summary tells the story; flagged cases and the like are in it.
@@ -272,6 +273,7 @@ def _refresh_settings() -> None:
     get_settings.cache_clear()
     stripe_api.client.cache_clear()
     ratelimit.shared_bucket.cache_clear()
+    ratelimit.read_bucket.cache_clear()
     mailer.transport_for.cache_clear()
     reset_engine()
 
