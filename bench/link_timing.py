@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import free_port, wait_port  # noqa: E402
+from bench.links import web_env  # noqa: E402
 from bench.scratch_db import scratch_database  # noqa: E402
 from recovery.customers.links import new_token, token_hash  # noqa: E402
 
@@ -83,15 +83,7 @@ def measure(requests: int, rounds: int) -> dict[str, list[float]]:
     with scratch_database() as db_url:
         tokens = fill(db_url, requests * rounds)
         port = free_port()
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "STRIPE_API_KEY": "sk_test_bench",
-            "STRIPE_WEBHOOK_SECRET": "whsec_bench",
-            "LINK_CLICKS_PER_MINUTE": "100000",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(ROOT),
-        }
+        env = web_env(db_url)
         server = subprocess.Popen(
             [sys.executable, "-m", "recovery", "serve", "--port", str(port), "--workers", "1"],
             cwd=ROOT,

@@ -69,19 +69,25 @@ def clicks_recorded(db_url: str) -> int:
     return count
 
 
+def web_env(db_url: str) -> dict[str, str]:
+    """The web app's environment for a benchmark: this database, no click limit
+    (every click comes from one address), quiet logs."""
+    return {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "STRIPE_API_KEY": "sk_test_bench",
+        "STRIPE_WEBHOOK_SECRET": "whsec_bench",
+        "LINK_CLICKS_PER_MINUTE": "100000",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
 def measure(count: int, workers: int, concurrency: int) -> dict:
     with scratch_database() as db_url:
         tokens = fill(db_url, count)
         port = free_port()
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "STRIPE_API_KEY": "sk_test_bench",
-            "STRIPE_WEBHOOK_SECRET": "whsec_bench",
-            "LINK_CLICKS_PER_MINUTE": "100000",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(ROOT),
-        }
+        env = web_env(db_url)
         # The production command: gunicorn with the uvicorn worker.
         server = subprocess.Popen(
             [

@@ -152,6 +152,20 @@ def report(at, attempt: int = 2, **fields) -> cases.FailureReport:
     )
 
 
+def unfailed_case(session):
+    """A case just opened: no failure recorded on it yet."""
+    return make_case(
+        session,
+        category=None,
+        mode=None,
+        first_category=None,
+        attempt_count=0,
+        first_failed_at=None,
+        last_failure_at=None,
+        decline_code=None,
+    )
+
+
 def never_read() -> stripe_api.DeclineDetails:
     raise AssertionError("Stripe was asked for a decline that changes nothing")
 
@@ -177,16 +191,7 @@ def test_a_late_stale_failure_changes_nothing_but_the_card_ledger(session, setti
 def test_the_earliest_failure_anchors_the_plan_whatever_arrives_first(session, settings):
     later = stripe_api.DeclineDetails(decline_code="do_not_honor", card_brand="visa")
     earliest = stripe_api.DeclineDetails(decline_code="insufficient_funds", card_brand="visa")
-    case = make_case(
-        session,
-        category=None,
-        mode=None,
-        first_category=None,
-        attempt_count=0,
-        first_failed_at=None,
-        last_failure_at=None,
-        decline_code=None,
-    )
+    case = unfailed_case(session)
     cases.record_failure(
         session, case, report(T0 + timedelta(days=3), attempt=2), lambda: later, T0, settings
     )
@@ -224,15 +229,7 @@ def test_a_failure_already_recorded_is_not_read_again(session, settings):
 
 
 def test_a_new_failure_is_recorded_and_planned(session, settings):
-    case = make_case(
-        session,
-        category=None,
-        mode=None,
-        first_category=None,
-        attempt_count=0,
-        first_failed_at=None,
-        last_failure_at=None,
-    )
+    case = unfailed_case(session)
     details = stripe_api.DeclineDetails(decline_code="insufficient_funds", card_brand="visa")
     verdict = cases.record_failure(
         session, case, report(T0, attempt=1), lambda: details, T0, settings

@@ -104,7 +104,12 @@ def test_signed_event_over_http_opens_case_then_late_failure_keeps_it_closed(
             },
         )
         invoice_id = scenario["invoice"]
-        wait_for(lambda: case_status(invoice_id) == "open")
+        try:
+            wait_for(lambda: case_status(invoice_id) == "open")
+        except AssertionError:
+            with session_scope() as session:
+                stored = [(e.type, e.status) for e in session.scalars(select(WebhookEvent))]
+            raise AssertionError(f"no open case; events stored: {stored}") from None
         with session_scope() as session:
             case = session.scalars(select(RecoveryCase)).one()
             assert (case.decline_code, case.network_decline_code, case.card_fingerprint) == (

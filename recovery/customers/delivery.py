@@ -187,14 +187,7 @@ def prepare(
                 live.append((message, case, customer, customer.email))
                 continue
             reason = reason or "no email address"
-            _mark(
-                session,
-                message.id,
-                status=MessageStatus.SKIPPED,
-                last_error=reason,
-                lease_until=None,
-            )
-            outcomes[message.id] = MessageStatus.SKIPPED
+            outcomes[message.id] = _settle(session, message.id, MessageStatus.SKIPPED, reason)
             log.info("email_skipped", message_id=message.id, template=message.template, why=reason)
         dates = plan_dates(session, [c for _, c, _, _ in live if c is not None], settings)
         wanted = [links_wanted(m, c, cu) for m, c, cu, _ in live]
@@ -225,14 +218,7 @@ def prepare(
                 # Its own fault (data no template or encoding can take): it
                 # fails alone, with a reason, and the batch goes on.
                 reason = scrub(f"cannot be prepared: {type(exc).__name__}: {exc}", personal)
-                _mark(
-                    session,
-                    message.id,
-                    status=MessageStatus.FAILED,
-                    last_error=reason,
-                    lease_until=None,
-                )
-                outcomes[message.id] = MessageStatus.FAILED
+                outcomes[message.id] = _settle(session, message.id, MessageStatus.FAILED, reason)
                 log.error("email_unpreparable", message_id=message.id, error=type(exc).__name__)
                 continue
             ready.append(
@@ -322,6 +308,12 @@ def _advance(sent: int | None, sending: Ready | None, now: datetime) -> bool:
             ).scalars()
         )
     return sending is None or sending.message_id in changed
+
+
+def _settle(session: Session, message_id: int, status: MessageStatus, reason: str) -> str:
+    """A claimed email that will not be sent: its status and why."""
+    _mark(session, message_id, status=status, last_error=reason, lease_until=None)
+    return status
 
 
 def _mark(session: Session, message_id: int, **values: Any) -> None:

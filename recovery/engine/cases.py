@@ -279,15 +279,8 @@ _DECLINE_COLUMNS = (
 
 
 def _failure(details: stripe_api.DeclineDetails, action_required: bool) -> Failure:
-    return Failure(
-        decline_code=details.decline_code,
-        failure_code=details.failure_code,
-        advice_code=details.advice_code,
-        network_advice_code=details.network_advice_code,
-        network_decline_code=details.network_decline_code,
-        card_brand=details.card_brand,
-        needs_authentication=action_required or details.decline_code == "authentication_required",
-    )
+    needs = action_required or details.decline_code == "authentication_required"
+    return planner.failure_of(details, needs_authentication=needs)
 
 
 def record_decline(

@@ -35,6 +35,7 @@ from recovery.models import (
     StepKind,
     StepOrigin,
 )
+from recovery.stripe_api import DeclineDetails
 
 log = structlog.get_logger("recovery.planner")
 
@@ -48,7 +49,14 @@ def plan_for(category: Category | str, settings: Settings) -> plans.Plan:
     return _plans(settings.plans_file)[Category(category)]
 
 
-def failure_of(case: RecoveryCase) -> Failure:
+def failure_of(
+    case: RecoveryCase | DeclineDetails, needs_authentication: bool | None = None
+) -> Failure:
+    """The failure a case (or a decline Stripe reported) describes; the
+    classifier reads it. A reported decline needs the customer when Stripe
+    says so (`needs_authentication`) or its code does."""
+    if needs_authentication is None:
+        needs_authentication = isinstance(case, RecoveryCase) and case.needs_authentication
     return Failure(
         decline_code=case.decline_code,
         failure_code=case.failure_code,
@@ -56,7 +64,7 @@ def failure_of(case: RecoveryCase) -> Failure:
         network_advice_code=case.network_advice_code,
         network_decline_code=case.network_decline_code,
         card_brand=case.card_brand,
-        needs_authentication=case.needs_authentication,
+        needs_authentication=needs_authentication,
     )
 
 

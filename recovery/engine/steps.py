@@ -423,13 +423,7 @@ def finish(session: Session, step: Step, now: datetime, outcome: str, **fields: 
     """Mark the step done with its outcome, if this claim still holds it."""
     done = rows_changed(
         session.execute(
-            update(RecoveryAttempt)
-            .where(
-                RecoveryAttempt.id == step.id,
-                RecoveryAttempt.claims == step.claim,
-                RecoveryAttempt.status == StepStatus.EXECUTING,
-            )
-            .values(status=StepStatus.DONE, outcome=outcome, executed_at=now, **fields)
+            _held(step).values(status=StepStatus.DONE, outcome=outcome, executed_at=now, **fields)
         )
     )
     if not done:
@@ -440,14 +434,15 @@ def finish(session: Session, step: Step, now: datetime, outcome: str, **fields: 
 def renew(session: Session, step: Step, until: datetime) -> None:
     """Extend this claim's lease, right before a call that must not be repeated
     by another worker while it may still be open."""
-    session.execute(
-        update(RecoveryAttempt)
-        .where(
-            RecoveryAttempt.id == step.id,
-            RecoveryAttempt.claims == step.claim,
-            RecoveryAttempt.status == StepStatus.EXECUTING,
-        )
-        .values(lease_until=until)
+    session.execute(_held(step).values(lease_until=until))
+
+
+def _held(step: Step) -> Update:
+    """An update of the step's row while this claim still executes it."""
+    return update(RecoveryAttempt).where(
+        RecoveryAttempt.id == step.id,
+        RecoveryAttempt.claims == step.claim,
+        RecoveryAttempt.status == StepStatus.EXECUTING,
     )
 
 
