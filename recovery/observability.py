@@ -38,7 +38,9 @@ _SAFE_KEYS = frozenset({"event", "event_type", "logger", "level", "timestamp"})
 
 
 def scrub_text(text: str) -> str:
-    return _SENSITIVE_VALUE.sub(REDACTED, text)
+    # A NUL cannot be stored in a PostgreSQL text column: an error quoting
+    # one would never be recorded, and its event never end.
+    return _SENSITIVE_VALUE.sub(REDACTED, text).replace("\x00", "\\x00")
 
 
 def scrub(value: Any, key: str | None = None) -> Any:

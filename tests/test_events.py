@@ -245,3 +245,27 @@ def test_a_claim_whose_worker_died_is_taken_again_after_its_lease(event_stack):
     assert event_stack.drain(now) == {}
     later = now + relay.LEASE + timedelta(seconds=1)
     assert event_stack.drain(later) == {row_id: "ignored"}
+
+
+def test_an_error_quoting_a_nul_is_recorded_and_the_event_ends_failed(receiver):
+    """Whatever an event holds, it ends: a handler's error naming a NUL byte
+    is stored (as the text \\x00) and the event fails after its last attempt."""
+    event = stripe_event("invoice.payment_failed", invoice_object())
+    assert post_event(receiver, event)[0] == 200
+    with session_scope() as session:
+        event_id = session.scalars(
+            select(WebhookEvent.id).where(WebhookEvent.stripe_event_id == event["id"])
+        ).one()
+
+    def poisoned(session, payload, now, settings):
+        raise ValueError("field held 'a\x00b'")
+
+    settings = get_settings()
+    moment = datetime.now(UTC)
+    for _ in range(settings.event_max_attempts):
+        moment += timedelta(hours=1)  # past each backoff
+        relay.process_event(event_id, moment, settings, poisoned)
+    with session_scope() as session:
+        row = session.get(WebhookEvent, event_id)
+        assert row.status == "failed" and row.attempts == settings.event_max_attempts
+        assert "a\\x00b" in row.last_error
