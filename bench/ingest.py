@@ -116,7 +116,7 @@ def _both(args, db_url: str) -> tuple[dict, dict]:
         args.events,
         args.workers,
         args.concurrency,
-        ["--worker-class", "uvicorn_worker.UvicornWorker"],
+        ["--worker-class", "recovery.serving.Worker"],
     )
     naive = run_receiver(
         "naive (Flask, construct_event, ORM, delay())",

@@ -59,7 +59,7 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
             "gunicorn",
             "recovery.asgi:app",
             "--worker-class",
-            "uvicorn_worker.UvicornWorker",
+            "recovery.serving.Worker",
             "--bind",
             f"{host}:{port}",
             "--workers",

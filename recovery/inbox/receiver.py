@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -26,7 +27,7 @@ import orjson
 import structlog
 from psycopg2.extras import execute_values
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from recovery import clock
 from recovery.config import Settings
@@ -103,6 +104,39 @@ class ParsedEvent:
     created: datetime
 
 
+# What the inbox stores of an event's envelope, checked before storing: a
+# value PostgreSQL would refuse (a NUL, an over-long text, a date past 9999)
+# would otherwise fail the request, and every request sharing its commit.
+_EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")
+_EVENT_TYPE = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+){0,7}")
+_ACCOUNT = re.compile(r"acct_[A-Za-z0-9]{1,250}")
+_API_VERSION = re.compile(r"[0-9A-Za-z._-]{1,64}")
+LAST_CREATED = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetime holds
+# Stripe's objects nest a handful of levels; the workers' JSON parser gives
+# out near a thousand.
+MAX_DEPTH = 64
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return False
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return True
+
+
+def _field(body: dict, name: str, pattern: re.Pattern[str], optional: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise WebhookRejected(f"event field {name!r} is missing or malformed")
+    return value
+
+
 def parse_event(payload: bytes) -> ParsedEvent:
     """Check that a verified body is a Stripe event; raise WebhookRejected if not."""
     try:
@@ -112,30 +146,26 @@ def parse_event(payload: bytes) -> ParsedEvent:
         raise WebhookRejected("body is not valid JSON") from None
     if not isinstance(body, dict) or body.get("object") != "event":
         raise WebhookRejected("body is not a Stripe event")
-    event_id, event_type, created = body.get("id"), body.get("type"), body.get("created")
-    data = body.get("data")
-    if (
-        not isinstance(event_id, str)
-        or not event_id.startswith("evt_")
-        or len(event_id) > 255
-        or not isinstance(event_type, str)
-        or not event_type
-        or len(event_type) > 255
-        or not isinstance(created, int)
-        or isinstance(created, bool)
-        or not isinstance(body.get("livemode"), bool)
-        or not isinstance(data, dict)
-        or not isinstance(data.get("object"), dict)
-    ):
-        raise WebhookRejected("body is not a Stripe event")
-    account = body.get("account")
-    api_version = body.get("api_version")
+    if not _depth_within(body, MAX_DEPTH):
+        raise WebhookRejected(f"event nested deeper than {MAX_DEPTH} levels")
+    event_id = _field(body, "id", _EVENT_ID)
+    event_type = _field(body, "type", _EVENT_TYPE)
+    account = _field(body, "account", _ACCOUNT, optional=True)
+    api_version = _field(body, "api_version", _API_VERSION, optional=True)
+    created, livemode, data = body.get("created"), body.get("livemode"), body.get("data")
+    if type(created) is not int or not 0 <= created <= LAST_CREATED:  # a bool is no time
+        raise WebhookRejected("event field 'created' is not a time in seconds")
+    if not isinstance(livemode, bool):
+        raise WebhookRejected("event field 'livemode' is not true or false")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise WebhookRejected("event has no data.object")
+    assert event_id is not None and event_type is not None  # not optional above
     return ParsedEvent(
         id=event_id,
         type=event_type,
-        account=account if isinstance(account, str) else None,
-        livemode=body["livemode"],
-        api_version=api_version if isinstance(api_version, str) else None,
+        account=account,
+        livemode=livemode,
+        api_version=api_version,
         created=datetime.fromtimestamp(created, UTC),
     )
 
@@ -228,6 +258,10 @@ class InboxWriter:
                 else:
                     inserted = insert_ignore_returning(conn, WebhookEvent, rows, "stripe_event_id")
         except Exception as exc:  # noqa: BLE001 - every waiting request answers 503
+            if len(rows) > 1 and not _database_unreachable(exc):
+                # One row the database refuses must not fail the others that
+                # happened to share its commit: each is written on its own.
+                return [outcome for row in rows for outcome in self._write([row])]
             return [exc] * len(rows)
         outcomes: list[bool | Exception] = []
         for row in rows:
@@ -236,6 +270,14 @@ class InboxWriter:
             outcomes.append(key in inserted)
             inserted.discard(key)
         return outcomes
+
+
+def _database_unreachable(exc: Exception) -> bool:
+    """The database, not a row, is the problem: retrying row by row would only
+    multiply the wait."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, TimeoutError | OSError)
 
 
 def _settle(settled: list[tuple[asyncio.Future, bool | Exception]]) -> None:
@@ -314,11 +356,10 @@ async def read_body(scope: dict, receive: Receive) -> bytes:
     """The request body, refusing more than 1 MiB whether or not a length was sent."""
     declared = _header(scope, b"content-length")
     if declared is not None:
-        try:
-            if int(declared) > MAX_BODY_BYTES:
-                raise WebhookRejected("body larger than 1 MiB", 413)
-        except ValueError:
-            raise WebhookRejected("invalid Content-Length", 400) from None
+        if not declared.isdigit():
+            raise WebhookRejected("invalid Content-Length", 400)
+        if int(declared) > MAX_BODY_BYTES:
+            raise WebhookRejected("body larger than 1 MiB", 413)
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -333,8 +374,15 @@ async def read_body(scope: dict, receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+def _require_json(scope: dict) -> None:
+    media_type = (_header(scope, b"content-type") or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise WebhookRejected("Content-Type must be application/json", 415)
+
+
 async def receive_webhook(scope, receive, send, settings: Settings, writer: InboxWriter):
     try:
+        _require_json(scope)
         payload = await read_body(scope, receive)
         verify_signature(
             payload,

@@ -82,9 +82,25 @@ def relay(publish: Callable[[list[int]], None], now: datetime, batch_size: int) 
     return len(sent)
 
 
-def _claim(event_id: int, now: datetime) -> int | None:
+def _claim(event_id: int, now: datetime, settings: Settings) -> int | None:
     """Take the event for this worker; returns the attempt number, or None."""
     with session_scope() as session:
+        # A claim that outlived its lease on the last try (its worker died, or
+        # the event kills whatever handles it) ends here, not in another try.
+        session.execute(
+            update(WebhookEvent)
+            .where(
+                WebhookEvent.id == event_id,
+                WebhookEvent.status == EventStatus.PROCESSING,
+                WebhookEvent.available_at <= now,
+                WebhookEvent.attempts >= settings.event_max_attempts,
+            )
+            .values(
+                status=EventStatus.FAILED,
+                last_error="the last try did not finish within its lease",
+                enqueued_at=None,
+            )
+        )
         claimed = session.execute(
             update(WebhookEvent)
             .where(
@@ -111,7 +127,7 @@ def _describe(exc: BaseException) -> str:
 
 def process_event(event_id: int, now: datetime, settings: Settings, handle: Handler) -> str | None:
     """Process one inbox event; returns its new status, or None if not ours to do."""
-    attempt = _claim(event_id, now)
+    attempt = _claim(event_id, now, settings)
     if attempt is None:
         return None
     structlog.contextvars.bind_contextvars(inbox_id=event_id)
@@ -166,7 +182,17 @@ def _record_failure(
 def process_events(
     ids: Sequence[int], now: datetime, settings: Settings, handle: Handler
 ) -> dict[int, str | None]:
-    return {event_id: process_event(event_id, now, settings, handle) for event_id in ids}
+    """Process a batch; one event that cannot even record its failure leaves
+    the others unharmed (it stays claimed until its lease runs out, and fails
+    for good when that was its last try)."""
+    outcomes: dict[int, str | None] = {}
+    for event_id in ids:
+        try:
+            outcomes[event_id] = process_event(event_id, now, settings, handle)
+        except Exception as exc:  # noqa: BLE001 - the rest of the batch goes on
+            log.error("event_unrecorded", inbox_id=event_id, error=type(exc).__name__)
+            outcomes[event_id] = None
+    return outcomes
 
 
 def replay(event_ids: Sequence[int], now: datetime) -> int:

@@ -15,6 +15,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import uvicorn
 
+from recovery.serving import uvicorn_config
+
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
@@ -34,9 +36,7 @@ def serve_wsgi(app, host: str, port: int) -> WSGIServer:
 
 
 def asgi_server(app) -> uvicorn.Server:
-    # No access log: request lines would carry link tokens; the app logs what matters.
-    config = uvicorn.Config(app, access_log=False, log_level="warning", lifespan="on")
-    return uvicorn.Server(config)
+    return uvicorn.Server(uvicorn_config(app))
 
 
 def serve_asgi(app, host: str, port: int) -> None:

@@ -1,0 +1,115 @@
+"""How the web app is served: uvicorn's HTTP protocol with limits on the
+request head, under gunicorn in production (`Worker`) and alone in process
+for the embedded default and tests (`uvicorn_config`).
+
+uvicorn's httptools protocol takes a request head of any size: one 64 MiB
+header grows a web worker by hundreds of MiB and holds it for seconds, and ten
+thousand headers are handed to the app. Here a head is refused with 431 once
+it passes MAX_HEAD_BYTES or MAX_HEADERS, before the app sees it and while it
+is still arriving; a request the parser refuses gets a JSON 400, like every
+other refusal of the receiver.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn_worker import UvicornWorker
+
+# A Stripe delivery's head is well under 2 KiB; a browser's with cookies a few
+# KiB. gunicorn and nginx draw their lines at 100 headers and 8-32 KiB.
+MAX_HEAD_BYTES = 32 * 1024
+MAX_HEADERS = 100
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """httptools' protocol, refusing an oversized request head with 431."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_open = True
+        self._head_size = 0  # bytes read while the head is open
+        self._parsed_head = 0  # bytes of the head the parser has named
+        self._refusal: tuple[int, str] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return
+        if self._head_open:
+            # httptools gathers a header's value before naming it to us, so
+            # what is still arriving is counted here.
+            self._head_size += len(data)
+        super().data_received(data)
+        if self._head_open and self._head_size > MAX_HEAD_BYTES and self._refusal is None:
+            self._refuse(431, "request head too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_open = True
+        self._head_size = 0
+        self._parsed_head = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        if len(self.headers) >= MAX_HEADERS:
+            self._refusal = (431, f"more than {MAX_HEADERS} request headers")
+            raise _HeadTooLarge
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        super().on_headers_complete()
+
+    def _count(self, size: int) -> None:
+        # Exact sizes once parsed: a head that arrived in one read is caught here.
+        self._parsed_head += size
+        if self._parsed_head > MAX_HEAD_BYTES:
+            self._refusal = (431, "request head too large")
+            raise _HeadTooLarge
+
+    def send_400_response(self, msg: str) -> None:
+        # The parser refused the request (or a callback above did): answer in
+        # JSON, with the status the refusal asked for.
+        status, reason = self._refusal or (400, "malformed HTTP request")
+        self._refusal = None
+        self._refuse(status, reason)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self._refusal = (status, reason)
+        body = json.dumps({"error": reason}).encode()
+        self.transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: " + str(len(body)).encode() + b"\r\n",
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
+        self.transport.close()
+
+
+class Worker(UvicornWorker):
+    """gunicorn's worker class for the web app: `-k recovery.serving.Worker`."""
+
+    CONFIG_KWARGS = {"loop": "auto", "http": BoundedHttpProtocol}
+
+
+def uvicorn_config(app: Any) -> uvicorn.Config:
+    # No uvicorn access log: the app writes its own line, tokens redacted.
+    return uvicorn.Config(
+        app, access_log=False, log_level="warning", lifespan="on", http=BoundedHttpProtocol
+    )
