@@ -53,6 +53,7 @@ class Settings:
     webhook_tolerance_seconds: int
     event_max_attempts: int
     relay_batch_size: int
+    database_statement_timeout_ms: int = 30_000
     # The engine (see engine/).
     recovery_mode: str = "auto"
     plans_file: str | None = None
@@ -221,6 +222,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         webhook_tolerance_seconds=_int(env, "WEBHOOK_TOLERANCE_SECONDS", 300, 1, 3600),
         event_max_attempts=_int(env, "EVENT_MAX_ATTEMPTS", 8, 1, 100),
         relay_batch_size=_int(env, "RELAY_BATCH_SIZE", 200, 1, 10_000),
+        database_statement_timeout_ms=_int(
+            env, "DATABASE_STATEMENT_TIMEOUT_MS", 30_000, 0, 3_600_000
+        ),
         recovery_mode=_choice(env, "RECOVERY_MODE", RECOVERY_MODES, "auto"),
         plans_file=env.get("RECOVERY_PLANS_FILE", "").strip() or None,
         stripe_write_rate=float(_int(env, "STRIPE_WRITE_RATE", 20, 1, 10_000)),

@@ -29,13 +29,17 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+CONNECT_TIMEOUT_SECONDS = 2  # libpq's least
+TCP_USER_TIMEOUT_MS = 5000
+
+
+def make_engine(url: str, statement_timeout_ms: int | None = None) -> Engine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -53,22 +57,41 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # connect_timeout keeps a request from hanging on an unreachable database,
-    # so the receiver can answer 503 and Stripe retries.
-    # No pool_pre_ping: it costs a round trip per request on the receiver's
-    # hot path; a connection broken by a database restart fails one request
+    # A database that stops answering (a partition, not a refused connection)
+    # must fail a request in seconds, not hang it: libpq gives up connecting
+    # after CONNECT_TIMEOUT, and the kernel drops a connection whose sent
+    # bytes go unacknowledged for TCP_USER_TIMEOUT or whose keepalives go
+    # unanswered; the server ends a statement after statement_timeout (a lock
+    # wait). Callers on a deadline (the receiver, /readyz) also bound their
+    # own wait. No pool_pre_ping: it costs a round trip per request on the
+    # receiver's hot path; a connection broken by a restart fails one request
     # (503, Stripe retries) and SQLAlchemy then drops the whole stale pool.
+    connect_args: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 2,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+    }
+    if statement_timeout_ms:
+        connect_args["options"] = f"-c statement_timeout={statement_timeout_ms}"
     return create_engine(
         url,
         pool_size=5,
         max_overflow=5,
-        connect_args={"connect_timeout": 3},
+        pool_timeout=CONNECT_TIMEOUT_SECONDS,
+        # An error's message never carries a row's values (card fingerprints,
+        # emails) into a log line or a Sentry event.
+        hide_parameters=True,
+        connect_args=connect_args,
     )
 
 
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
-    return make_engine(get_settings().database_url)
+    settings = get_settings()
+    return make_engine(settings.database_url, settings.database_statement_timeout_ms)
 
 
 @lru_cache(maxsize=1)

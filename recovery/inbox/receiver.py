@@ -201,8 +201,10 @@ def inbox_row(event: ParsedEvent, payload: bytes, now: datetime) -> dict[str, An
 # per request.
 
 MAX_BATCH = 200
-# How long a request waits for its commit before answering 503.
-WAIT_SECONDS = 10
+# How long a request waits for its commit before answering 503: a stalled
+# database is a quick 503 (Stripe retries), not a held connection. A commit
+# that lands after the 503 only makes Stripe's retry a duplicate.
+WAIT_SECONDS = 1.5
 
 Pending = tuple[dict[str, Any], asyncio.AbstractEventLoop, "asyncio.Future[bool]"]
 
