@@ -1,13 +1,15 @@
-"""The WSGI entry point for gunicorn: `gunicorn recovery.wsgi:app`."""
+"""The ASGI entry point for gunicorn: `gunicorn -k recovery.serving.Worker recovery.asgi:app`."""
 
 import sys
 
+from recovery import preflight
 from recovery.config import ConfigError, get_settings
 from recovery.observability import configure
 from recovery.web import make_app
 
 try:
     settings = get_settings()
+    preflight.check(settings)
 except ConfigError as exc:
     print(f"configuration error: {exc}", file=sys.stderr)
     sys.exit(2)

@@ -7,6 +7,7 @@ the WSGI entry point print that line and exit, without a traceback.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -200,7 +201,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if any(not s.startswith("whsec_") for s in secrets):
         raise ConfigError("STRIPE_WEBHOOK_SECRET must hold whsec_… values, comma-separated")
 
-    return Settings(
+    settings = Settings(
         env=environment,
         database_url=_url(
             env, "DATABASE_URL", "sqlite:///var/recovery.sqlite3", ("sqlite", "postgresql")
@@ -249,6 +250,62 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         templates_dir=_directory(env, "TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
     )
+    if production:
+        _production_checks(settings)
+    return settings
+
+
+# What production takes for a Stripe key and a signing secret: the shapes
+# Stripe issues (a key's random part is 24 characters or more, a secret's 32).
+_STRIPE_KEY = re.compile(r"(sk|rk)_(live|test)_[0-9A-Za-z]{20,}")
+_WEBHOOK_SECRET = re.compile(r"whsec_[0-9A-Za-z+/=]{24,}")
+# Words that mark a value as a placeholder someone forgot to fill in.
+_PLACEHOLDER = re.compile(r"replace|change_?me|your_|example|placeholder|xxxx|dummy", re.I)
+# Names reserved for documentation (RFC 2606, RFC 6761): never a real service.
+_RESERVED_HOSTS = re.compile(
+    r"(^|\.)(example\.(com|net|org)|example|test|invalid|localhost)$|^127\.|^0\.0\.0\.0$|^::1$"
+)
+
+
+def _production_checks(settings: Settings) -> None:
+    """Production runs on real credentials and real servers only: a
+    development default, a placeholder from .env.example or a malformed key
+    stops the process with the variable's name."""
+    key = settings.stripe_api_key
+    if key == DEV_STRIPE_API_KEY or _PLACEHOLDER.search(key) or not _STRIPE_KEY.fullmatch(key):
+        raise ConfigError(
+            "STRIPE_API_KEY is a placeholder, the development key or not a Stripe key "
+            "(sk_live_… / rk_live_… from the Dashboard) while RECOVERY_ENV=production"
+        )
+    for secret in settings.stripe_webhook_secrets:
+        if (
+            secret == DEV_WEBHOOK_SECRET
+            or _PLACEHOLDER.search(secret)
+            or not _WEBHOOK_SECRET.fullmatch(secret)
+        ):
+            raise ConfigError(
+                "STRIPE_WEBHOOK_SECRET holds a placeholder, the public development "
+                "secret or a malformed value (whsec_… from the webhook endpoint) "
+                "while RECOVERY_ENV=production"
+            )
+    if not settings.smtp_host:
+        raise ConfigError(
+            "SMTP_HOST is required when RECOVERY_ENV=production (without it emails "
+            "would only be written to files)"
+        )
+    public = urlsplit(settings.public_base_url)
+    if public.scheme != "https" or _RESERVED_HOSTS.search((public.hostname or "").lower()):
+        raise ConfigError(
+            "PUBLIC_BASE_URL must be the https address customers reach this service "
+            f"at when RECOVERY_ENV=production (got {public.scheme}://{public.hostname})"
+        )
+    for name, address in (
+        ("EMAIL_FROM", settings.email_from),
+        ("BRAND_SUPPORT_EMAIL", settings.brand_support_email),
+    ):
+        domain = address.rsplit("<", 1)[-1].rstrip(">").rpartition("@")[2].lower()
+        if _RESERVED_HOSTS.search(domain):
+            raise ConfigError(f"{name} is still a placeholder address ({domain})")
 
 
 @lru_cache(maxsize=1)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import runpy
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from recovery import clock
-from recovery.config import get_settings
+from recovery import clock, preflight
+from recovery.config import ConfigError, get_settings
 from recovery.customers import delivery, outbox
 from recovery.db import reset_engine
 from recovery.engine import scheduler, steps
@@ -33,6 +34,12 @@ def load_beat_schedule(path: Path = BEAT_SCHEDULE_FILE) -> dict[str, Any]:
 
 def make_celery() -> Celery:
     settings = get_settings()
+    try:
+        # `celery -A recovery` starts here without the CLI's own check.
+        preflight.check(settings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
     app = Celery("recovery", broker=settings.broker_url)
     app.conf.update(
         task_serializer="json",

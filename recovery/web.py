@@ -59,7 +59,7 @@ _PAGE_HEADERS = [
         b"form-action 'self'; frame-ancestors 'none'",
     ),
 ]
-_TITLES = {
+PAGE_TITLES = {
     "link_invalid": "This link has expired",
     "all_set": "You are all set",
     "card_saved": "Thank you, your card is saved",
@@ -86,7 +86,7 @@ def render_page(name: str, settings: Settings, **values: Any) -> bytes:
         "accent": settings.brand_accent_color,
     }
     page = _pages(settings.templates_dir).get_template(f"{name}.html")
-    return page.render(title=_TITLES[name], brand=brand, **values).encode()
+    return page.render(title=PAGE_TITLES[name], brand=brand, **values).encode()
 
 
 class ClientLimiter:

@@ -59,19 +59,65 @@ def test_bad_values_name_the_variable(env, message):
         load_settings(env)
 
 
-def test_production_refuses_to_start_without_secrets():
-    with pytest.raises(ConfigError, match="STRIPE_API_KEY is required"):
-        load_settings({"RECOVERY_ENV": "production"})
-    with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_SECRET is required"):
-        load_settings({"RECOVERY_ENV": "production", "STRIPE_API_KEY": "sk_live_abc"})
-    settings = load_settings(
-        {
-            "RECOVERY_ENV": "production",
-            "STRIPE_API_KEY": "sk_live_abc",
-            "STRIPE_WEBHOOK_SECRET": "whsec_abc",
-        }
-    )
+# A production environment that passes every check; each case below spoils one value.
+PRODUCTION = {
+    "RECOVERY_ENV": "production",
+    "STRIPE_API_KEY": "sk_live_51HqLyjWDarjtT1zdp7dcXW2kB3mN8qR4sT6vY9zA",
+    "STRIPE_WEBHOOK_SECRET": "whsec_8Kq2mZpL4vXr7TnB1cYw9HsD3fGj6QaE",
+    "SMTP_HOST": "smtp.postmark-relay.net",
+    "PUBLIC_BASE_URL": "https://billing.acme-shop.io",
+    "EMAIL_FROM": "Acme Billing <billing@acme-shop.io>",
+    "BRAND_SUPPORT_EMAIL": "help@acme-shop.io",
+}
+
+
+def test_a_production_environment_with_real_values_starts():
+    settings = load_settings(PRODUCTION)
     assert settings.stripe_livemode and settings.log_format == "json"
+
+
+@pytest.mark.parametrize(
+    ("spoiled", "variable"),
+    [
+        ({"STRIPE_API_KEY": ""}, "STRIPE_API_KEY is required"),
+        ({"STRIPE_WEBHOOK_SECRET": ""}, "STRIPE_WEBHOOK_SECRET is required"),
+        ({"STRIPE_API_KEY": "sk_live_"}, "STRIPE_API_KEY"),
+        ({"STRIPE_API_KEY": "sk_live_replace_me"}, "STRIPE_API_KEY"),
+        ({"STRIPE_API_KEY": "sk_test_recovery_development"}, "STRIPE_API_KEY"),
+        ({"STRIPE_API_KEY": "sk_live_replaceMeWithYourOwnKeyPlease"}, "STRIPE_API_KEY"),
+        ({"STRIPE_WEBHOOK_SECRET": "whsec_"}, "STRIPE_WEBHOOK_SECRET"),
+        ({"STRIPE_WEBHOOK_SECRET": "whsec_a"}, "STRIPE_WEBHOOK_SECRET"),
+        ({"STRIPE_WEBHOOK_SECRET": "whsec_replace_me"}, "STRIPE_WEBHOOK_SECRET"),
+        ({"STRIPE_WEBHOOK_SECRET": "whsec_recovery_development"}, "STRIPE_WEBHOOK_SECRET"),
+        (
+            {"STRIPE_WEBHOOK_SECRET": "whsec_8Kq2mZpL4vXr7TnB1cYw9HsD3fGj6QaE,whsec_a"},
+            "STRIPE_WEBHOOK_SECRET",
+        ),
+        ({"SMTP_HOST": ""}, "SMTP_HOST is required"),
+        ({"PUBLIC_BASE_URL": ""}, "PUBLIC_BASE_URL"),
+        ({"PUBLIC_BASE_URL": "http://billing.acme-shop.io"}, "PUBLIC_BASE_URL"),
+        ({"PUBLIC_BASE_URL": "https://billing.example.com"}, "PUBLIC_BASE_URL"),
+        ({"PUBLIC_BASE_URL": "https://localhost:8000"}, "PUBLIC_BASE_URL"),
+        ({"EMAIL_FROM": ""}, "EMAIL_FROM"),
+        ({"BRAND_SUPPORT_EMAIL": "support@example.com"}, "BRAND_SUPPORT_EMAIL"),
+    ],
+)
+def test_production_refuses_placeholders_development_defaults_and_malformed_values(
+    spoiled, variable
+):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({**PRODUCTION, **spoiled})
+
+
+def test_the_env_example_as_shipped_does_not_start_in_production():
+    shipped = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            shipped[name] = value
+    assert shipped["RECOVERY_ENV"] == "production"
+    with pytest.raises(ConfigError):
+        load_settings(shipped)
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -103,3 +149,41 @@ def test_production_process_refuses_to_start():
     result = run_cli("serve", RECOVERY_ENV="production")
     assert result.returncode == 2
     assert "STRIPE_API_KEY is required" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_production_with_the_development_secret_does_not_start():
+    result = run_cli(
+        "serve", **{**PRODUCTION, "STRIPE_WEBHOOK_SECRET": "whsec_recovery_development"}
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "STRIPE_WEBHOOK_SECRET" in result.stderr and "whsec_recovery" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("plans", "message"),
+    [
+        ("[retry\nretry_days = [1", "RECOVERY_PLANS_FILE"),
+        ('[retry]\nretry_days = ["soon"]', "RECOVERY_PLANS_FILE"),
+        ('[retry]\nemails = [{template = "payment_failed"}]', "RECOVERY_PLANS_FILE"),
+        ('[retry]\nemails = [{day = 1, template = "hello"}]', "emails that do not exist: hello"),
+        ("[nonsense]\nmax_tries = 2", "unknown plan"),
+    ],
+)
+def test_a_bad_plans_file_stops_every_process_at_start(tmp_path, plans, message):
+    path = tmp_path / "plans.toml"
+    path.write_text(plans)
+    result = run_cli("events", "list", RECOVERY_PLANS_FILE=str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("configuration error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_templates_dir_missing_a_template_stops_every_process_at_start(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    (tmp_path / "templates" / "emails" / "final_notice" / "body.txt").unlink()
+    result = run_cli("events", "list", TEMPLATES_DIR=str(tmp_path / "templates"))
+    assert result.returncode == 2
+    assert "TEMPLATES_DIR" in result.stderr and "final_notice/body.txt" in result.stderr

@@ -8,6 +8,7 @@ import sys
 import click
 from sqlalchemy.exc import DBAPIError
 
+from recovery import preflight
 from recovery.cli import cases, customers, dev, figures, inbox, run
 from recovery.config import ConfigError, get_settings
 
@@ -46,7 +47,7 @@ def cli() -> None:
     (database, Stripe).
     """
     # Validate the whole configuration before any command does anything.
-    get_settings()
+    preflight.check(get_settings())
 
 
 for _group in (run, dev, cases, inbox, customers, figures):

@@ -149,7 +149,15 @@ def load_plans(path: str | Path | None) -> dict[Category, Plan]:
         except ValueError:
             known = ", ".join(c.value for c in Category)
             raise PlanFileError(f"{path}: unknown plan [{name}]; plans are: {known}") from None
-        plans[category] = _override(plans[category], values, f"{path} [{name}]")
+        where = f"{path} [{name}]"
+        if not isinstance(values, dict):
+            raise PlanFileError(f"{where}: a plan is a table of settings")
+        try:
+            plans[category] = _override(plans[category], values, where)
+        except (KeyError, TypeError, ValueError) as exc:
+            # A value of the wrong kind: a string where days go, an email
+            # without its day.
+            raise PlanFileError(f"{where}: a setting has the wrong form ({exc})") from None
     return plans
 
 
