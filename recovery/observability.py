@@ -12,9 +12,11 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import sentry_sdk
 import structlog
 from sentry_sdk.types import Event
 
+from recovery import __version__
 from recovery.config import Settings
 
 REDACTED = "[redacted]"
@@ -33,6 +35,9 @@ _SENSITIVE_VALUE = re.compile(
     r"|\bwhsec_[A-Za-z0-9_]+"  # webhook secrets
     r"|\bv1=[0-9a-f]{16,}"  # signatures
     r"|\b(?:\d[ -]?){13,19}\b"  # card numbers
+    # PostgreSQL quotes the row it refused (a fingerprint, an address) in
+    # its error's DETAIL line; SQLAlchemy's parameters are hidden at the engine.
+    r"|(?<=DETAIL:)[^\n]*"
 )
 _SAFE_KEYS = frozenset({"event", "event_type", "logger", "level", "timestamp"})
 
@@ -58,35 +63,126 @@ def scrub(value: Any, key: str | None = None) -> Any:
 def _scrub_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> Mapping[str, Any]:
-    return {k: scrub(v, k) for k, v in event_dict.items()}
+    # exc_info stays an exception for Sentry and the traceback formatter,
+    # which scrub what they make of it.
+    return {k: v if k == "exc_info" else scrub(v, k) for k, v in event_dict.items()}
+
+
+def _exception_of(exc_info: Any) -> BaseException | None:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple) and len(exc_info) == 3:
+        return exc_info[1]
+    if exc_info is True:
+        return sys.exc_info()[1]
+    return None
+
+
+_NOT_CONTEXT = frozenset({"exc_info", "_record", "_from_structlog"})
+
+
+def _to_sentry(
+    _logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Errors logged by us or by a library become Sentry events, once each,
+    with the line's (scrubbed) fields as context."""
+    level = str(event_dict.get("level", method)).lower()
+    if level not in ("error", "critical", "exception") or not sentry_sdk.get_client().is_active():
+        return event_dict
+    fields = {k: v for k, v in event_dict.items() if k not in _NOT_CONTEXT}
+    with sentry_sdk.new_scope() as scope:
+        scope.set_context("log", fields)
+        scope.set_tag("logger", str(fields.get("logger", "")))
+        exc = _exception_of(event_dict.get("exc_info"))
+        if exc is not None:
+            sentry_sdk.capture_exception(exc)
+        else:
+            sentry_sdk.capture_message(str(fields.get("event", "")), level="error")
+    return event_dict
+
+
+# Libraries whose records go through the same formatter as ours (they log
+# through the standard library); their own handlers are removed.
+_LIBRARY_LOGGERS = (
+    "celery",
+    "celery.app.trace",
+    "celery.worker",
+    "celery.redirected",
+    "kombu",
+    "gunicorn.error",
+    "gunicorn.access",
+    "uvicorn",
+    "uvicorn.error",
+    "stripe",
+    "sqlalchemy",
+    "alembic",
+    "py.warnings",
+)
 
 
 def configure_logging(settings: Settings, stream=None) -> None:
+    """One configuration for the process: structlog's lines and every
+    library's records leave through one handler, scrubbed, as JSON in
+    production (console lines in development)."""
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if settings.log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    stamped: list[Any] = [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _scrub_processor,
-            renderer,
+            structlog.stdlib.filter_by_level,
+            *stamped,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelName(settings.log_level)
-        ),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=settings.log_level, stream=stream or sys.stderr, force=True)
-    # Beat announces every send, and the inbox sweep runs every second: at
-    # INFO that drowns everything else. DEBUG still shows it.
-    beat_level = logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING
-    logging.getLogger("celery.beat").setLevel(beat_level)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*stamped, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _scrub_processor,
+            _to_sentry,
+            structlog.processors.format_exc_info,
+            _scrub_processor,  # the traceback's text, now that there is one
+            renderer,
+        ],
+    )
+    # Python's warnings (Celery's, the SDKs') are records like any other.
+    logging.captureWarnings(True)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers[:] = []
+        library.propagate = True
+    # uvicorn's access line holds the query string and the link token in the
+    # path; the app writes its own (web.with_access_log). uvicorn writes one
+    # whenever the logger has a handler anywhere up its tree.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers[:] = []
+    uvicorn_access.propagate = False
+    # SQLAlchemy and the Stripe SDK are chatty below WARNING (every statement,
+    # every request line); their warnings and errors still show.
+    for name in ("sqlalchemy", "stripe", "kombu"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # Beat announces every send and the worker every task received and done,
+    # and the inbox sweep runs every second: at INFO that drowns everything
+    # else. DEBUG still shows it; a task's failure is an error, always shown.
+    quiet = logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING
+    for name in ("celery.beat", "celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def sentry_before_send(event: Event, _hint: dict[str, Any]) -> Event | None:
@@ -105,19 +201,28 @@ def sentry_before_send(event: Event, _hint: dict[str, Any]) -> Event | None:
 
 
 def init_sentry(settings: Settings) -> bool:
+    """Start Sentry in this process (a forked worker child needs its own
+    client: the parent's sending thread does not survive the fork)."""
     if not settings.sentry_dsn:
         return False
-    import sentry_sdk
     from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
     from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.env,
-        send_default_pii=False,
+        release=f"recovery@{__version__}",
         include_local_variables=False,
         before_send=sentry_before_send,
-        integrations=[CeleryIntegration(), SqlalchemyIntegration()],
+        # Log records reach Sentry through _to_sentry, scrubbed like the log
+        # line; the integration would send them raw (and breadcrumbs too).
+        default_integrations=False,
+        integrations=[
+            CeleryIntegration(),
+            SqlalchemyIntegration(),
+            LoggingIntegration(level=None, event_level=None),
+        ],
     )
     return True
 

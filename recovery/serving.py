@@ -16,8 +16,12 @@ import json
 from typing import Any
 
 import uvicorn
+from gunicorn import glogging
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
+
+from recovery.config import get_settings
+from recovery.observability import configure_logging
 
 # A Stripe delivery's head is well under 2 KiB; a browser's with cookies a few
 # KiB. gunicorn and nginx draw their lines at 100 headers and 8-32 KiB.
@@ -105,7 +109,23 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 class Worker(UvicornWorker):
     """gunicorn's worker class for the web app: `-k recovery.serving.Worker`."""
 
-    CONFIG_KWARGS = {"loop": "auto", "http": BoundedHttpProtocol}
+    CONFIG_KWARGS = {"loop": "auto", "http": BoundedHttpProtocol, "access_log": False}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # UvicornWorker hands uvicorn's loggers gunicorn's handlers; ours
+        # is on the root (and uvicorn's access line stays off: see
+        # observability.configure_logging).
+        configure_logging(get_settings())
+
+
+class GunicornLogger(glogging.Logger):
+    """gunicorn's own records (boot, worker exits) through the process's one
+    logging configuration: `--logger-class recovery.serving.GunicornLogger`."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        configure_logging(get_settings())
 
 
 def uvicorn_config(app: Any) -> uvicorn.Config:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import setup_logging, worker_process_init
 
 from recovery import clock, preflight
 from recovery.config import ConfigError, get_settings
@@ -68,6 +68,9 @@ def make_celery() -> Celery:
         beat_schedule=load_beat_schedule(),
         beat_schedule_filename="var/celerybeat-state",
         worker_hijack_root_logger=False,
+        # Our handler writes to the real stderr; Celery's redirection would
+        # send it back through logging.
+        worker_redirect_stdouts=False,
     )
     return app
 
@@ -75,16 +78,19 @@ def make_celery() -> Celery:
 app = make_celery()
 
 
+@setup_logging.connect
+def _one_logging_configuration(**_kwargs: Any) -> None:
+    # Connected, this stops Celery from installing its own handlers: its
+    # records go through ours (scrubbed, JSON in production).
+    configure(get_settings())
+
+
 @worker_process_init.connect
 def _fresh_connections_after_fork(**_kwargs: Any) -> None:
     # A forked child must not share the parent's pooled database sockets.
+    # (Logging and Sentry, configured in the parent before the pool starts,
+    # carry over: Sentry restarts its sender in the child.)
     reset_engine()
-    configure(get_settings())
-
-
-@worker_ready.connect
-def _configure_solo_worker(**_kwargs: Any) -> None:
-    configure(get_settings())
 
 
 def _now() -> datetime:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
@@ -236,6 +237,44 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
+access_log = structlog.get_logger("recovery.access")
+# A link's path is its bearer token: never written down.
+_TOKEN_PATH = re.compile(r"^/([ru])/(?!card-saved$|not-saved$)[^/]*")
+
+
+def loggable_path(path: str) -> str:
+    return _TOKEN_PATH.sub(r"/\1/[redacted]", path)
+
+
+def with_access_log(app: Any) -> Any:
+    """One line per request, without query strings or link tokens."""
+
+    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500  # what the server answers when the app raises
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        finally:
+            access_log.info(
+                "request",
+                method=scope["method"],
+                path=loggable_path(scope["path"]),
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+
+    return logged
+
+
 def make_app(settings: Settings) -> Any:
     writer = InboxWriter(get_engine())
     customer_pages = make_links_app(settings)
@@ -261,4 +300,4 @@ def make_app(settings: Settings) -> Any:
             return await respond(send, 503, {"status": "database unavailable"})
         await respond(send, 404, {"error": "not found"})
 
-    return app
+    return with_access_log(app)

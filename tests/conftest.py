@@ -139,6 +139,17 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def flushed_redis(redis_url):
+    """The tests' own Redis database, empty before and after."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield redis_url
+    client.flushdb()
+
+
+@pytest.fixture
 def db(pg_url) -> Iterator[str]:
     """PostgreSQL with empty tables, configured as DATABASE_URL."""
     reload_settings(DATABASE_URL=pg_url, BROKER_URL="memory://")

@@ -14,7 +14,6 @@ import sys
 import time
 from datetime import UTC, datetime
 
-import pytest
 from celery import Celery
 from sqlalchemy import select, update
 
@@ -73,16 +72,6 @@ def stop(process: subprocess.Popen) -> str:
         process.kill()
         _, err = process.communicate()
     return err.decode(errors="replace")
-
-
-@pytest.fixture
-def flushed_redis(redis_url):
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield redis_url
-    client.flushdb()
 
 
 def test_signed_event_over_http_opens_case_then_late_failure_keeps_it_closed(

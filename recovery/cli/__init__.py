@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from recovery import preflight
 from recovery.cli import cases, customers, dev, figures, inbox, run
 from recovery.config import ConfigError, get_settings
+from recovery.observability import configure
 
 
 @click.group()
@@ -46,8 +47,11 @@ def cli() -> None:
     2 usage (bad arguments or configuration) · 3 a service is unavailable
     (database, Stripe).
     """
-    # Validate the whole configuration before any command does anything.
-    preflight.check(get_settings())
+    # Validate the whole configuration before any command does anything, and
+    # log through the one configuration (LOG_FORMAT, the scrubber, Sentry).
+    settings = get_settings()
+    preflight.check(settings)
+    configure(settings)
 
 
 for _group in (run, dev, cases, inbox, customers, figures):

@@ -9,7 +9,6 @@ import click
 
 from recovery.config import get_settings
 from recovery.db import upgrade
-from recovery.observability import configure
 from recovery.sim.servers import serve_asgi
 from recovery.web import make_app
 
@@ -47,7 +46,6 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
     """
     settings = get_settings()
     if dev:
-        configure(settings)
         click.echo(f"receiver on http://{host}:{port}/webhooks/stripe")
         serve_asgi(make_app(settings), host, port)
         return
@@ -64,10 +62,10 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
             f"{host}:{port}",
             "--workers",
             str(workers),
-            "--access-logfile",
-            "-",
-            "--access-logformat",
-            '%(h)s "%(m)s %(U)s" %(s)s %(M)sms',  # no query strings: links carry tokens
+            # gunicorn's records through our configuration; no access log of
+            # its own: the app writes one line per request, tokens redacted.
+            "--logger-class",
+            "recovery.serving.GunicornLogger",
         ],
     )
 
