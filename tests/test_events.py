@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -269,3 +270,21 @@ def test_an_error_quoting_a_nul_is_recorded_and_the_event_ends_failed(receiver):
         row = session.get(WebhookEvent, event_id)
         assert row.status == "failed" and row.attempts == settings.event_max_attempts
         assert "a\\x00b" in row.last_error
+
+
+def test_one_sweep_hands_out_the_whole_backlog(db):
+    """A backlog drains as fast as workers take it: one sweep publishes every
+    due event, page after page, not one page per beat."""
+    from recovery.inbox.receiver import inbox_row, parse_event
+
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        for _ in range(125):
+            payload = stripe_event("plan.created", {"id": "plan_1", "object": "plan"})
+            raw = json.dumps(payload).encode()
+            session.add(WebhookEvent(**inbox_row(parse_event(raw), raw, now)))
+    messages: list[list[int]] = []
+    assert relay.relay(messages.append, now, 10) == 125
+    assert len({i for message in messages for i in message}) == 125
+    assert max(len(message) for message in messages) <= relay.PUBLISH_CHUNK
+    assert relay.relay(messages.append, now, 10) == 0  # published: leased, not due

@@ -148,15 +148,11 @@ def run_pass(
     when `sync`, else handed to the publishers (Celery)."""
     now = clock.now()
     result = PassResult()
-    while True:
-        batch: list[int] = []
-        publish = batch.extend if sync or publish_events is None else publish_events
-        sent = relay.relay(publish, now, settings.relay_batch_size)
-        result.events += sent
-        if batch:
-            process_events(batch, now, settings)
-        if sent < settings.relay_batch_size:
-            break
+    batch: list[int] = []
+    publish = batch.extend if sync or publish_events is None else publish_events
+    result.events = relay.relay(publish, now, settings.relay_batch_size)
+    if batch:
+        process_events(batch, now, settings)
 
     def run_here(claims: list[steps.Claim]) -> None:
         for outcome in execute_all(claims, now, settings).values():

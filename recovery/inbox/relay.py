@@ -55,11 +55,29 @@ def _due(now: datetime) -> ColumnElement[bool]:
     )
 
 
-def relay(publish: Callable[[list[int]], None], now: datetime, batch_size: int) -> int:
-    """Publish the ids of due events, a chunk per message; returns how many."""
+def relay(publish: Callable[[list[int]], None], now: datetime, page_size: int) -> int:
+    """Publish the ids of every due event, a chunk per message, a page of rows
+    per transaction; returns how many. A sweep hands out the whole backlog,
+    so draining one (after a broker outage, a billing run) takes as long as
+    the workers need, not a beat period per page."""
+    total = 0
+    while True:
+        sent, more = _relay_page(publish, now, page_size)
+        total += sent
+        if not more:
+            break
+    if total:
+        log.info("relay_published", events=total)
+    return total
+
+
+def _relay_page(
+    publish: Callable[[list[int]], None], now: datetime, page_size: int
+) -> tuple[int, bool]:
+    """One page: how many were published, and whether to go on."""
     with session_scope() as session:
         query = select(WebhookEvent.id).where(_due(now)).order_by(WebhookEvent.id)
-        query = query.limit(batch_size)
+        query = query.limit(page_size)
         if dialect_of(session) == "postgresql":
             # Two relays (two beats) never publish the same rows at once.
             query = query.with_for_update(skip_locked=True)
@@ -74,12 +92,12 @@ def relay(publish: Callable[[list[int]], None], now: datetime, batch_size: int) 
                 break
             sent.extend(chunk)
         if sent:
+            # Published rows leave the due set until their lease runs out,
+            # which is what ends the loop above.
             session.execute(
                 update(WebhookEvent).where(WebhookEvent.id.in_(sent)).values(enqueued_at=now)
             )
-    if sent:
-        log.info("relay_published", events=len(sent))
-    return len(sent)
+    return len(sent), len(ids) == page_size and len(sent) == len(ids)
 
 
 def _claim(event_id: int, now: datetime, settings: Settings) -> int | None:
