@@ -15,6 +15,8 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from recovery.paths import shipped
+
 # The Stripe API version this code is written against; pinned so a change on
 # the account's default version cannot change the shapes we parse.
 DEFAULT_STRIPE_API_VERSION = "2026-10-28.endive"
@@ -25,7 +27,7 @@ DEV_STRIPE_API_KEY = "sk_test_recovery_development"
 DEV_WEBHOOK_SECRET = "whsec_recovery_development"  # noqa: S105 - development only
 
 # The emails, the customer pages and the report, beside the package.
-DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+DEFAULT_TEMPLATES_DIR = shipped("templates")
 
 ENVIRONMENTS = ("development", "production")
 LOG_FORMATS = ("json", "console")

@@ -19,11 +19,12 @@ from recovery.db import reset_engine
 from recovery.engine import scheduler, steps
 from recovery.inbox import relay
 from recovery.observability import configure
+from recovery.paths import shipped
 
 # Steps per execute message: one message costs ~350 µs to publish, and 50
 # steps at the default 20 Stripe writes/s still spread a backlog over workers.
 STEP_CHUNK = 50
-BEAT_SCHEDULE_FILE = Path(__file__).resolve().parent.parent / "celerybeat-schedule.py"
+BEAT_SCHEDULE_FILE = shipped("celerybeat-schedule.py")
 
 
 def load_beat_schedule(path: Path = BEAT_SCHEDULE_FILE) -> dict[str, Any]:
