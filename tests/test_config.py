@@ -187,3 +187,40 @@ def test_a_templates_dir_missing_a_template_stops_every_process_at_start(tmp_pat
     result = run_cli("events", "list", TEMPLATES_DIR=str(tmp_path / "templates"))
     assert result.returncode == 2
     assert "TEMPLATES_DIR" in result.stderr and "final_notice/body.txt" in result.stderr
+
+
+def _docker_ignores(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or a folder above it
+    decides; a pattern is anchored at the context's root, ** spans folders."""
+    import re
+
+    def matches(pattern: str, candidate: str) -> bool:
+        regex = ""
+        for part in re.split(r"(\*\*/|\*|\?)", pattern.strip("/")):
+            regex += {"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part))
+        parts = candidate.split("/")
+        return any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1))
+
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        if matches(pattern.lstrip("!"), path):
+            ignored = not negated
+    return ignored
+
+
+def test_the_image_never_holds_a_local_env_and_has_what_it_builds_from():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for secret in (".env", ".env.production", ".git/config", "var/recovery.sqlite3"):
+        assert _docker_ignores(secret, patterns), secret
+    needed = ["pyproject.toml", "setup.py", "README.md", "constraints.txt"]
+    needed += ["celerybeat-schedule.py", "recovery/web.py", "recovery/sim/fixtures.json"]
+    needed += ["migrations/env.py", "templates/emails/_base.html", ".env.example"]
+    for path in needed:
+        assert (ROOT / path).exists() and not _docker_ignores(path, patterns), path
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install" in dockerfile and " -e " not in dockerfile
