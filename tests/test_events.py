@@ -242,7 +242,7 @@ def test_a_claim_whose_worker_died_is_taken_again_after_its_lease(event_stack):
     now = datetime.now(UTC) + timedelta(seconds=1)
     with session_scope() as session:
         row_id = session.scalars(select(WebhookEvent.id)).one()
-    assert relay._claim(row_id, now, get_settings()) == 1  # a worker claims it, then dies
+    assert relay._claim([row_id], now, get_settings()) == {row_id: 1}  # then its worker dies
     assert event_stack.drain(now) == {}
     later = now + relay.LEASE + timedelta(seconds=1)
     assert event_stack.drain(later) == {row_id: "ignored"}

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from recovery import clock
@@ -36,6 +36,8 @@ log = structlog.get_logger("recovery.inbox")
 LEASE = timedelta(minutes=5)
 PUBLISH_CHUNK = 50
 
+
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 
 # 30 s, 1 min, 2 min, … at most an hour between tries of an event.
 EVENT_RETRY_CAP = timedelta(hours=1)
@@ -100,15 +102,16 @@ def _relay_page(
     return len(sent), len(ids) == page_size and len(sent) == len(ids)
 
 
-def _claim(event_id: int, now: datetime, settings: Settings) -> int | None:
-    """Take the event for this worker; returns the attempt number, or None."""
+def _claim(event_ids: Sequence[int], now: datetime, settings: Settings) -> dict[int, int]:
+    """Take a batch of events for this worker, in one transaction; returns the
+    attempt number of each event taken (others are not ours to do)."""
     with session_scope() as session:
         # A claim that outlived its lease on the last try (its worker died, or
         # the event kills whatever handles it) ends here, not in another try.
         session.execute(
             update(WebhookEvent)
             .where(
-                WebhookEvent.id == event_id,
+                WebhookEvent.id.in_(list(event_ids)),
                 WebhookEvent.status == EventStatus.PROCESSING,
                 WebhookEvent.available_at <= now,
                 WebhookEvent.attempts >= settings.event_max_attempts,
@@ -122,7 +125,7 @@ def _claim(event_id: int, now: datetime, settings: Settings) -> int | None:
         claimed = session.execute(
             update(WebhookEvent)
             .where(
-                WebhookEvent.id == event_id,
+                WebhookEvent.id.in_(list(event_ids)),
                 WebhookEvent.status.in_([EventStatus.PENDING, EventStatus.PROCESSING]),
                 WebhookEvent.available_at <= now,
             )
@@ -131,9 +134,9 @@ def _claim(event_id: int, now: datetime, settings: Settings) -> int | None:
                 attempts=WebhookEvent.attempts + 1,
                 available_at=now + LEASE,
             )
-            .returning(WebhookEvent.attempts)
-        ).scalar_one_or_none()
-    return claimed
+            .returning(WebhookEvent.id, WebhookEvent.attempts)
+        )
+        return {event_id: attempt for event_id, attempt in claimed}
 
 
 def _describe(exc: BaseException) -> str:
@@ -145,12 +148,20 @@ def _describe(exc: BaseException) -> str:
 
 def process_event(event_id: int, now: datetime, settings: Settings, handle: Handler) -> str | None:
     """Process one inbox event; returns its new status, or None if not ours to do."""
-    attempt = _claim(event_id, now, settings)
-    if attempt is None:
-        return None
+    return process_events([event_id], now, settings, handle)[event_id]
+
+
+def _process_claimed(
+    event_id: int, attempt: int, now: datetime, settings: Settings, handle: Handler
+) -> str | None:
     structlog.contextvars.bind_contextvars(inbox_id=event_id)
     try:
         with session_scope() as session:
+            if dialect_of(session) == "postgresql":
+                # The event's effects and its status commit together, so a
+                # commit lost in a crash loses both, and the lease hands the
+                # event out again: waiting for the disk buys nothing here.
+                session.execute(_ASYNC_COMMIT)
             row = session.get(WebhookEvent, event_id, with_for_update=True)
             if row is None or row.status != EventStatus.PROCESSING or row.attempts != attempt:
                 return None  # another worker took over after our lease ran out
@@ -200,13 +211,20 @@ def _record_failure(
 def process_events(
     ids: Sequence[int], now: datetime, settings: Settings, handle: Handler
 ) -> dict[int, str | None]:
-    """Process a batch; one event that cannot even record its failure leaves
-    the others unharmed (it stays claimed until its lease runs out, and fails
-    for good when that was its last try)."""
+    """Process a batch, claimed at once, each event in its own transaction; one
+    event that cannot even record its failure leaves the others unharmed (it
+    stays claimed until its lease runs out, and fails for good when that was
+    its last try)."""
+    attempts = _claim(ids, now, settings) if ids else {}
     outcomes: dict[int, str | None] = {}
     for event_id in ids:
+        if event_id not in attempts:
+            outcomes[event_id] = None
+            continue
         try:
-            outcomes[event_id] = process_event(event_id, now, settings, handle)
+            outcomes[event_id] = _process_claimed(
+                event_id, attempts[event_id], now, settings, handle
+            )
         except Exception as exc:  # noqa: BLE001 - the rest of the batch goes on
             log.error("event_unrecorded", inbox_id=event_id, error=type(exc).__name__)
             outcomes[event_id] = None
