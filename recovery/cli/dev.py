@@ -20,7 +20,7 @@ from recovery.cli.common import emit_json
 from recovery.cli.figures import print_summary, write_report
 from recovery.config import get_settings
 from recovery.db import session_scope, upgrade
-from recovery.models import CaseStatus, RecoveryCase
+from recovery.models import CaseStatus, Message, MessageStatus, RecoveryCase
 from recovery.money import format_totals
 from recovery.sim import backtest, population
 from recovery.sim import demo as month
@@ -157,6 +157,21 @@ def _wait_case(invoice_id: str, status: CaseStatus, seconds: float = 60) -> Reco
     raise click.ClickException(f"no {status} case for {invoice_id} after {seconds:.0f}s")
 
 
+def _wait_email(case_id: int, seconds: float = 60) -> Message:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            sent = session.scalars(
+                select(Message).where(
+                    Message.case_id == case_id, Message.status == MessageStatus.SENT
+                )
+            ).first()
+            if sent is not None:
+                return sent
+        time.sleep(0.25)
+    raise click.ClickException(f"no email sent for case {case_id} after {seconds:.0f}s")
+
+
 def _check_round_trip(sim_url: str) -> None:
     scenario = _post(
         f"{sim_url}/_sim/scenarios/failed_invoice",
@@ -169,6 +184,9 @@ def _check_round_trip(sim_url: str) -> None:
         f"case {case.id} opened: {case.amount_due} {case.currency}, "
         f"decline {case.decline_code}, card {case.card_brand}"
     )
+    # The customer hears of it before paying: the smoke test covers the email.
+    email = _wait_email(case.id)
+    click.echo(f"email sent: {email.template} (var/outbox)")
     _post(f"{sim_url}/_sim/customers/{scenario['customer']}/cards", {"brand": "visa"})
     _post(f"{sim_url}/_sim/invoices/{invoice_id}/attempt", {})
     case = _wait_case(invoice_id, CaseStatus.RECOVERED)
