@@ -99,6 +99,9 @@ def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
         )
     )
     won_ids = {c.id for c in won}
+    by_currency: dict[str, list[RecoveryCase]] = defaultdict(list)
+    for case in cases:
+        by_currency[case.currency].append(case)
     by_day: dict[str, list[RecoveryCase]] = defaultdict(list)
     for case in won:
         if case.closed_at:
@@ -115,6 +118,15 @@ def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
             "rate": _rate(len(won), len(cases)),
             "rate_of_closed": _rate(len(won), len(closed)),
         },
+        "by_currency": [
+            {
+                "currency": currency,
+                "cases": len(members),
+                "at_stake": sum(c.amount_due for c in members),
+                "recovered": sum(c.amount_recovered or 0 for c in members if c.id in won_ids),
+            }
+            for currency, members in sorted(by_currency.items())
+        ],
         "by_cause": _grouped(cases, lambda c: c.first_category or c.category),
         "by_decline_code": _grouped(cases, lambda c: c.first_decline_code or c.decline_code),
         "by_path": [

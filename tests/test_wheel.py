@@ -32,6 +32,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         "recovery/_shipped/templates/emails/payment_failed/subject.txt",
         "recovery/_shipped/celerybeat-schedule.py",
         "recovery/sim/fixtures.json",
+        "recovery/sim/policies/stripe_recommended.toml",
     ):
         assert shipped in names, shipped
 

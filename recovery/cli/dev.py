@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from recovery.config import get_settings
 from recovery.db import session_scope, upgrade
 from recovery.models import CaseStatus, Message, MessageStatus, RecoveryCase
 from recovery.money import format_totals
-from recovery.sim import backtest, population
+from recovery.sim import backtest, compare, population
 from recovery.sim import demo as month
 from recovery.sim.server import StripeSim
 from recovery.sim.servers import serve_wsgi
@@ -284,6 +285,20 @@ def demo(size: int, days: int, seed: int, workdir: Path, as_json: bool) -> None:
 @click.option("--size", default=300, show_default=True, help="Synthetic subscribers.")
 @click.option("--days", default=45, show_default=True, help="Simulated days per run.")
 @click.option("--seed", default=1, show_default=True)
+@click.option(
+    "--seeds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Populations to run (seed, seed+1, ...): figures as means with 95% intervals.",
+)
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    type=click.Choice(sorted(compare.BUILT_IN)),
+    help="A built-in policy to include (repeatable); the first one is the baseline.",
+)
 @click.option("--from-db", is_flag=True, help="Shape the population on the stored cases.")
 @click.option(
     "--dir",
@@ -298,6 +313,8 @@ def simulate(
     size: int,
     days: int,
     seed: int,
+    seeds: int,
+    policies: tuple[str, ...],
     from_db: bool,
     workdir: Path,
     as_json: bool,
@@ -314,7 +331,12 @@ def simulate(
     Examples:
       recovery simulate --plans fewer-retries.toml
       recovery simulate --plans a.toml --plans b.toml --size 500 --seed 3 --json
+      recovery simulate --policy stripe-recommended --policy defaults --seeds 10
     """
+    if seeds > 1 or policies:
+        if from_db:
+            raise click.UsageError("--seeds and --policy run synthetic populations, not --from-db")
+        return _compare_policies(plan_files, policies, size, days, seed, seeds, workdir, as_json)
     if from_db:
         try:
             members = backtest.population_from_cases(seed, size)
@@ -355,6 +377,63 @@ def simulate(
         "\nAssumptions: see recovery/sim/population.py (causes, when cards work again, how"
         " customers answer). Compare plans with one another, not with your real recovery rate."
     )
+
+
+def _compare_policies(
+    plan_files: tuple[str, ...],
+    policies: tuple[str, ...],
+    size: int,
+    days: int,
+    seed: int,
+    seeds: int,
+    workdir: Path,
+    as_json: bool,
+) -> None:
+    chosen = {name: compare.BUILT_IN[name] for name in policies or ("defaults",)}
+    chosen.update({Path(f).stem: str(Path(f).resolve()) for f in plan_files})
+    seed_list = list(range(seed, seed + seeds))
+    with click.progressbar(
+        length=len(chosen) * seeds * (days * 24 + 1),
+        label=f"{len(chosen)} policies x {seeds} seeds x {days} days, {size} subscribers",
+        file=sys.stderr,
+    ) as bar:
+        result = compare.compare(chosen, seed_list, size, days, workdir.resolve(), bar.update)
+    names = result.policies
+    if as_json:
+        emit_json(
+            {
+                "seeds": seed_list,
+                "summary": {
+                    m: {n: asdict(v) for n, v in result.summary(m).items()} for m in compare.METRICS
+                },
+                "against_first": {
+                    m: {n: asdict(v) for n, v in result.against_first(m).items()}
+                    for m in compare.METRICS
+                },
+                "checks_failed": result.failed_checks(),
+            }
+        )
+    else:
+        width = max(26, *(len(n) + 2 for n in names))
+        click.echo(f"\nmean [95% interval] over {seeds} seeds; baseline: {names[0]}")
+        click.echo(f"{'':<38}" + "".join(f"{n:>{width}}" for n in names))
+        for metric in compare.METRICS:
+            cells = result.summary(metric)
+            click.echo(f"{metric:<38}" + "".join(f"{str(cells[n]):>{width}}" for n in names))
+            if len(names) > 1:
+                gaps = result.against_first(metric)
+                click.echo(
+                    f"{'  minus ' + names[0]:<38}{'':>{width}}"
+                    + "".join(f"{str(gaps[n]):>{width}}" for n in names[1:])
+                )
+        click.echo(
+            "\nAssumptions: see recovery/sim/population.py; built-in policies:"
+            " recovery/sim/policies/."
+        )
+    failed = result.failed_checks()
+    if failed:
+        click.echo(f"\nconsistency checks FAILED for: {', '.join(failed)}", err=True)
+        raise SystemExit(1)
 
 
 def _path_column(path: str) -> Any:

@@ -1,0 +1,80 @@
+"""Comparing policies over seeds: the statistics, the figures, the built-in
+emulation of Stripe's schedule, and the command on a small population."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from recovery.cli import cli
+from recovery.engine.classify import Category
+from recovery.engine.plans import load_plans
+from recovery.sim import compare
+
+
+def test_an_interval_uses_students_t_for_few_seeds():
+    result = compare.interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)
+    assert result.mean == 2.0 and result.n == 3
+    assert result.low == pytest.approx(2.0 - half) and result.high == pytest.approx(2.0 + half)
+    assert compare.interval([0.4]) == compare.Interval(0.4, 0.4, 0.4, 1)
+    # Between tabulated degrees the wider (lower-degree) value is used.
+    assert compare.t975(22) == 2.086 and compare.t975(1000) == 1.980
+
+
+def test_the_recovered_share_is_taken_per_currency_and_weighted_by_cases():
+    stats = {
+        "cases": {"total": 4},
+        "by_currency": [
+            {"currency": "eur", "cases": 1, "at_stake": 1000, "recovered": 0},
+            {"currency": "jpy", "cases": 3, "at_stake": 300, "recovered": 150},
+        ],
+    }
+    assert compare.recovered_share(stats) == pytest.approx(0.75 * 0.5)
+
+
+def test_the_stripe_emulation_is_eight_tries_in_two_weeks_and_four_emails():
+    plans = load_plans(compare.BUILT_IN["stripe-recommended"])
+    for category in (Category.RETRY, Category.RETRY_CAPPED):
+        plan = plans[category]
+        assert plan.max_tries == 8 and len(plan.retry_days) == 8
+        assert max(plan.retry_days) <= 14 and plan.window_days == 14
+    for category in (Category.CUSTOMER_ACTION, Category.AUTHENTICATE, Category.DEAD_CARD):
+        assert plans[category].max_tries == 0  # Stripe does not retry hard declines
+    assert all(len(plans[c].emails) == 4 for c in (Category.RETRY, Category.DEAD_CARD))
+
+
+def test_simulate_compares_policies_over_seeds_with_intervals(tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "simulate",
+            "--policy",
+            "stripe-recommended",
+            "--policy",
+            "defaults",
+            "--seeds",
+            "2",
+            "--size",
+            "12",
+            "--days",
+            "10",
+            "--dir",
+            str(tmp_path),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["seeds"] == [1, 2] and report["checks_failed"] == []
+    share = report["summary"]["recovered share of the failed amount"]
+    assert set(share) == {"stripe-recommended", "defaults"}
+    for figure in share.values():
+        assert figure["n"] == 2 and figure["low"] <= figure["mean"] <= figure["high"]
+        assert 0 <= figure["mean"] <= 1
+    gap = report["against_first"]["recovered share of the failed amount"]["defaults"]
+    expected = share["defaults"]["mean"] - share["stripe-recommended"]["mean"]
+    assert gap["mean"] == pytest.approx(expected)
