@@ -78,3 +78,36 @@ def test_simulate_compares_policies_over_seeds_with_intervals(tmp_path):
     gap = report["against_first"]["recovered share of the failed amount"]["defaults"]
     expected = share["defaults"]["mean"] - share["stripe-recommended"]["mean"]
     assert gap["mean"] == pytest.approx(expected)
+
+
+def charge(n: int, day: float, brand="visa", fingerprint="fpA", reason=None, advice=None):
+    from recovery.sim import objects
+
+    made = objects.example("charge")
+    made.update(id=f"ch_{n}", created=int(day * 86400), paid=False)
+    made["payment_method_details"]["card"].update(brand=brand, fingerprint=fingerprint)
+    made["outcome"].update(reason=reason or "insufficient_funds", advice_code=advice)
+    return made
+
+
+def test_visa_allows_the_first_try_and_fifteen_more_in_thirty_days():
+    from recovery.sim.rules import violations
+
+    within = [charge(n, n * 1.5) for n in range(16)]
+    assert violations(within, 15)["visa_over_cap"] == 0
+    assert violations([*within, charge(16, 25)], 15)["visa_over_cap"] == 1
+    assert violations([*within, charge(16, 40)], 15)["visa_over_cap"] == 0  # the first aged out
+    mastercard = [charge(n, n, brand="mastercard") for n in range(17)]
+    assert violations(mastercard, 15)["visa_over_cap"] == 0
+
+
+@pytest.mark.parametrize(
+    ("reason", "advice"),
+    [("lost_card", None), ("stolen_card", None), ("generic_decline", "do_not_try_again")],
+)
+def test_a_card_told_never_again_is_never_tried_again(reason, advice):
+    from recovery.sim.rules import violations
+
+    told = charge(0, 0, reason=reason, advice=advice)
+    assert violations([told, charge(1, 3)], 15)["after_never_again"] == 1
+    assert violations([told, charge(1, 3, fingerprint="fpNEW")], 15)["after_never_again"] == 0

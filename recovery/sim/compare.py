@@ -70,6 +70,7 @@ class RunFigures:
     recovered_share: float  # of the failed amount (see recovered_share)
     retries_per_recovery: float
     emails_per_recovery: float
+    rule_violations: int
     checks_passed: bool
 
 
@@ -93,6 +94,7 @@ def figures_of(outcome: demo.Outcome) -> RunFigures:
         recovered_share=recovered_share(stats),
         retries_per_recovery=per(stats["retries"]["made"]),
         emails_per_recovery=per(stats["funnel"]["emails_sent"]),
+        rule_violations=sum(outcome.violations.values()),
         checks_passed=all(outcome.checks.values()),
     )
 
@@ -102,6 +104,7 @@ METRICS: dict[str, Metric] = {
     "recovered share of the failed amount": lambda f: f.recovered_share,
     "retries per recovery": lambda f: f.retries_per_recovery,
     "emails per recovery": lambda f: f.emails_per_recovery,
+    "card-network rule violations": lambda f: f.rule_violations,
 }
 
 

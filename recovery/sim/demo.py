@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -37,6 +37,7 @@ from recovery.customers import mailer
 from recovery.db import get_engine, reset_engine, session_scope, upgrade
 from recovery.engine import scheduler
 from recovery.observability import configure
+from recovery.sim import rules
 from recovery.sim.population import Member
 from recovery.sim.server import StripeSim
 from recovery.sim.servers import start_asgi_in_thread, start_wsgi_in_thread
@@ -61,6 +62,8 @@ class Outcome:
     links_clicked: int = 0
     cards_saved: int = 0
     authenticated: int = 0
+    # Attempts that broke a card network's rule, by rule (sim/rules.py).
+    violations: dict[str, int] = field(default_factory=dict)
 
 
 @contextmanager
@@ -256,11 +259,16 @@ def _run(
                 progress(1)
         with session_scope() as session:
             numbers = stats.compute(session)
+        broken = rules.violations(
+            (o for o in sim.state.objects.values() if o.get("object") == "charge"),
+            settings.visa_max_attempts_30d,
+        )
         checks = _checks(numbers, sim, invoices, get_engine())
+        checks["no card-network retry rule broken"] = not any(broken.values())
     finally:
         web.stop()
         sim_server.stop()
-    outcome = Outcome(numbers, checks)
+    outcome = Outcome(numbers, checks, violations=broken)
     outcome.emails_opened = customers.counts["opened"]
     outcome.links_clicked = customers.counts["clicked"]
     outcome.cards_saved = customers.counts["cards_saved"]
