@@ -58,6 +58,8 @@ def test_simulate_compares_policies_over_seeds_with_intervals(tmp_path):
             "defaults",
             "--seeds",
             "2",
+            "--jobs",
+            "2",
             "--size",
             "12",
             "--days",
@@ -111,3 +113,10 @@ def test_a_card_told_never_again_is_never_tried_again(reason, advice):
     told = charge(0, 0, reason=reason, advice=advice)
     assert violations([told, charge(1, 3)], 15)["after_never_again"] == 1
     assert violations([told, charge(1, 3, fingerprint="fpNEW")], 15)["after_never_again"] == 0
+
+
+def test_runs_in_parallel_processes_give_the_figures_of_runs_in_one(tmp_path):
+    policies = {"defaults": None}
+    one = compare.compare(policies, [3, 4], 10, 6, tmp_path / "one", jobs=1)
+    two = compare.compare(policies, [3, 4], 10, 6, tmp_path / "two", jobs=2)
+    assert two.runs == one.runs and len(one.runs["defaults"]) == 2

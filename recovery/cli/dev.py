@@ -293,6 +293,13 @@ def demo(size: int, days: int, seed: int, workdir: Path, as_json: bool) -> None:
     help="Populations to run (seed, seed+1, ...): figures as means with 95% intervals.",
 )
 @click.option(
+    "--jobs",
+    default=os.cpu_count() or 1,
+    show_default="the cores",
+    type=click.IntRange(1, 64),
+    help="Runs at once with --seeds or --policy, a process each.",
+)
+@click.option(
     "--policy",
     "policies",
     multiple=True,
@@ -314,6 +321,7 @@ def simulate(
     days: int,
     seed: int,
     seeds: int,
+    jobs: int,
     policies: tuple[str, ...],
     from_db: bool,
     workdir: Path,
@@ -336,7 +344,9 @@ def simulate(
     if seeds > 1 or policies:
         if from_db:
             raise click.UsageError("--seeds and --policy run synthetic populations, not --from-db")
-        return _compare_policies(plan_files, policies, size, days, seed, seeds, workdir, as_json)
+        return _compare_policies(
+            plan_files, policies, size, days, seed, seeds, jobs, workdir, as_json
+        )
     if from_db:
         try:
             members = backtest.population_from_cases(seed, size)
@@ -386,6 +396,7 @@ def _compare_policies(
     days: int,
     seed: int,
     seeds: int,
+    jobs: int,
     workdir: Path,
     as_json: bool,
 ) -> None:
@@ -397,7 +408,7 @@ def _compare_policies(
         label=f"{len(chosen)} policies x {seeds} seeds x {days} days, {size} subscribers",
         file=sys.stderr,
     ) as bar:
-        result = compare.compare(chosen, seed_list, size, days, workdir.resolve(), bar.update)
+        result = compare.compare(chosen, seed_list, size, days, workdir.resolve(), bar.update, jobs)
     names = result.policies
     if as_json:
         emit_json(

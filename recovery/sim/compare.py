@@ -12,7 +12,9 @@ answers and the customers' clicks.
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean, stdev
@@ -138,14 +140,40 @@ def compare(
     days: int,
     workdir: Path,
     progress: Callable[[int], None] | None = None,
+    jobs: int = 1,
 ) -> Comparison:
+    """Every policy on every seed's population; `jobs` runs at once, each in a
+    process of its own (a run owns its process's clock and settings)."""
     runs: dict[str, list[RunFigures]] = {name: [] for name in policies}
-    for seed in seeds:
-        members = population.synthetic(size, seed, demo.START)
-        for name, plans_file in policies.items():
-            outcome = demo.run(members, seed, days, workdir / _safe(name), plans_file, progress)
-            runs[name].append(figures_of(outcome))
+    work = [(seed, name, plans_file) for seed in seeds for name, plans_file in policies.items()]
+    if jobs <= 1:
+        done = [
+            _run_one(seed, size, days, name, plans_file, workdir) for seed, name, plans_file in work
+        ]
+        if progress:
+            progress(len(work) * (days * 24 + 1))
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [
+                pool.submit(_run_one, seed, size, days, name, plans_file, workdir)
+                for seed, name, plans_file in work
+            ]
+            done = []
+            for future in futures:
+                done.append(future.result())
+                if progress:
+                    progress(days * 24 + 1)
+    for (_seed, name, _plans_file), figures in zip(work, done, strict=True):
+        runs[name].append(figures)
     return Comparison(list(policies), list(seeds), runs)
+
+
+def _run_one(
+    seed: int, size: int, days: int, name: str, plans_file: str | None, workdir: Path
+) -> RunFigures:
+    members = population.synthetic(size, seed, demo.START)
+    where = workdir / _safe(name) / f"seed-{seed}"
+    return figures_of(demo.run(members, seed, days, where, plans_file))
 
 
 def _safe(name: str) -> str:
