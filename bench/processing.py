@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg2
-from psycopg2.extras import execute_values
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,24 +39,14 @@ import redis  # noqa: E402
 
 from bench.scratch_db import scratch_database  # noqa: E402
 from recovery.config import DEFAULT_STRIPE_API_VERSION as API_VERSION  # noqa: E402
+from recovery.db import insert_ignore_returning, make_engine  # noqa: E402
 from recovery.inbox.receiver import inbox_row, parse_event  # noqa: E402
+from recovery.models import WebhookEvent  # noqa: E402
 from recovery.sim import StripeSim, objects  # noqa: E402
 from recovery.sim.servers import start_wsgi_in_thread  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
-_COLUMNS = (
-    "stripe_event_id",
-    "type",
-    "account",
-    "livemode",
-    "api_version",
-    "stripe_created_at",
-    "received_at",
-    "payload",
-    "status",
-    "attempts",
-    "available_at",
-)
+FINAL = ("processed", "ignored", "failed")
 
 
 def backlog(sim: StripeSim, renewals: int, failed_share: float) -> list[dict]:
@@ -89,39 +78,29 @@ def backlog(sim: StripeSim, renewals: int, failed_share: float) -> list[dict]:
 
 
 def store(db_url: str, events: list[dict]) -> float:
+    """The events as the receiver stores them, in one commit; when it committed."""
     now = datetime.now(UTC)
     rows = []
     for event in events:
         payload = json.dumps(event).encode()
-        row = inbox_row(parse_event(payload), payload, now)
-        rows.append(tuple(row[c] for c in _COLUMNS))
-    conn = psycopg2.connect(db_url.replace("postgresql://", "postgres://"))
-    with conn, conn.cursor() as cur:
-        execute_values(cur, f"INSERT INTO webhook_events ({', '.join(_COLUMNS)}) VALUES %s", rows)
+        rows.append(inbox_row(parse_event(payload), payload, now))
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        insert_ignore_returning(conn, WebhookEvent, rows, "stripe_event_id")
     committed = time.perf_counter()
-    conn.close()
+    engine.dispose()
     return committed
 
 
-def unfinished(db_url: str) -> int:
+def count(db_url: str, statuses: tuple[str, ...], among: bool = True) -> int:
+    """Inbox rows whose status is (or, `among=False`, is not) one of `statuses`."""
     conn = psycopg2.connect(db_url.replace("postgresql://", "postgres://"))
     with conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM webhook_events WHERE status NOT IN"
-            " ('processed', 'ignored', 'failed')"
-        )
-        (left,) = cur.fetchone()
+        test = "IN" if among else "NOT IN"
+        cur.execute(f"SELECT count(*) FROM webhook_events WHERE status {test} %s", (statuses,))
+        (found,) = cur.fetchone()
     conn.close()
-    return int(left)
-
-
-def failed(db_url: str) -> int:
-    conn = psycopg2.connect(db_url.replace("postgresql://", "postgres://"))
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM webhook_events WHERE status = 'failed'")
-        (count,) = cur.fetchone()
-    conn.close()
-    return int(count)
+    return int(found)
 
 
 def start_workers(n: int, concurrency: int, env: dict, workdir: Path) -> list[subprocess.Popen]:
@@ -179,10 +158,10 @@ def measure(
         try:
             time.sleep(8)  # the pools are up and idle
             committed = store(db_url, stored_events)
-            while unfinished(db_url):
+            while count(db_url, FINAL, among=False):
                 time.sleep(0.05)
             seconds = time.perf_counter() - committed
-            failures = failed(db_url)
+            failures = count(db_url, ("failed",))
         finally:
             stop(workers)
     server.stop()
