@@ -66,10 +66,11 @@ def run(
     """Stats per plan name; `plans` maps a name to a plans file (None: the defaults)."""
     results = {}
     for name, plans_file in plans.items():
-        outcome = demo.run(members, seed, days, workdir / _safe(name), plans_file, progress)
+        outcome = demo.run(members, seed, days, workdir / safe_name(name), plans_file, progress)
         results[name] = {"stats": outcome.stats, "checks": outcome.checks}
     return results
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A plan's name as a directory name."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "plan"

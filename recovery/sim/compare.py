@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean, stdev
 
-from recovery.sim import demo, population
+from recovery.sim import backtest, demo, population
 
 POLICIES_DIR = Path(__file__).resolve().parent / "policies"
 # Named policies a comparison can include besides plans files of one's own:
@@ -172,9 +172,5 @@ def _run_one(
     seed: int, size: int, days: int, name: str, plans_file: str | None, workdir: Path
 ) -> RunFigures:
     members = population.synthetic(size, seed, demo.START)
-    where = workdir / _safe(name) / f"seed-{seed}"
+    where = workdir / backtest.safe_name(name) / f"seed-{seed}"
     return figures_of(demo.run(members, seed, days, where, plans_file))
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "plan"
