@@ -68,6 +68,15 @@ def _scrub_processor(
     return {k: v if k == "exc_info" else scrub(v, k) for k, v in event_dict.items()}
 
 
+def _scrub_traceback(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # The traceback's text exists only once format_exc_info made it.
+    if "exception" in event_dict:
+        event_dict["exception"] = scrub_text(str(event_dict["exception"]))
+    return event_dict
+
+
 def _exception_of(exc_info: Any) -> BaseException | None:
     if isinstance(exc_info, BaseException):
         return exc_info
@@ -152,7 +161,7 @@ def configure_logging(settings: Settings, stream=None) -> None:
             _scrub_processor,
             _to_sentry,
             structlog.processors.format_exc_info,
-            _scrub_processor,  # the traceback's text, now that there is one
+            _scrub_traceback,
             renderer,
         ],
     )
