@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -39,9 +38,7 @@ def population_from_cases(seed: int, limit: int) -> list[population.Member]:
     rng = random.Random(seed)
     for member, (code, amount, currency, brand) in zip(drawn, rows, strict=True):
         cause = BY_NAME.get(code or "", BY_NAME["generic_decline"])
-        works_from = None
-        if rng.random() < cause.recovers:
-            works_from = member.fails_at + timedelta(days=rng.uniform(*cause.within_days))
+        truth = population.draw_truth(cause, member.fails_at, rng, f"{seed}:{member.index}")
         members.append(
             replace(
                 member,
@@ -49,7 +46,7 @@ def population_from_cases(seed: int, limit: int) -> list[population.Member]:
                 amount=amount,
                 currency=currency,
                 brand=brand or member.brand,
-                card_works_from=works_from,
+                truth=truth,
             )
         )
     return members

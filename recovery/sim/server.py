@@ -100,13 +100,51 @@ class CardBehavior:
     network_decline_code: str | None = None
     outcome_type: str = "issuer_declined"
     succeed_after: int | None = None  # sim-clock time from which the card is good
+    # From succeed_after (or at once), each attempt is approved with this
+    # chance; the tosses are named by `draws` and the attempt's number.
+    approve_chance: float | None = None
+    draws: str = ""
+    # Sim-clock [start, end) spans in which the card is good, and only then.
+    funded: list[list[int]] | None = None
+    attempts: int = 0
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CardBehavior:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "attempts"}
         if known.get("mode", "succeed") not in ("succeed", "decline", "authenticate"):
             raise _invalid("mode must be succeed, decline or authenticate", "mode")
+        chance = known.get("approve_chance")
+        if chance is not None and not (
+            isinstance(chance, int | float) and not isinstance(chance, bool) and 0 <= chance <= 1
+        ):
+            raise _invalid("approve_chance must be a number from 0 to 1", "approve_chance")
+        spans = known.get("funded")
+        if spans is not None and not (
+            isinstance(spans, list)
+            and all(
+                isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                for span in spans
+            )
+        ):
+            raise _invalid("funded must be a list of [start, end] times", "funded")
         return cls(**known)
+
+    def approves(self, now: int) -> bool:
+        """Whether the issuer approves an off-session charge at `now`; each
+        call is one attempt."""
+        self.attempts += 1
+        if self.mode == "succeed":
+            return True
+        if self.funded is not None:
+            return any(start <= now < end for start, end in self.funded)
+        if self.succeed_after is not None and now < self.succeed_after:
+            return False
+        if self.approve_chance is not None:
+            toss = hashlib.sha256(f"{self.draws}:{self.attempts}".encode()).digest()
+            return int.from_bytes(toss[:8]) / 2**64 < self.approve_chance
+        return self.succeed_after is not None
 
 
 @dataclass
@@ -260,9 +298,7 @@ class StripeSim:
         intent["latest_charge"] = chg["id"]
         invoice["attempt_count"] += 1
         invoice["attempted"] = True
-        succeeds = behavior.mode == "succeed" or (
-            behavior.succeed_after is not None and now >= behavior.succeed_after
-        )
+        succeeds = behavior.approves(now)
         error = None
         if succeeds:
             chg.update(
