@@ -236,8 +236,8 @@ def test_a_new_failure_is_recorded_and_planned(session, settings):
     )
     assert verdict is cases.Verdict.RECORDED
     assert (case.category, case.first_category, case.first_decline_code) == (
-        "retry",
-        "retry",
+        "funds",
+        "funds",
         "insufficient_funds",
     )
     planned = {(s.kind, s.origin, s.number) for s in steps_of(session, case)}

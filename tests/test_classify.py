@@ -9,8 +9,8 @@ import pytest
 from recovery.engine.classify import DECLINE_CODES, Category, Failure, classify, table
 
 EXPECTED = {
+    Category.FUNDS: ["insufficient_funds"],
     Category.RETRY: [
-        "insufficient_funds",
         "processing_error",
         "issuer_not_available",
         "try_again_later",
@@ -97,6 +97,8 @@ def test_invoice_needing_action_means_authenticate():
         ("do_not_try_again", "insufficient_funds", Category.DEAD_CARD),
         ("confirm_card_data", "generic_decline", Category.CUSTOMER_ACTION),
         ("try_again_later", "call_issuer", Category.RETRY),
+        # "Later" about missing money means payday: the cause's own plan stays.
+        ("try_again_later", "insufficient_funds", Category.FUNDS),
     ],
 )
 def test_advice_code_overrides_the_decline_code(advice, base, category):
@@ -147,7 +149,7 @@ def test_visa_other_codes_do_not_stop():
     failure = Failure(
         decline_code="insufficient_funds", card_brand="visa", network_decline_code="51"
     )
-    assert classify(failure).category is Category.RETRY
+    assert classify(failure).category is Category.FUNDS
 
 
 @pytest.mark.parametrize("code", ["fraudulent", "lost_card"])

@@ -31,7 +31,7 @@ def test_listing_and_timeline(stack):
     listed = json.loads(run("cases", "list", "--json", "--status", "open").output)
     assert [c["invoice"] for c in listed] == [scenario["invoice"]]
     shown = json.loads(run("cases", "show", scenario["invoice"], "--json").output)
-    assert shown["category"] == "retry"
+    assert shown["category"] == "funds"
     assert shown["next_step"]["step"] in ("retry:1", "final")
     assert any(item["what"] == "classified" for item in shown["timeline"])
     assert "timeline:" in run("cases", "show", str(listed[0]["id"])).output

@@ -31,10 +31,10 @@ def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
     )
     stack.tick()
     case = the_case(scenario["invoice"])
-    assert case.category == "retry" and case.mode == "take_over"
+    assert case.category == "funds" and case.mode == "take_over"
     planned = {s.step: s for s in steps_of(case.id)}
-    assert {"email:retry:0", "retry:1", "final"} <= set(planned)
-    assert planned["email:retry:0"].outcome == "queued"  # day 0 email, at once
+    assert {"email:funds:0", "retry:1", "final"} <= set(planned)
+    assert planned["email:funds:0"].outcome == "queued"  # day 0 email, at once
     assert planned["retry:1"].due_at > T0
 
     stack.run_until(T0 + timedelta(days=6))
@@ -62,7 +62,7 @@ def test_a_retry_due_with_a_reminder_goes_first_and_the_reminder_is_not_sent(sta
     stack.tick()
     case = the_case(scenario["invoice"])
     planned = {s.step: s for s in steps_of(case.id)}
-    retry, reminder = planned["retry:1"], planned["email:retry:1"]
+    retry, reminder = planned["retry:1"], planned["email:funds:1"]
     # The reminder was planned before the retry (a lower id): both due at once.
     assert reminder.id < retry.id
     from sqlalchemy import update
@@ -76,7 +76,7 @@ def test_a_retry_due_with_a_reminder_goes_first_and_the_reminder_is_not_sent(sta
     stack.tick(retry.due_at + timedelta(minutes=30))
     assert the_case(scenario["invoice"]).status == "recovered"
     outcomes = {s.step: s.outcome for s in steps_of(case.id)}
-    assert outcomes["retry:1"] == "paid" and outcomes["email:retry:1"] != "queued"
+    assert outcomes["retry:1"] == "paid" and outcomes["email:funds:1"] != "queued"
     with session_scope() as session:
         sent = session.scalars(select(Message.template).where(Message.case_id == case.id)).all()
     assert sorted(sent) == ["payment_failed", "recovered"]  # day 0, and the thank-you
@@ -146,7 +146,8 @@ def test_injected_faults_never_double_charge(stack):
             {
                 "mode": "decline",
                 "decline_code": "processing_error",
-                "succeed_after": int((T0 + timedelta(hours=12)).timestamp()),
+                # Before the plan's first try, a few hours after the failure.
+                "succeed_after": int((T0 + timedelta(hours=2)).timestamp()),
             },
         )
         invoices.append(scenario["invoice"])

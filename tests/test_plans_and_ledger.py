@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -15,41 +16,81 @@ from recovery.engine.classify import Category
 ANCHOR = datetime(2026, 11, 3, 14, 30, tzinfo=UTC)
 
 
-def moments(plan, code=None, tz=None, anchor=ANCHOR):
+def moments(plan, tz=None, anchor=ANCHOR):
     out = []
     for n in range(1, plan.max_tries + 2):
-        moment = plans.retry_moment(
-            plan, n, anchor, decline_code=code, timezone=tz, rng=random.Random(n)
-        )
+        moment = plans.retry_moment(plan, n, anchor, timezone=tz, rng=random.Random(n))
         if moment is not None:
             out.append(moment)
     return out
 
 
-def test_soft_declines_get_eight_tries_within_three_weeks():
+def test_soft_declines_get_eight_tries_the_first_within_hours():
     plan = plans.DEFAULT_PLANS[Category.RETRY]
     found = moments(plan)
     assert len(found) == 8
-    assert all(ANCHOR < m <= ANCHOR + timedelta(weeks=3) for m in found)
+    assert all(ANCHOR < m <= ANCHOR + plan.window for m in found)
     assert found == sorted(found)
+    assert found[0] - ANCHOR < timedelta(hours=4)
+    # The first email waits for the quick try, which often clears an issuer's error.
+    assert plan.emails[0].day >= 1
+
+
+def test_opaque_declines_get_stripes_eight_tries_spread_over_four_weeks():
+    plan = plans.DEFAULT_PLANS[Category.RETRY_CAPPED]
+    found = moments(plan)
+    assert len(found) == 8
+    assert found[-1] - ANCHOR > timedelta(days=21)
+    assert all(b - a >= timedelta(days=1) for a, b in zip(found, found[1:], strict=False))
 
 
 def test_retries_land_at_a_local_morning_hour():
-    plan = plans.DEFAULT_PLANS[Category.RETRY]
-    for moment in moments(plan, tz="America/New_York"):
-        local = moment.astimezone(plans.ZoneInfo("America/New_York"))
-        assert local.hour == 9 and local.minute < plan.jitter_minutes
+    for category in (Category.RETRY_CAPPED, Category.FUNDS):
+        plan = plans.DEFAULT_PLANS[category]
+        for moment in moments(plan, tz="America/New_York"):
+            local = moment.astimezone(plans.ZoneInfo("America/New_York"))
+            assert local.hour == 9 and local.minute < plan.jitter_minutes
 
 
-def test_insufficient_funds_waits_for_a_near_payday():
-    plan = plans.DEFAULT_PLANS[Category.RETRY]
-    anchor = datetime(2026, 11, 10, 12, tzinfo=UTC)  # first try would be the 11th
-    plain = moments(plan, anchor=anchor)
-    payday = moments(plan, code="insufficient_funds", anchor=anchor)
-    paydays = {date(2026, 11, 15), date(2026, 11, 30), date(2026, 12, 1)}
-    assert sum(m.date() in paydays for m in payday) > sum(m.date() in paydays for m in plain)
-    assert date(2026, 11, 13) in {m.date() for m in plain}  # day 3 without payday pull
-    assert date(2026, 11, 13) not in {m.date() for m in payday}  # pulled to the 15th
+def test_insufficient_funds_is_tried_on_each_common_payday_over_a_pay_cycle():
+    plan = plans.DEFAULT_PLANS[Category.FUNDS]
+    assert plan.window_days >= 30  # a monthly pay cycle and the days around it
+    anchor = datetime(2026, 11, 10, 12, tzinfo=UTC)  # a Tuesday
+    found = [m.date() for m in moments(plan, anchor=anchor)]
+    assert found == [
+        date(2026, 11, 13),  # Friday
+        date(2026, 11, 20),  # Friday
+        date(2026, 11, 27),  # Friday
+        date(2026, 11, 30),  # the last business day of November
+        date(2026, 12, 1),  # the 1st
+        date(2026, 12, 4),  # Friday
+        date(2026, 12, 11),  # Friday; the 15th is past the window
+    ]
+    # 13 November is a Friday and so a payday; the 15th is a Sunday, paid the 13th.
+    assert plans.common_paydays(date(2026, 11, 14), date(2026, 11, 16)) == []
+
+
+def test_the_failure_day_itself_is_not_retried_as_a_payday():
+    plan = plans.DEFAULT_PLANS[Category.FUNDS]
+    # A Friday, and the day the 15th (a Sunday) is paid: the next payday is a week on.
+    friday = datetime(2026, 11, 13, 7, tzinfo=UTC)
+    assert moments(plan, anchor=friday)[0].date() == date(2026, 11, 20)
+
+
+def test_monthly_paydays_pull_a_near_retry_when_the_plan_asks():
+    plan = plans.DEFAULT_PLANS[Category.RETRY_CAPPED]
+    anchor = datetime(2026, 11, 10, 12, tzinfo=UTC)  # try 1 (day 1) is the 11th
+    pulled = moments(plan, anchor=anchor)
+    plain = moments(replace(plan, payday_aware=False), anchor=anchor)
+    assert date(2026, 11, 13) in {m.date() for m in plain}  # day 3 without the pull
+    assert date(2026, 11, 15) in {m.date() for m in pulled}  # pulled to the 15th
+    assert len(pulled) == len(plain)
+
+
+def test_every_default_plan_leaves_its_last_email_time_to_work():
+    for category, plan in plans.DEFAULT_PLANS.items():
+        assert plans.rushed_emails(plan) == [], category
+        assert all(day <= plan.window_days for day in plan.retry_days), category
 
 
 def test_last_business_day_skips_the_weekend():
@@ -59,9 +100,7 @@ def test_last_business_day_skips_the_weekend():
 def test_jitter_spreads_a_billing_run():
     plan = plans.DEFAULT_PLANS[Category.RETRY]
     first = {
-        plans.retry_moment(
-            plan, 1, ANCHOR, decline_code=None, timezone=None, rng=random.Random(case_id)
-        )
+        plans.retry_moment(plan, 1, ANCHOR, timezone=None, rng=random.Random(case_id))
         for case_id in range(200)
     }
     assert len(first) > 150

@@ -20,6 +20,7 @@ log = structlog.get_logger("recovery.classify")
 
 
 class Category(enum.StrEnum):
+    FUNDS = "funds"  # not enough money now: try again when the customer is paid
     RETRY = "retry"  # soft decline: try again later
     RETRY_CAPPED = "retry_capped"  # opaque decline: try again, fewer times
     CUSTOMER_ACTION = "customer_action"  # no off-session retry until the card changes
@@ -41,7 +42,7 @@ H, DAY = timedelta(hours=1), timedelta(days=1)
 
 DECLINE_CODES: dict[str, Rule] = {
     # Soft: the issuer may approve later.
-    "insufficient_funds": Rule(Category.RETRY, "not enough money now; retry around paydays"),
+    "insufficient_funds": Rule(Category.FUNDS, "not enough money now; retry on paydays"),
     "processing_error": Rule(Category.RETRY, "a processing error at the issuer"),
     "issuer_not_available": Rule(Category.RETRY, "the issuer could not be reached"),
     "try_again_later": Rule(Category.RETRY, "the issuer asks to try later"),
@@ -154,7 +155,12 @@ class Classification:
     @property
     def may_retry_card(self) -> bool:
         """Whether an off-session retry on the same card can succeed."""
-        return self.category in (Category.RETRY, Category.RETRY_CAPPED, Category.CHECK_PAID)
+        return self.category in (
+            Category.FUNDS,
+            Category.RETRY,
+            Category.RETRY_CAPPED,
+            Category.CHECK_PAID,
+        )
 
     @property
     def stops_card(self) -> bool:
@@ -205,6 +211,8 @@ def classify(failure: Failure) -> Classification:
             continue
         if rule.category is Category.AUTHENTICATE and override.category is Category.RETRY:
             continue  # a retry cannot authenticate; only the customer can
+        if rule.category is Category.FUNDS and override.category is Category.RETRY:
+            continue  # "try later" about missing funds: later means payday
         rule, source = override, override_source
     return Classification(rule.category, rule.why, wait, source)
 

@@ -258,9 +258,7 @@ def _next_plan_retry(
 ) -> None:
     number = steps.plan_retries_made(session, case) + 1
     rng = random.Random(f"{case.id}:{number}")  # noqa: S311 - jitter, reproducible
-    moment = plans.retry_moment(
-        plan, number, anchor, decline_code=case.decline_code, timezone=tz, rng=rng
-    )
+    moment = plans.retry_moment(plan, number, anchor, timezone=tz, rng=rng)
     if moment is None:
         return
     last = case.last_failure_at or anchor

@@ -1,11 +1,11 @@
 """Recovery plans: when to retry, which emails, what happens at the end. Pure.
 
-A plan per category. Retry moments are offsets from the failure at Stripe (the
-anchor), then moved by cause: insufficient funds to just after a common payday
-(1st, 15th, last business day of the month) when one is near, every retry to a
-morning hour in the customer's time zone, later by the card's minimum wait, and
-by a few minutes of jitter so a billing run's retries do not hit Stripe at one
-instant. Operators override plans from a TOML file (RECOVERY_PLANS_FILE).
+A plan per category. Retry moments are either offsets from the failure at
+Stripe (the anchor), pulled to a near payday when the plan asks, or the
+common paydays themselves (money that is missing now arrives with pay); then
+a morning hour in the customer's time zone, later by the card's minimum wait,
+and a few minutes of jitter so a billing run's retries do not hit Stripe at
+one instant. Operators override plans from a TOML file (RECOVERY_PLANS_FILE).
 
 The card networks' retry limits close the module: whatever a plan says, a
 card is never tried more often than they allow.
@@ -32,6 +32,11 @@ class FinalAction(enum.StrEnum):
     LEAVE_PAST_DUE = "leave_past_due"
 
 
+class RetryOn(enum.StrEnum):
+    DAYS = "days"  # the plan's retry_days, each an offset from the anchor
+    PAYDAYS = "paydays"  # one try on each common payday (common_paydays) in the window
+
+
 @dataclass(frozen=True)
 class EmailStep:
     day: float  # days after the anchor
@@ -43,69 +48,116 @@ class Plan:
     name: str
     retry_days: tuple[float, ...] = ()  # offsets from the anchor; one per try
     max_tries: int = 0
-    window_days: float = 21
+    window_days: float = 28
     emails: tuple[EmailStep, ...] = ()
     final_action: FinalAction = FinalAction.LEAVE_PAST_DUE
     payday_aware: bool = False
     local_hour: int | None = 9  # retry at this hour in the customer's zone
     jitter_minutes: int = 20
     flag_for_review: bool = False
+    retry_on: RetryOn = RetryOn.DAYS
 
     @property
     def window(self) -> timedelta:
         return timedelta(days=self.window_days)
 
 
-_FINAL_NOTICE_DAY = 18
-# The card cannot be charged as it is: ask for a new or fixed one, then warn.
-_ASK_FOR_A_CARD = (
-    EmailStep(0, "card_update_needed"),
-    EmailStep(3, "card_update_needed"),
-    EmailStep(8, "card_update_needed"),
-    EmailStep(_FINAL_NOTICE_DAY, "final_notice"),
-)
+# Why the defaults are what they are. Sources:
+#
+# [stripe] Stripe, "Automate payment retries" (Smart Retries): "The
+#   recommended default is 8 tries within 2 weeks", no retry after a hard
+#   decline. https://docs.stripe.com/billing/revenue-recovery/smart-retries
+# [visa] Visa's retry rules: at most 15 reattempts of a declined
+#   transaction in 30 days (20 for categories 2-4 from April 2026; the cap is
+#   the VISA_MAX_ATTEMPTS_30D setting), none after a category 1 decline.
+# [mastercard] Mastercard's Merchant Advice Codes: 24-30 name the wait before
+#   the next attempt (1 hour to 10 days), honoured in classify.py; 35
+#   attempts in 30 days at most.
+# [windows] Published dunning windows for declines that wait on money:
+#   25-28 days (Churn Buster), 30 days (Butter, Paddle), at least 27 days
+#   (Recurly): a full pay cycle, which 21 days is not.
+# [bls] US Bureau of Labor Statistics, Current Employment Statistics, March
+#   2013 ("How frequently do private businesses pay workers?", Beyond the
+#   Numbers, May 2014): 32.4% of private businesses pay weekly, 36.5%
+#   biweekly, 19.8% semimonthly, 11.3% monthly. Weekly and biweekly pay lands
+#   on a fixed weekday, Friday by custom; semimonthly on the 15th and the
+#   last day, or the 1st and the 15th; monthly on the last business day.
+#
+# Measured with `recovery simulate --policy previous-defaults --policy
+# stripe-recommended --policy defaults --seeds 10` (README, "Does it recover
+# more than Stripe?"): one seed proves nothing about a plan.
+
+# The last reminder must have time to work before the end: customers answer
+# up to a day or so after an email arrives.
+FINAL_GRACE_DAYS = 3.0
+
+_REMIND_DAYS = (0, 3, 7, 14)
+_FINAL_NOTICE = EmailStep(23, "final_notice")
+
+
+def _reminders(template: str, days: Iterable[float] = _REMIND_DAYS) -> tuple[EmailStep, ...]:
+    return (*(EmailStep(day, template) for day in days), _FINAL_NOTICE)
+
 
 DEFAULT_PLANS: dict[Category, Plan] = {
-    Category.RETRY: Plan(
-        "retry",
-        retry_days=(1, 3, 5, 7, 10, 14, 17, 20),
+    # Money arrives with pay [bls]: one try per common payday, over a window
+    # holding a whole monthly pay cycle with the days around it [windows], as
+    # many tries as Stripe recommends [stripe], well inside Visa's 15 [visa].
+    Category.FUNDS: Plan(
+        "funds",
+        retry_on=RetryOn.PAYDAYS,
         max_tries=8,
+        window_days=33,
         emails=(
             EmailStep(0, "payment_failed"),
             EmailStep(7, "payment_failed"),
-            EmailStep(_FINAL_NOTICE_DAY, "final_notice"),
+            EmailStep(14, "card_update_needed"),
+            EmailStep(21, "payment_failed"),
+            EmailStep(28, "final_notice"),
         ),
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
+    # Errors at the issuer clear within hours: the first try comes before
+    # any email, which waits a day for the tries to do their work.
+    Category.RETRY: Plan(
+        "retry",
+        retry_days=(0.125, 1, 3, 5, 7, 10, 14, 20),
+        max_tries=8,
+        emails=(*_reminders("payment_failed", (1, 7, 14)),),
+        final_action=FinalAction.CANCEL_SUBSCRIPTION,
+    ),
+    # An opaque decline is approved, when it is, on some attempt and not
+    # another: Stripe's eight tries [stripe], spread over four weeks so a card
+    # that recovers late still meets one, and pulled to paydays, since
+    # "declined" often hides missing money.
     Category.RETRY_CAPPED: Plan(
         "retry_capped",
-        retry_days=(2, 6, 12, 19),
-        max_tries=4,
+        retry_days=(1, 3, 6, 9, 13, 17, 21, 26),
+        max_tries=8,
+        payday_aware=True,
         emails=(
             EmailStep(0, "payment_failed"),
             EmailStep(6, "card_update_needed"),
-            EmailStep(_FINAL_NOTICE_DAY, "final_notice"),
+            EmailStep(13, "payment_failed"),
+            EmailStep(19, "card_update_needed"),
+            _FINAL_NOTICE,
         ),
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
+    # The card cannot be charged as it is: ask for a new or fixed one, then warn.
     Category.CUSTOMER_ACTION: Plan(
         "customer_action",
-        emails=_ASK_FOR_A_CARD,
+        emails=_reminders("card_update_needed"),
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
     Category.AUTHENTICATE: Plan(
         "authenticate",
-        emails=(
-            EmailStep(0, "authentication_required"),
-            EmailStep(2, "authentication_required"),
-            EmailStep(7, "authentication_required"),
-            EmailStep(_FINAL_NOTICE_DAY, "final_notice"),
-        ),
+        emails=_reminders("authentication_required", (0, 2, 7, 14)),
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
     Category.DEAD_CARD: Plan(
         "dead_card",
-        emails=_ASK_FOR_A_CARD,
+        emails=_reminders("card_update_needed"),
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
     Category.DO_NOT_CONTACT: Plan("do_not_contact", flag_for_review=True),
@@ -113,13 +165,14 @@ DEFAULT_PLANS: dict[Category, Plan] = {
         "check_paid",
         retry_days=(0.05, 3),
         max_tries=2,
+        window_days=21,
         emails=(EmailStep(1, "payment_failed"),),
         final_action=FinalAction.CANCEL_SUBSCRIPTION,
     ),
     Category.OUR_BUG: Plan("our_bug", flag_for_review=True),
 }
 
-# Insufficient funds: a retry this close before a payday waits for it.
+# A retry pulled toward paydays moves at most this far.
 PAYDAY_PULL = timedelta(days=3)
 
 
@@ -182,12 +235,31 @@ def _override(plan: Plan, values: dict, where: str) -> Plan:
             changes[key] = float(value)
         elif key in ("payday_aware", "flag_for_review"):
             changes[key] = bool(value)
+        elif key == "retry_on":
+            try:
+                changes[key] = RetryOn(value)
+            except ValueError:
+                raise PlanFileError(
+                    f"{where}: retry_on must be one of {', '.join(r.value for r in RetryOn)}"
+                ) from None
         else:
             raise PlanFileError(f"{where}: unknown setting {key!r}")
     plan = replace(plan, **changes)
+    check_plan(plan, where)
+    return plan
+
+
+def check_plan(plan: Plan, where: str) -> None:
     if any(day < 0 or day > plan.window_days for day in plan.retry_days):
         raise PlanFileError(f"{where}: every retry day must lie within window_days")
-    return plan
+
+
+def rushed_emails(plan: Plan) -> list[EmailStep]:
+    """Emails too close to the final action for the customer to answer them
+    (the defaults have none; an operator's plan may choose otherwise)."""
+    if plan.final_action is FinalAction.LEAVE_PAST_DUE:
+        return []
+    return [email for email in plan.emails if email.day > plan.window_days - FINAL_GRACE_DAYS]
 
 
 # -- timing ------------------------------------------------------------------------
@@ -208,7 +280,7 @@ def last_business_day(year: int, month: int) -> date:
 
 
 def paydays_after(day: date) -> list[date]:
-    """The paydays on or after `day`, within about a month."""
+    """The monthly paydays on or after `day`, within about a month."""
     found = []
     year, month = day.year, day.month
     for _ in range(2):
@@ -224,36 +296,68 @@ def paydays_after(day: date) -> list[date]:
     return sorted(found)
 
 
+def common_paydays(first: date, last: date) -> list[date]:
+    """The days from `first` to `last` when many people are paid [bls]:
+    Fridays (weekly and biweekly pay), the 1st when it is a business day, the
+    15th (or the business day before) and the last business day."""
+    found = set()
+    day = first
+    while day <= last:
+        if day.weekday() == 4 or (day.day == 1 and day.weekday() < 5):
+            found.add(day)
+        fifteenth = date(day.year, day.month, 15)
+        while fifteenth.weekday() >= 5:
+            fifteenth -= timedelta(days=1)
+        found.update({fifteenth, last_business_day(day.year, day.month)})
+        day += timedelta(days=1)
+    return sorted(d for d in found if first <= d <= last)
+
+
 def retry_moment(
     plan: Plan,
     try_number: int,
     anchor: datetime,
     *,
-    decline_code: str | None,
     timezone: str | None,
     rng: random.Random,
 ) -> datetime | None:
     """When try `try_number` (1-based) of `plan` should run, before network limits
     and minimum waits; None when the plan has no such try."""
-    if try_number < 1 or try_number > min(plan.max_tries, len(plan.retry_days)):
-        return None
     zone = _zone(timezone)
-    moment = anchor + timedelta(days=plan.retry_days[try_number - 1])
-    local = moment.astimezone(zone)
-    if (plan.payday_aware or decline_code == "insufficient_funds") and plan.retry_days[
-        try_number - 1
-    ] >= 1:
-        nearest = paydays_after(local.date())[0]
-        if datetime.combine(nearest, time(), zone) - local <= PAYDAY_PULL:
-            local = datetime.combine(nearest, local.timetz().replace(tzinfo=None), zone)
-    if plan.local_hour is not None and plan.retry_days[try_number - 1] >= 1:
-        local = datetime.combine(local.date(), time(plan.local_hour), zone)
+    if plan.retry_on is RetryOn.PAYDAYS:
+        local = _payday_try(plan, try_number, anchor, zone)
+        if local is None:
+            return None
+    else:
+        if try_number < 1 or try_number > min(plan.max_tries, len(plan.retry_days)):
+            return None
+        offset = plan.retry_days[try_number - 1]
+        local = (anchor + timedelta(days=offset)).astimezone(zone)
+        if plan.payday_aware and offset >= 1:
+            nearest = paydays_after(local.date())[0]
+            if datetime.combine(nearest, time(), zone) - local <= PAYDAY_PULL:
+                local = datetime.combine(nearest, local.timetz().replace(tzinfo=None), zone)
+        if plan.local_hour is not None and offset >= 1:
+            local = datetime.combine(local.date(), time(plan.local_hour), zone)
     jitter = (
         timedelta(minutes=rng.uniform(0, plan.jitter_minutes))
         if plan.jitter_minutes
         else timedelta()
     )
     return (local + jitter).astimezone(anchor.tzinfo)
+
+
+def _payday_try(plan: Plan, try_number: int, anchor: datetime, zone: ZoneInfo) -> datetime | None:
+    """Try n on the n-th common payday after the failure's own day, in the
+    morning: pay has arrived by then and has not been spent."""
+    start = anchor.astimezone(zone)
+    days = common_paydays(
+        start.date() + timedelta(days=1), (anchor + plan.window).astimezone(zone).date()
+    )
+    if try_number < 1 or try_number > min(plan.max_tries, len(days)):
+        return None
+    hour = time(plan.local_hour if plan.local_hour is not None else start.hour)
+    return datetime.combine(days[try_number - 1], hour, zone)
 
 
 def email_moment(step: EmailStep, anchor: datetime, timezone: str | None) -> datetime:

@@ -27,6 +27,7 @@ POLICIES_DIR = Path(__file__).resolve().parent / "policies"
 BUILT_IN: dict[str, str | None] = {
     "defaults": None,
     "stripe-recommended": str(POLICIES_DIR / "stripe_recommended.toml"),
+    "previous-defaults": str(POLICIES_DIR / "previous_defaults.toml"),
 }
 
 # Student's t at 97.5% by degrees of freedom: a 95% interval from few seeds
