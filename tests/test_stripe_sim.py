@@ -90,6 +90,56 @@ def test_card_that_succeeds_after_a_time(sim):
     assert stripe_api.pay_invoice(scenario["invoice"], "try-2")["status"] == "paid"
 
 
+def test_a_card_funded_only_after_payday_pays_only_inside_its_windows(sim):
+    now = sim.now()
+    windows = [[now + 3600, now + 7200], [now + 86_400, now + 90_000]]
+    scenario = sim_post(
+        sim.url, "/_sim/scenarios/failed_invoice", {"behavior": {"funded": windows}}
+    )
+    with pytest.raises(stripe_api.CardDeclined):
+        stripe_api.pay_invoice(scenario["invoice"], "before")
+    sim_post(sim.url, "/_sim/clock", {"advance": 7300})  # the first window has closed
+    with pytest.raises(stripe_api.CardDeclined):
+        stripe_api.pay_invoice(scenario["invoice"], "between")
+    sim_post(sim.url, "/_sim/clock", {"advance": 86_400 - 7300})
+    assert stripe_api.pay_invoice(scenario["invoice"], "inside")["status"] == "paid"
+
+
+def test_an_opaque_decline_is_approved_on_some_attempts_the_same_ones_each_time(sim):
+    def answers(draws: str, run: int) -> list[bool]:
+        behavior = {
+            "decline_code": "do_not_honor",
+            "approve_chance": 0.4,
+            "draws": draws,
+            # The renewal itself declines; the issuer's coin is tossed from then on.
+            "succeed_after": sim.now() + 1,
+        }
+        scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {"behavior": behavior})
+        sim_post(sim.url, "/_sim/clock", {"advance": 2})
+        found = []
+        for n in range(12):
+            try:
+                stripe_api.pay_invoice(scenario["invoice"], f"{draws}-{run}-{n}")
+            except stripe_api.CardDeclined:
+                found.append(False)
+            else:
+                found.append(True)
+                break
+        return found
+
+    first = answers("seed-a", 1)
+    assert first[-1] is True and first == answers("seed-a", 2)
+
+
+@pytest.mark.parametrize(
+    "behavior",
+    [{"approve_chance": 1.5}, {"approve_chance": "often"}, {"funded": [[1]]}, {"funded": "soon"}],
+)
+def test_a_bad_card_behaviour_is_refused(sim, behavior):
+    with pytest.raises(AssertionError, match="approve_chance|funded"):
+        sim_post(sim.url, "/_sim/scenarios/failed_invoice", {"behavior": behavior})
+
+
 def test_errors_map_to_the_project_tree(sim):
     scenario = sim_post(
         sim.url,

@@ -798,7 +798,10 @@ class StripeSim:
                 return 200, {"deliveries": self.flush()}, {}
             data = json.loads(body or b"{}")
             with self.lock:
-                return (*self.control(method, path, data), {})
+                try:
+                    return (*self.control(method, path, data), {})
+                except ApiError as exc:
+                    return exc.status, {"error": exc.body}, {}
         if path.startswith("/hosted/checkout/"):
             return self._hosted_checkout(method, path.rsplit("/", 1)[-1], body)
         if path.startswith("/hosted/invoices/"):
