@@ -63,6 +63,8 @@ class Settings:
     stripe_write_rate: float = 20.0
     stripe_read_rate: float = 20.0
     visa_max_attempts_30d: int = 15
+    # Time plan retries by what has paid before (engine/learner.py).
+    retry_learning: bool = True
     step_lease_seconds: int = 300
     dispatch_batch_size: int = 500
     card_update_min_gap_seconds: int = 300
@@ -233,6 +235,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stripe_write_rate=float(_int(env, "STRIPE_WRITE_RATE", 20, 1, 10_000)),
         stripe_read_rate=float(_int(env, "STRIPE_READ_RATE", 20, 1, 10_000)),
         visa_max_attempts_30d=_int(env, "VISA_MAX_ATTEMPTS_30D", 15, 1, 20),
+        retry_learning=_choice(env, "RETRY_LEARNING", ("on", "off"), "on") == "on",
         step_lease_seconds=_int(env, "STEP_LEASE_SECONDS", 300, 5, 86_400),
         dispatch_batch_size=_int(env, "DISPATCH_BATCH_SIZE", 500, 1, 10_000),
         card_update_min_gap_seconds=_int(env, "CARD_UPDATE_MIN_GAP_SECONDS", 300, 0, 86_400),

@@ -369,6 +369,10 @@ class RecoveryAttempt(Base):
     amount: Mapped[int | None] = mapped_column(BigInteger)
     currency: Mapped[str | None] = mapped_column(String(3))
     executed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A plan retry that reached the issuer: the slot the learner counts it in.
+    slot: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Why the step is due when it is, in words for operators.
+    why: Mapped[str | None] = mapped_column(String(400))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     _enums = coerced("kind", "origin", "status", "outcome")

@@ -130,7 +130,7 @@ def make_case(
         card_brand="visa",
         card_fingerprint=objects.new_id("fp"),
         card_last4="4242",
-        category="retry",
+        category="funds",
         mode="take_over",
         first_failed_at=at,
         last_failure_at=at,

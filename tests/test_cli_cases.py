@@ -32,9 +32,12 @@ def test_listing_and_timeline(stack):
     assert [c["invoice"] for c in listed] == [scenario["invoice"]]
     shown = json.loads(run("cases", "show", scenario["invoice"], "--json").output)
     assert shown["category"] == "funds"
-    assert shown["next_step"]["step"] in ("retry:1", "final")
+    retry = next(s for s in shown["steps"] if s["step"] == "retry:1")
+    # Why it is due then: the learner (on by default) or the plan, in words.
+    assert retry["why"].startswith(("learned: ", "plan funds, try 1 of 8"))
     assert any(item["what"] == "classified" for item in shown["timeline"])
-    assert "timeline:" in run("cases", "show", str(listed[0]["id"])).output
+    text = run("cases", "show", str(listed[0]["id"])).output
+    assert "timeline:" in text and "why: " in text
 
 
 def test_retry_refuses_a_dead_card_unless_forced_with_a_reason(stack):

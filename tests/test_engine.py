@@ -44,6 +44,8 @@ def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
     assert [s.outcome for s in retries][-1] == "paid"
     assert all(s.outcome == "declined" for s in retries[:-1])
     assert all(s.executed_at >= pays_from for s in retries[-1:])
+    # Each answer is counted where the retry learner will look for it.
+    assert all(s.slot and s.slot.startswith("funds/") for s in retries)
     # One API charge per retry, each with its own key.
     charges = stack.charges(scenario["invoice"])
     assert len(charges) == len(retries) and len({c[2] for c in charges}) == len(charges)
@@ -99,6 +101,7 @@ def test_card_update_retries_at_once_and_recovers(stack):
     assert result.outcomes.get("paid") == 1
     retry = next(s for s in steps_of(case.id) if s.kind == "retry")
     assert retry.step.startswith("retry:card-update:") and retry.outcome == "paid"
+    assert retry.slot is None  # a new card teaches nothing about when the old one pays
 
 
 def test_suspected_fraud_is_flagged_with_no_retry_and_no_email(stack):

@@ -9,7 +9,7 @@ import click
 from sqlalchemy.exc import DBAPIError
 
 from recovery import preflight
-from recovery.cli import cases, customers, dev, figures, inbox, run
+from recovery.cli import cases, customers, dev, figures, inbox, plans, run
 from recovery.config import ConfigError, get_settings
 from recovery.observability import configure
 
@@ -31,6 +31,7 @@ def cli() -> None:
     \b
     Operate it:
       recovery cases list | show         cases and their timelines
+      recovery plans explain             the plans, and what retries have taught
       recovery retry | pause | resume | cancel
       recovery stats | report            what recovery brought back
       recovery emails preview | send-test | list
@@ -54,7 +55,7 @@ def cli() -> None:
     configure(settings)
 
 
-for _group in (run, dev, cases, inbox, customers, figures):
+for _group in (run, dev, cases, inbox, customers, figures, plans):
     for _command in _group.COMMANDS:
         cli.add_command(_command)
 

@@ -249,6 +249,8 @@ def cases_show(ref: str, as_json: bool) -> None:
                     "decline_code": step.decline_code,
                     "executed_at": step.executed_at,
                     "tries": step.tries,
+                    "why": step.why,
+                    "slot": step.slot,
                 }
             )
         messages = [
@@ -305,7 +307,12 @@ def cases_show(ref: str, as_json: bool) -> None:
             f"  {when}  {m['template']:<24} {m['status']:<8} {m['last_error'] or ''}".rstrip()
         )
     nxt = data["next_step"]
-    click.echo(f"\nnext step: {nxt['step'] + ' at ' + str(nxt['due_at']) if nxt else 'none'}")
+    if nxt is None:
+        click.echo("\nnext step: none")
+    else:
+        click.echo(f"\nnext step: {nxt['step']} at {nxt['due_at']:%Y-%m-%d %H:%M} UTC")
+        if nxt["why"]:
+            click.echo(f"       why: {nxt['why']}")
 
 
 # -- actions ----------------------------------------------------------------------

@@ -18,22 +18,24 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from recovery.config import Settings
 from recovery.db import insert_ignore
-from recovery.engine import plans, steps
+from recovery.engine import learner, plans, steps
 from recovery.engine.classify import Category, Classification, Failure, classify
 from recovery.models import (
     AuditEntry,
     CardAttempt,
     CardAttemptSource,
     Customer,
+    RecoveryAttempt,
     RecoveryCase,
     RetryMode,
     StepKind,
     StepOrigin,
+    StepOutcome,
 )
 from recovery.stripe_api import DeclineDetails
 
@@ -261,10 +263,100 @@ def _next_plan_retry(
     moment = plans.retry_moment(plan, number, anchor, timezone=tz, rng=rng)
     if moment is None:
         return
+    why = f"plan {plan.name}, try {number} of {plan.max_tries}: {_plan_reason(plan, number)}"
     last = case.last_failure_at or anchor
-    moment = max(moment, now, last + reading.min_wait)
+    if settings.retry_learning:
+        choice = _learned(session, case, plan, number, anchor, moment, last, reading, now, tz)
+        if choice is not None:
+            moment, why = choice.moment, f"learned: {choice.why()}"
+    earliest = max(now, last + reading.min_wait)
+    if moment < earliest:
+        if reading.min_wait and earliest == last + reading.min_wait:
+            why += f"; after the decline's wait ({reading.source})"
+        moment = earliest
     allowed = earliest_retry(session, case, moment, settings)
     if allowed is None or allowed > anchor + plan.window:
         log.info("retry_not_allowed", case_id=case.id, by="network_limits")
         return
-    wanted[steps.plan_retry_name(number)] = steps.Planned(StepKind.RETRY, allowed, number=number)
+    if allowed > moment:
+        why += "; later by the card networks' limit on attempts"
+    wanted[steps.plan_retry_name(number)] = steps.Planned(
+        StepKind.RETRY, allowed, number=number, why=why[:400]
+    )
+
+
+def _plan_reason(plan: plans.Plan, number: int) -> str:
+    if plan.retry_on is plans.RetryOn.PAYDAYS:
+        return f"common payday {number} after the failure, in the customer's morning"
+    day = plan.retry_days[number - 1]
+    text = f"day {day:g} after the failure"
+    return text + (", pulled to a near payday" if plan.payday_aware and day >= 1 else "")
+
+
+# -- learning --------------------------------------------------------------------------
+
+
+def learned_counts(session: Session, category: str) -> dict[str, learner.Counts]:
+    """Paid and declined plan retries per slot of `category`, over every case."""
+    rows = session.execute(
+        select(RecoveryAttempt.slot, RecoveryAttempt.outcome, func.count())
+        .where(
+            RecoveryAttempt.slot.like(f"{category}/%"),
+            RecoveryAttempt.outcome.in_((StepOutcome.PAID, StepOutcome.DECLINED)),
+        )
+        .group_by(RecoveryAttempt.slot, RecoveryAttempt.outcome)
+    ).all()
+    paid: dict[str, int] = {}
+    declined: dict[str, int] = {}
+    for slot, outcome, count in rows:
+        if slot is not None:
+            (paid if outcome is StepOutcome.PAID else declined)[slot] = count
+    return {
+        slot: learner.Counts(paid.get(slot, 0), declined.get(slot, 0))
+        for slot in {*paid, *declined}
+    }
+
+
+def _learned(
+    session: Session,
+    case: RecoveryCase,
+    plan: plans.Plan,
+    number: int,
+    anchor: datetime,
+    plan_moment: datetime,
+    last: datetime,
+    reading: Classification,
+    now: datetime,
+    tz: str | None,
+) -> learner.Choice | None:
+    """The learner's moment for this try, between the earliest the case may be
+    tried again and a little after the plan's own moment."""
+    previous = (
+        plans.retry_moment(plan, number - 1, anchor, timezone=tz, rng=random.Random(0))
+        if number > 1
+        else anchor
+    ) or anchor
+    gap = learner.min_gap(plan_moment - previous)
+    earliest = max(now, last + max(gap, reading.min_wait))
+    category = case.category or plan.name
+    # Thompson's draws, reproducible per case and try.
+    rng = random.Random(f"learn:{case.id}:{number}")  # noqa: S311
+    return learner.choose(
+        category,
+        anchor,
+        plan_moment,
+        earliest,
+        anchor + plan.window,
+        plans.zone(tz),
+        learned_counts(session, category),
+        rng,
+    )
+
+
+def slot_of_retry(session: Session, case: RecoveryCase, at: datetime) -> str:
+    """The slot a plan retry run `at` is counted in."""
+    customer = session.get(Customer, case.customer_id) if case.customer_id else None
+    anchor = case.first_failed_at or case.opened_at
+    return learner.slot_of(
+        case.category or "unknown", anchor, at, plans.zone(customer.timezone if customer else None)
+    )

@@ -265,7 +265,8 @@ def rushed_emails(plan: Plan) -> list[EmailStep]:
 # -- timing ------------------------------------------------------------------------
 
 
-def _zone(name: str | None) -> ZoneInfo:
+def zone(name: str | None) -> ZoneInfo:
+    """The customer's zone; UTC when unknown or not a zone."""
     try:
         return ZoneInfo(name or "UTC")
     except (ZoneInfoNotFoundError, ValueError):
@@ -323,22 +324,22 @@ def retry_moment(
 ) -> datetime | None:
     """When try `try_number` (1-based) of `plan` should run, before network limits
     and minimum waits; None when the plan has no such try."""
-    zone = _zone(timezone)
+    where = zone(timezone)
     if plan.retry_on is RetryOn.PAYDAYS:
-        local = _payday_try(plan, try_number, anchor, zone)
+        local = _payday_try(plan, try_number, anchor, where)
         if local is None:
             return None
     else:
         if try_number < 1 or try_number > min(plan.max_tries, len(plan.retry_days)):
             return None
         offset = plan.retry_days[try_number - 1]
-        local = (anchor + timedelta(days=offset)).astimezone(zone)
+        local = (anchor + timedelta(days=offset)).astimezone(where)
         if plan.payday_aware and offset >= 1:
             nearest = paydays_after(local.date())[0]
-            if datetime.combine(nearest, time(), zone) - local <= PAYDAY_PULL:
-                local = datetime.combine(nearest, local.timetz().replace(tzinfo=None), zone)
+            if datetime.combine(nearest, time(), where) - local <= PAYDAY_PULL:
+                local = datetime.combine(nearest, local.timetz().replace(tzinfo=None), where)
         if plan.local_hour is not None and offset >= 1:
-            local = datetime.combine(local.date(), time(plan.local_hour), zone)
+            local = datetime.combine(local.date(), time(plan.local_hour), where)
     jitter = (
         timedelta(minutes=rng.uniform(0, plan.jitter_minutes))
         if plan.jitter_minutes
@@ -347,24 +348,24 @@ def retry_moment(
     return (local + jitter).astimezone(anchor.tzinfo)
 
 
-def _payday_try(plan: Plan, try_number: int, anchor: datetime, zone: ZoneInfo) -> datetime | None:
+def _payday_try(plan: Plan, try_number: int, anchor: datetime, where: ZoneInfo) -> datetime | None:
     """Try n on the n-th common payday after the failure's own day, in the
     morning: pay has arrived by then and has not been spent."""
-    start = anchor.astimezone(zone)
+    start = anchor.astimezone(where)
     days = common_paydays(
-        start.date() + timedelta(days=1), (anchor + plan.window).astimezone(zone).date()
+        start.date() + timedelta(days=1), (anchor + plan.window).astimezone(where).date()
     )
     if try_number < 1 or try_number > min(plan.max_tries, len(days)):
         return None
     hour = time(plan.local_hour if plan.local_hour is not None else start.hour)
-    return datetime.combine(days[try_number - 1], hour, zone)
+    return datetime.combine(days[try_number - 1], hour, where)
 
 
 def email_moment(step: EmailStep, anchor: datetime, timezone: str | None) -> datetime:
     """Day 0 is at once; later reminders at 10:00 in the customer's zone."""
     if step.day == 0:
         return anchor
-    local = (anchor + timedelta(days=step.day)).astimezone(_zone(timezone))
+    local = (anchor + timedelta(days=step.day)).astimezone(zone(timezone))
     return datetime.combine(local.date(), time(10), local.tzinfo).astimezone(anchor.tzinfo)
 
 

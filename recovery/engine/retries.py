@@ -161,6 +161,7 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
                 now,
                 StepOutcome.DECLINED,
                 decline_code=declined.decline.decline_code,
+                slot=_learning_slot(session, case, step, now),
             )
             cases.record_decline(session, case, declined.decline, step.key, now, settings)
             log.info("retry_declined", decline_code=declined.decline.decline_code)
@@ -186,9 +187,21 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
             StepOutcome.PAID,
             amount=paid.get("amount_paid"),
             currency=case.currency,
+            slot=_learning_slot(session, case, step, now),
         )
     log.info("retry_paid", invoice_id=invoice_id)
     return StepOutcome.PAID
+
+
+def _learning_slot(
+    session: Session, case: RecoveryCase, step: steps.Step, now: datetime
+) -> str | None:
+    """The slot the learner counts this answer in: only the plan's own retries
+    on the card that declined teach when that card's kind of decline pays
+    (a new card or an operator's say-so would teach nothing about timing)."""
+    if step.origin is not StepOrigin.PLAN or step.forced:
+        return None
+    return planner.slot_of_retry(session, case, now)
 
 
 def _may_charge(case: RecoveryCase, card: stripe_api.Card | None, step: steps.Step) -> bool:

@@ -87,6 +87,7 @@ def schedule(
     number: int | None = None,
     template: str | None = None,
     forced: bool = False,
+    why: str | None = None,
 ) -> bool:
     """Add a step unless the case already has one of that name; True if added.
     A step canceled before it ever ran (a plan that changed back) is revived."""
@@ -103,6 +104,7 @@ def schedule(
             "forced": forced,
             "status": StepStatus.SCHEDULED,
             "due_at": due_at,
+            "why": why,
             "claims": 0,
             "tries": 0,
             # Derived from our case and step, never random: every execution of
@@ -123,7 +125,7 @@ def schedule(
                 RecoveryAttempt.status == StepStatus.CANCELED,
                 RecoveryAttempt.claims == 0,
             )
-            .values(status=StepStatus.SCHEDULED, due_at=due_at, outcome=None)
+            .values(status=StepStatus.SCHEDULED, due_at=due_at, outcome=None, why=why)
         )
     )
     return revived == 1
@@ -207,6 +209,7 @@ class Planned:
     origin: StepOrigin = StepOrigin.PLAN
     number: int | None = None
     template: str | None = None
+    why: str | None = None
 
 
 def sync(session: Session, case: RecoveryCase, wanted: dict[str, Planned]) -> None:
@@ -217,7 +220,12 @@ def sync(session: Session, case: RecoveryCase, wanted: dict[str, Planned]) -> No
     scheduled = {
         row.step: row
         for row in session.execute(
-            select(RecoveryAttempt.id, RecoveryAttempt.step, RecoveryAttempt.due_at).where(
+            select(
+                RecoveryAttempt.id,
+                RecoveryAttempt.step,
+                RecoveryAttempt.due_at,
+                RecoveryAttempt.why,
+            ).where(
                 RecoveryAttempt.case_id == case.id,
                 RecoveryAttempt.status == StepStatus.SCHEDULED,
                 RecoveryAttempt.origin != StepOrigin.OPERATOR,
@@ -236,12 +244,13 @@ def sync(session: Session, case: RecoveryCase, wanted: dict[str, Planned]) -> No
                 origin=planned.origin,
                 number=planned.number,
                 template=planned.template,
+                why=planned.why,
             )
-        elif row.due_at != planned.due_at:
+        elif row.due_at != planned.due_at or row.why != planned.why:
             session.execute(
                 update(RecoveryAttempt)
                 .where(RecoveryAttempt.id == row.id, RecoveryAttempt.status == StepStatus.SCHEDULED)
-                .values(due_at=planned.due_at)
+                .values(due_at=planned.due_at, why=planned.why)
             )
     if scheduled:
         session.execute(

@@ -1,0 +1,186 @@
+"""When do retries work for this business? Learned from its own outcomes. Pure.
+
+Every plan retry that reached the issuer is one outcome, paid or declined, in
+a slot: the failure's category, how long after the failure it ran, how many
+days after the last common payday, and the part of the customer's day. Per
+slot a Beta distribution holds what is known. It starts from a prior that
+favours the moment the static plan would choose (plans.py, with its sources)
+and moves with every outcome.
+
+To time a case's next retry, one chance is drawn from the Beta of each
+allowed candidate moment (Thompson sampling) and the best draw wins: a slot
+that has paid is chosen more, a slot nobody has tried is still tried now and
+then, and as outcomes pile up the draws settle on what works. Candidates lie
+between the earliest moment the case may be tried again and a little after
+the static plan's own moment, so the plan's budget of tries, its window and
+the networks' limits (applied by the planner afterwards) still bound it.
+
+Nothing here reads the clock or a random source of its own: the caller passes
+`now` and a seeded generator, so the same inputs choose the same moment.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from recovery.engine.plans import common_paydays
+
+# The bounds of "days since the failure", in days.
+SINCE_FAILURE = (1, 3, 7, 14, 21)
+PARTS_OF_DAY = ((6, "night"), (12, "morning"), (18, "afternoon"), (24, "evening"))
+# Candidate hours in the customer's zone: mornings and late afternoons.
+CANDIDATE_HOURS = (9, 17)
+# How much later than the static plan's moment a retry may go.
+LATER_BY = timedelta(days=2)
+# Between two plan tries of one case, unless the plan itself asks for less.
+MIN_GAP = timedelta(hours=20)
+# The prior: what the static plan believes, worth this many outcomes.
+PRIOR_STRENGTH = 12.0
+PRIOR_PLAN = 0.2  # the chance the plan's own slot is believed to have
+PRIOR_OTHER = 0.1  # and any other slot
+
+
+@dataclass(frozen=True)
+class Counts:
+    paid: int = 0
+    declined: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.paid + self.declined
+
+
+def _since_failure(days: float) -> str:
+    low = 0
+    for high in SINCE_FAILURE:
+        if days < high:
+            return f"d{low}-{high}"
+        low = high
+    return f"d{low}+"
+
+
+def _since_payday(day: date) -> str:
+    recent = common_paydays(day - timedelta(days=3), day)
+    if not recent:
+        return "p3+"
+    return f"p{(day - recent[-1]).days}"
+
+
+def _part_of_day(hour: int) -> str:
+    return next(name for end, name in PARTS_OF_DAY if hour < end)
+
+
+def slot_of(category: str, anchor: datetime, moment: datetime, zone: ZoneInfo) -> str:
+    """The slot a retry at `moment` falls in, for a case failed at `anchor`."""
+    local = moment.astimezone(zone)
+    days = (moment - anchor).total_seconds() / 86_400
+    return (
+        f"{category}/{_since_failure(days)}/{_since_payday(local.date())}"
+        f"/{_part_of_day(local.hour)}"
+    )
+
+
+@dataclass(frozen=True)
+class Belief:
+    slot: str
+    paid: float  # the Beta's parameters: prior plus outcomes
+    declined: float
+    outcomes: int  # outcomes seen, without the prior
+
+    @property
+    def mean(self) -> float:
+        return self.paid / (self.paid + self.declined)
+
+
+def belief(slot: str, counts: Mapping[str, Counts], plan_slot: str) -> Belief:
+    prior = PRIOR_PLAN if slot == plan_slot else PRIOR_OTHER
+    seen = counts.get(slot, Counts())
+    return Belief(
+        slot,
+        prior * PRIOR_STRENGTH + seen.paid,
+        (1 - prior) * PRIOR_STRENGTH + seen.declined,
+        seen.n,
+    )
+
+
+@dataclass(frozen=True)
+class Choice:
+    moment: datetime
+    slot: str
+    drawn: float  # the chance drawn for it
+    mean: float  # what is believed of its slot
+    outcomes: int  # behind that belief
+    plan_moment: datetime
+    plan_slot: str
+    candidates: int
+
+    def why(self) -> str:
+        if self.moment == self.plan_moment:
+            reason = "the plan's own moment"
+        else:
+            reason = f"moved from the plan's {self.plan_moment:%Y-%m-%d %H:%M} UTC"
+        return (
+            f"{reason}; slot {self.slot}: {self.mean:.0%} of retries paid"
+            f" (over {self.outcomes} outcome(s) and the plan's prior), best of"
+            f" {self.candidates} candidate moment(s) drawn"
+        )
+
+
+def candidates(
+    plan_moment: datetime,
+    earliest: datetime,
+    latest: datetime,
+    zone: ZoneInfo,
+) -> list[datetime]:
+    """The moments a retry may go to: the plan's own, and each candidate hour
+    of each day from `earliest` to a little after the plan's, within `latest`."""
+    last = min(plan_moment + LATER_BY, latest)
+    found = {plan_moment} if earliest <= plan_moment <= latest else set()
+    day = earliest.astimezone(zone).date()
+    while day <= last.astimezone(zone).date():
+        for hour in CANDIDATE_HOURS:
+            moment = datetime.combine(day, time(hour), zone).astimezone(plan_moment.tzinfo)
+            if earliest <= moment <= last:
+                found.add(moment)
+        day += timedelta(days=1)
+    return sorted(found)
+
+
+def choose(
+    category: str,
+    anchor: datetime,
+    plan_moment: datetime,
+    earliest: datetime,
+    latest: datetime,
+    zone: ZoneInfo,
+    counts: Mapping[str, Counts],
+    rng: random.Random,
+) -> Choice | None:
+    """The next retry's moment by Thompson sampling over the candidates;
+    None when there is none (the plan's moment is past the window)."""
+    moments = candidates(plan_moment, earliest, latest, zone)
+    if not moments:
+        return None
+    plan_slot = slot_of(category, anchor, plan_moment, zone)
+    best: tuple[float, datetime, Belief] | None = None
+    for moment in moments:
+        held = belief(slot_of(category, anchor, moment, zone), counts, plan_slot)
+        drawn = rng.betavariate(held.paid, held.declined)
+        # Ties (rare with continuous draws) go to the earlier moment.
+        if best is None or drawn > best[0]:
+            best = (drawn, moment, held)
+    assert best is not None
+    drawn, moment, held = best
+    return Choice(
+        moment, held.slot, drawn, held.mean, held.outcomes, plan_moment, plan_slot, len(moments)
+    )
+
+
+def min_gap(plan_offset_gap: timedelta) -> timedelta:
+    """The least time between two tries: MIN_GAP, or less when the plan's own
+    tries are closer (a quick first try after an issuer's error)."""
+    return min(MIN_GAP, max(plan_offset_gap, timedelta()))

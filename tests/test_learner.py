@@ -1,0 +1,155 @@
+"""The retry learner: its slots, its draws, and the planner following it (or not)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+
+from recovery.engine import cases, learner, plans
+from recovery.models import RecoveryAttempt, StepKind, StepOutcome, StepStatus
+
+from .factories import make_case
+
+UTC_ZONE = plans.zone(None)
+ANCHOR = datetime(2026, 11, 2, 15, tzinfo=UTC)  # a Monday afternoon
+PLAN = datetime(2026, 11, 6, 9, 5, tzinfo=UTC)  # the plan's try 1: Friday's payday morning
+
+
+def test_a_slot_names_the_category_the_wait_the_payday_and_the_part_of_day():
+    assert learner.slot_of("funds", ANCHOR, PLAN, UTC_ZONE) == "funds/d3-7/p0/morning"
+    saturday_evening = datetime(2026, 11, 7, 19, tzinfo=UTC)
+    assert learner.slot_of("funds", ANCHOR, saturday_evening, UTC_ZONE) == "funds/d3-7/p1/evening"
+    wednesday = datetime(2026, 11, 25, 3, tzinfo=UTC)  # five days after Friday the 20th
+    assert learner.slot_of("retry", ANCHOR, wednesday, UTC_ZONE) == "retry/d21+/p3+/night"
+    # The same instant is another part of the day in another zone.
+    tokyo = plans.zone("Asia/Tokyo")
+    assert learner.slot_of("funds", ANCHOR, PLAN, tokyo).endswith("/evening")
+
+
+def _choose(counts, seed, earliest=ANCHOR + timedelta(hours=20)):
+    return learner.choose(
+        "funds", ANCHOR, PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE, counts,
+        random.Random(seed),
+    )  # fmt: skip
+
+
+def test_candidates_lie_between_the_earliest_moment_and_a_little_after_the_plans():
+    earliest = ANCHOR + timedelta(hours=20)
+    found = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
+    assert PLAN in found and found == sorted(found)
+    assert min(found) >= earliest and max(found) <= PLAN + learner.LATER_BY
+    # Never past the window, even when the plan's own moment would allow it.
+    assert max(learner.candidates(PLAN, earliest, PLAN, UTC_ZONE)) == PLAN
+    assert (
+        learner.candidates(PLAN, PLAN + timedelta(days=5), PLAN + timedelta(days=4), UTC_ZONE) == []
+    )
+
+
+def test_the_same_seed_and_outcomes_choose_the_same_moment():
+    counts = {"funds/d3-7/p1/morning": learner.Counts(3, 4)}
+    assert _choose(counts, 7) == _choose(counts, 7)
+    assert len({_choose(counts, seed).moment for seed in range(50)}) > 1  # it does explore
+
+
+def test_cold_it_follows_the_plan_more_than_any_other_moment():
+    picks = Counter(_choose({}, seed).moment for seed in range(600))
+    assert picks.most_common(1)[0][0] == PLAN
+
+
+def test_warm_it_goes_where_retries_have_paid():
+    paying = "funds/d3-7/p1/morning"  # Saturday morning, the day after payday
+    counts = {
+        paying: learner.Counts(paid=60, declined=40),
+        "funds/d3-7/p0/morning": learner.Counts(paid=5, declined=95),
+    }
+    picks = [_choose(counts, seed) for seed in range(200)]
+    share = sum(choice.slot == paying for choice in picks) / len(picks)
+    assert share > 0.9
+    assert "slot funds/d3-7/p1/morning" in picks[0].why() and "moved from" in picks[0].why()
+
+
+def _retry_step(session, case):
+    session.expire_all()
+    return session.scalars(
+        select(RecoveryAttempt).where(
+            RecoveryAttempt.case_id == case.id, RecoveryAttempt.step == "retry:1"
+        )
+    ).one()
+
+
+def _teach(session, slot: str, paid: int, declined: int) -> None:
+    """Outcomes of earlier plan retries, on another case."""
+    other = make_case(session, at=ANCHOR - timedelta(days=60))
+    for n in range(paid + declined):
+        session.add(
+            RecoveryAttempt(
+                case_id=other.id,
+                kind=StepKind.RETRY,
+                step=f"retry:{n + 1}",
+                number=n + 1,
+                status=StepStatus.DONE,
+                due_at=ANCHOR - timedelta(days=59),
+                idempotency_key=f"recovery-{other.id}-retry:{n + 1}",
+                outcome=StepOutcome.PAID if n < paid else StepOutcome.DECLINED,
+                slot=slot,
+            )
+        )
+    session.flush()
+
+
+def test_the_planner_times_the_retry_by_what_has_paid_and_says_why(session, settings):
+    _teach(session, "funds/d3-7/p1/morning", paid=80, declined=20)
+    _teach(session, "funds/d3-7/p0/morning", paid=2, declined=98)
+    case = make_case(session, at=ANCHOR, category="funds")
+    cases.replan(session, case, ANCHOR, replace(settings, retry_learning=True))
+    step = _retry_step(session, case)
+    assert step.due_at.date() == datetime(2026, 11, 7).date() and step.due_at.hour == 9
+    assert step.why.startswith("learned: moved from the plan's 2026-11-06")
+
+
+def test_with_learning_off_the_plan_alone_times_the_retry(session, settings):
+    _teach(session, "funds/d3-7/p1/morning", paid=80, declined=20)
+    case = make_case(session, at=ANCHOR, category="funds")
+    cases.replan(session, case, ANCHOR, replace(settings, retry_learning=False))
+    step = _retry_step(session, case)
+    assert step.due_at.date() == PLAN.date() and step.due_at.hour == 9
+    assert step.why == (
+        "plan funds, try 1 of 8: common payday 1 after the failure, in the customer's morning"
+    )
+
+
+def test_only_the_plans_own_answered_retries_teach(session, settings):
+    from recovery.engine import planner
+
+    _teach(session, "funds/d3-7/p1/morning", paid=3, declined=1)
+    _teach(session, "retry/d3-7/p1/morning", paid=9, declined=0)
+    counts = planner.learned_counts(session, "funds")
+    assert counts == {"funds/d3-7/p1/morning": learner.Counts(3, 1)}
+
+
+def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
+    import json
+
+    from click.testing import CliRunner
+
+    from recovery.cli import cli
+    from recovery.db import session_scope
+
+    with session_scope() as session:
+        _teach(session, "funds/d3-7/p1/morning", paid=30, declined=10)
+        _teach(session, "funds/d0-1/p3+/night", paid=0, declined=5)
+    text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
+    assert "retry learning: on" in text
+    assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
+    assert "from 45 retry outcome(s)" in text and "funds/d3-7/p1/morning" in text
+    shown = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json"]).output)
+    funds = next(p for p in shown["plans"] if p["plan"] == "funds")
+    assert [s["slot"] for s in funds["learned"]] == [
+        "funds/d3-7/p1/morning",
+        "funds/d0-1/p3+/night",
+    ]
+    assert funds["learned"][0]["outcomes"] == 40 and funds["learned"][0]["paid_share"] > 0.5
