@@ -37,8 +37,8 @@ def test_the_recovered_share_is_taken_per_currency_and_weighted_by_cases():
 
 
 def test_the_stripe_emulation_is_eight_tries_in_two_weeks_and_four_emails():
-    plans = load_plans(compare.BUILT_IN["stripe-recommended"])
-    for category in (Category.RETRY, Category.RETRY_CAPPED):
+    plans = load_plans(compare.BUILT_IN["stripe-recommended"].plans_file)
+    for category in (Category.FUNDS, Category.RETRY, Category.RETRY_CAPPED):
         plan = plans[category]
         assert plan.max_tries == 8 and len(plan.retry_days) == 8
         assert max(plan.retry_days) <= 14 and plan.window_days == 14
@@ -116,7 +116,9 @@ def test_a_card_told_never_again_is_never_tried_again(reason, advice):
 
 
 def test_runs_in_parallel_processes_give_the_figures_of_runs_in_one(tmp_path):
-    policies = {"defaults": None}
-    one = compare.compare(policies, [3, 4], 10, 6, tmp_path / "one", jobs=1)
-    two = compare.compare(policies, [3, 4], 10, 6, tmp_path / "two", jobs=2)
+    policies = {"defaults": compare.BUILT_IN["defaults"]}
+    shape = compare.Population(size=10, days=6, spread_days=4, warm_days=2)
+    one = compare.compare(policies, [3, 4], shape, tmp_path / "one", jobs=1)
+    two = compare.compare(policies, [3, 4], shape, tmp_path / "two", jobs=2)
     assert two.runs == one.runs and len(one.runs["defaults"]) == 2
+    assert all(f.warm_recovered_share is not None for f in one.runs["defaults"])

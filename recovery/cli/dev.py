@@ -306,6 +306,20 @@ def demo(size: int, days: int, seed: int, workdir: Path, as_json: bool) -> None:
     type=click.Choice(sorted(compare.BUILT_IN)),
     help="A built-in policy to include (repeatable); the first one is the baseline.",
 )
+@click.option(
+    "--spread-days",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(1, 3650),
+    help="Failures arrive over this many days (longer lets the retry learner warm up).",
+)
+@click.option(
+    "--warm-days",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 3650),
+    help="Also report the recovered share of cases failing after this many days.",
+)
 @click.option("--from-db", is_flag=True, help="Shape the population on the stored cases.")
 @click.option(
     "--dir",
@@ -323,6 +337,8 @@ def simulate(
     seeds: int,
     jobs: int,
     policies: tuple[str, ...],
+    spread_days: float,
+    warm_days: float,
     from_db: bool,
     workdir: Path,
     as_json: bool,
@@ -340,13 +356,14 @@ def simulate(
       recovery simulate --plans fewer-retries.toml
       recovery simulate --plans a.toml --plans b.toml --size 500 --seed 3 --json
       recovery simulate --policy stripe-recommended --policy defaults --seeds 10
+      recovery simulate --policy static --policy defaults --seeds 10 \\
+          --spread-days 90 --days 125 --warm-days 60
     """
     if seeds > 1 or policies:
         if from_db:
             raise click.UsageError("--seeds and --policy run synthetic populations, not --from-db")
-        return _compare_policies(
-            plan_files, policies, size, days, seed, seeds, jobs, workdir, as_json
-        )
+        shape = compare.Population(size, days, spread_days, warm_days)
+        return _compare_policies(plan_files, policies, shape, seed, seeds, jobs, workdir, as_json)
     if from_db:
         try:
             members = backtest.population_from_cases(seed, size)
@@ -392,8 +409,7 @@ def simulate(
 def _compare_policies(
     plan_files: tuple[str, ...],
     policies: tuple[str, ...],
-    size: int,
-    days: int,
+    shape: compare.Population,
     seed: int,
     seeds: int,
     jobs: int,
@@ -401,25 +417,27 @@ def _compare_policies(
     as_json: bool,
 ) -> None:
     chosen = {name: compare.BUILT_IN[name] for name in policies or ("defaults",)}
-    chosen.update({Path(f).stem: str(Path(f).resolve()) for f in plan_files})
+    chosen.update({Path(f).stem: compare.Policy(str(Path(f).resolve())) for f in plan_files})
     seed_list = list(range(seed, seed + seeds))
     with click.progressbar(
-        length=len(chosen) * seeds * (days * 24 + 1),
-        label=f"{len(chosen)} policies x {seeds} seeds x {days} days, {size} subscribers",
+        length=len(chosen) * seeds * (shape.days * 24 + 1),
+        label=(
+            f"{len(chosen)} policies x {seeds} seeds x {shape.days} days, {shape.size} subscribers"
+        ),
         file=sys.stderr,
     ) as bar:
-        result = compare.compare(chosen, seed_list, size, days, workdir.resolve(), bar.update, jobs)
+        result = compare.compare(chosen, seed_list, shape, workdir.resolve(), bar.update, jobs)
     names = result.policies
     if as_json:
         emit_json(
             {
                 "seeds": seed_list,
                 "summary": {
-                    m: {n: asdict(v) for n, v in result.summary(m).items()} for m in compare.METRICS
+                    m: {n: asdict(v) for n, v in result.summary(m).items()} for m in result.metrics
                 },
                 "against_first": {
                     m: {n: asdict(v) for n, v in result.against_first(m).items()}
-                    for m in compare.METRICS
+                    for m in result.metrics
                 },
                 "checks_failed": result.failed_checks(),
             }
@@ -428,7 +446,7 @@ def _compare_policies(
         width = max(26, *(len(n) + 2 for n in names))
         click.echo(f"\nmean [95% interval] over {seeds} seeds; baseline: {names[0]}")
         click.echo(f"{'':<38}" + "".join(f"{n:>{width}}" for n in names))
-        for metric in compare.METRICS:
+        for metric in result.metrics:
             cells = result.summary(metric)
             click.echo(f"{metric:<38}" + "".join(f"{str(cells[n]):>{width}}" for n in names))
             if len(names) > 1:

@@ -16,19 +16,34 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from statistics import fmean, stdev
 
 from recovery.sim import backtest, demo, population
 
 POLICIES_DIR = Path(__file__).resolve().parent / "policies"
-# Named policies a comparison can include besides plans files of one's own:
-# None is the engine's defaults.
-BUILT_IN: dict[str, str | None] = {
-    "defaults": None,
-    "stripe-recommended": str(POLICIES_DIR / "stripe_recommended.toml"),
-    "previous-defaults": str(POLICIES_DIR / "previous_defaults.toml"),
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A plans file (None: the engine's defaults) and the settings it runs with."""
+
+    plans_file: str | None = None
+    settings: tuple[tuple[str, str], ...] = ()
+
+
+_FIXED = (("RETRY_LEARNING", "off"),)
+# Named policies a comparison can include besides plans files of one's own.
+BUILT_IN: dict[str, Policy] = {
+    # The engine as shipped: the default plans, timed by the retry learner.
+    "defaults": Policy(None, (("RETRY_LEARNING", "on"),)),
+    # The default plans exactly as written, nothing learned.
+    "static": Policy(None, _FIXED),
+    "stripe-recommended": Policy(str(POLICIES_DIR / "stripe_recommended.toml"), _FIXED),
+    "previous-defaults": Policy(str(POLICIES_DIR / "previous_defaults.toml"), _FIXED),
 }
+
 
 # Student's t at 97.5% by degrees of freedom: a 95% interval from few seeds
 # is wider than the normal approximation's.
@@ -75,6 +90,8 @@ class RunFigures:
     emails_per_recovery: float
     rule_violations: int
     checks_passed: bool
+    # The same share over the cases that failed after the warm-up only.
+    warm_recovered_share: float | None = None
 
 
 def recovered_share(stats: dict) -> float:
@@ -89,16 +106,38 @@ def recovered_share(stats: dict) -> float:
     return share
 
 
-def figures_of(outcome: demo.Outcome) -> RunFigures:
+def share_of(cases: Sequence[demo.CaseRow]) -> float:
+    """recovered_share over some of the cases."""
+    by_currency: dict[str, dict[str, int]] = {}
+    for case in cases:
+        row = by_currency.setdefault(case.currency, {"cases": 0, "at_stake": 0, "recovered": 0})
+        row["cases"] += 1
+        row["at_stake"] += case.amount
+        row["recovered"] += case.recovered
+    return recovered_share(
+        {
+            "cases": {"total": len(cases)},
+            "by_currency": [{"currency": k, **v} for k, v in sorted(by_currency.items())],
+        }
+    )
+
+
+def figures_of(outcome: demo.Outcome, warm_from: datetime | None = None) -> RunFigures:
     stats = outcome.stats
     recovered = stats["recovered"]["count"]
     per = (lambda n: n / recovered) if recovered else (lambda n: math.inf)
+    warm = (
+        share_of([c for c in outcome.cases if c.failed_at >= warm_from])
+        if warm_from is not None
+        else None
+    )
     return RunFigures(
         recovered_share=recovered_share(stats),
         retries_per_recovery=per(stats["retries"]["made"]),
         emails_per_recovery=per(stats["funnel"]["emails_sent"]),
         rule_violations=sum(outcome.violations.values()),
         checks_passed=all(outcome.checks.values()),
+        warm_recovered_share=warm,
     )
 
 
@@ -109,6 +148,7 @@ METRICS: dict[str, Metric] = {
     "emails per recovery": lambda f: f.emails_per_recovery,
     "card-network rule violations": lambda f: f.rule_violations,
 }
+WARM_METRIC = "recovered share after the warm-up"
 
 
 @dataclass
@@ -116,15 +156,22 @@ class Comparison:
     policies: list[str]
     seeds: list[int]
     runs: dict[str, list[RunFigures]]  # per policy, in seed order
+    warm_days: float = 0.0
+
+    @property
+    def metrics(self) -> dict[str, Metric]:
+        if not self.warm_days:
+            return METRICS
+        return {**METRICS, WARM_METRIC: lambda f: f.warm_recovered_share or 0.0}
 
     def summary(self, metric: str) -> dict[str, Interval]:
-        pick = METRICS[metric]
+        pick = self.metrics[metric]
         return {name: interval([pick(f) for f in self.runs[name]]) for name in self.policies}
 
     def against_first(self, metric: str) -> dict[str, Interval]:
         """Each policy minus the first, seed by seed: the population's luck
         cancels out of the difference."""
-        pick, base = METRICS[metric], self.runs[self.policies[0]]
+        pick, base = self.metrics[metric], self.runs[self.policies[0]]
         return {
             name: interval([pick(a) - pick(b) for a, b in zip(self.runs[name], base, strict=True)])
             for name in self.policies[1:]
@@ -134,11 +181,20 @@ class Comparison:
         return [n for n in self.policies if not all(f.checks_passed for f in self.runs[n])]
 
 
+@dataclass(frozen=True)
+class Population:
+    """Who fails, shared by every policy of a comparison."""
+
+    size: int
+    days: int  # simulated days per run
+    spread_days: float = 10.0  # failures arrive over this many days
+    warm_days: float = 0.0  # figures also over cases failing after this many
+
+
 def compare(
-    policies: dict[str, str | None],
+    policies: dict[str, Policy],
     seeds: Sequence[int],
-    size: int,
-    days: int,
+    shape: Population,
     workdir: Path,
     progress: Callable[[int], None] | None = None,
     jobs: int = 1,
@@ -146,32 +202,35 @@ def compare(
     """Every policy on every seed's population; `jobs` runs at once, each in a
     process of its own (a run owns its process's clock and settings)."""
     runs: dict[str, list[RunFigures]] = {name: [] for name in policies}
-    work = [(seed, name, plans_file) for seed in seeds for name, plans_file in policies.items()]
+    work = [(seed, name, policy) for seed in seeds for name, policy in policies.items()]
+    hours = shape.days * 24 + 1
     if jobs <= 1:
-        done = [
-            _run_one(seed, size, days, name, plans_file, workdir) for seed, name, plans_file in work
-        ]
-        if progress:
-            progress(len(work) * (days * 24 + 1))
+        done = []
+        for seed, name, policy in work:
+            done.append(_run_one(seed, shape, name, policy, workdir))
+            if progress:
+                progress(hours)
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [
-                pool.submit(_run_one, seed, size, days, name, plans_file, workdir)
-                for seed, name, plans_file in work
+                pool.submit(_run_one, seed, shape, name, policy, workdir)
+                for seed, name, policy in work
             ]
             done = []
             for future in futures:
                 done.append(future.result())
                 if progress:
-                    progress(days * 24 + 1)
-    for (_seed, name, _plans_file), figures in zip(work, done, strict=True):
+                    progress(hours)
+    for (_seed, name, _policy), figures in zip(work, done, strict=True):
         runs[name].append(figures)
-    return Comparison(list(policies), list(seeds), runs)
+    return Comparison(list(policies), list(seeds), runs, shape.warm_days)
 
 
-def _run_one(
-    seed: int, size: int, days: int, name: str, plans_file: str | None, workdir: Path
-) -> RunFigures:
-    members = population.synthetic(size, seed, demo.START)
+def _run_one(seed: int, shape: Population, name: str, policy: Policy, workdir: Path) -> RunFigures:
+    members = population.synthetic(shape.size, seed, demo.START, shape.spread_days)
     where = workdir / backtest.safe_name(name) / f"seed-{seed}"
-    return figures_of(demo.run(members, seed, days, where, plans_file))
+    outcome = demo.run(
+        members, seed, shape.days, where, policy.plans_file, settings=dict(policy.settings)
+    )
+    warm_from = demo.START + timedelta(days=shape.warm_days) if shape.warm_days else None
+    return figures_of(outcome, warm_from)

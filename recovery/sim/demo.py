@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, case, func, select, text
 
 from recovery import clock, ratelimit, stats, stripe_api
 from recovery.config import get_settings
 from recovery.customers import mailer
 from recovery.db import get_engine, reset_engine, session_scope, upgrade
 from recovery.engine import scheduler
+from recovery.models import CaseStatus, RecoveryCase
 from recovery.observability import configure
 from recovery.sim import rules
 from recovery.sim.population import Member
@@ -54,6 +55,16 @@ class Action:
     url: str
 
 
+@dataclass(frozen=True)
+class CaseRow:
+    """One failed renewal as it ended: what was at stake and what came back."""
+
+    failed_at: datetime
+    currency: str
+    amount: int
+    recovered: int
+
+
 @dataclass
 class Outcome:
     stats: dict
@@ -64,11 +75,15 @@ class Outcome:
     authenticated: int = 0
     # Attempts that broke a card network's rule, by rule (sim/rules.py).
     violations: dict[str, int] = field(default_factory=dict)
+    cases: list[CaseRow] = field(default_factory=list)
 
 
 @contextmanager
-def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
-    """The process configured for one run in `workdir`, restored afterwards."""
+def embedded(
+    workdir: Path, plans_file: str | None, settings: dict[str, str] | None = None
+) -> Iterator[None]:
+    """The process configured for one run in `workdir` (with `settings` on
+    top), restored afterwards."""
     overrides = {
         "RECOVERY_ENV": "development",
         "DATABASE_URL": f"sqlite:///{workdir / 'recovery.sqlite3'}",
@@ -84,6 +99,7 @@ def embedded(workdir: Path, plans_file: str | None) -> Iterator[None]:
         "RECOVERY_PLANS_FILE": plans_file or "",
         # The summary tells the story; flagged cases and the like are in it.
         "LOG_LEVEL": "ERROR",
+        **(settings or {}),
     }
     saved = {key: os.environ.get(key) for key in [*overrides, "STRIPE_API_BASE", "PUBLIC_BASE_URL"]}
     os.environ.update(overrides)
@@ -196,12 +212,13 @@ def run(
     workdir: Path,
     plans_file: str | None = None,
     progress: Callable[[int], None] | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Outcome:
     """One simulated month for `members`; the database and outbox stay in `workdir`."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    with embedded(workdir, plans_file):
+    with embedded(workdir, plans_file, settings):
         return _run(members, seed, days, workdir, progress)
 
 
@@ -259,6 +276,24 @@ def _run(
                 progress(1)
         with session_scope() as session:
             numbers = stats.compute(session)
+            rows = [
+                CaseRow(r.first_failed_at or r.opened_at, r.currency, r.amount_due, r.recovered)
+                for r in session.execute(
+                    select(
+                        RecoveryCase.first_failed_at,
+                        RecoveryCase.opened_at,
+                        RecoveryCase.currency,
+                        RecoveryCase.amount_due,
+                        case(
+                            (
+                                RecoveryCase.status == CaseStatus.RECOVERED,
+                                func.coalesce(RecoveryCase.amount_recovered, 0),
+                            ),
+                            else_=0,
+                        ).label("recovered"),
+                    )
+                )
+            ]
         broken = rules.violations(
             (o for o in sim.state.objects.values() if o.get("object") == "charge"),
             settings.visa_max_attempts_30d,
@@ -268,7 +303,7 @@ def _run(
     finally:
         web.stop()
         sim_server.stop()
-    outcome = Outcome(numbers, checks, violations=broken)
+    outcome = Outcome(numbers, checks, violations=broken, cases=rows)
     outcome.emails_opened = customers.counts["opened"]
     outcome.links_clicked = customers.counts["clicked"]
     outcome.cards_saved = customers.counts["cards_saved"]
