@@ -65,6 +65,11 @@ class Settings:
     visa_max_attempts_30d: int = 15
     # Time plan retries by what has paid before (engine/learner.py).
     retry_learning: bool = True
+    # Once the plan's tries on the card are spent (or the card cannot be
+    # retried), try another unexpired card saved on the customer, except for
+    # the customers listed.
+    backup_cards: bool = True
+    backup_cards_exclude: frozenset[str] = frozenset()
     step_lease_seconds: int = 300
     dispatch_batch_size: int = 500
     card_update_min_gap_seconds: int = 300
@@ -103,6 +108,14 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     if normalised not in choices:
         raise ConfigError(f"{name}={value!r} is not one of: {', '.join(choices)}")
     return normalised
+
+
+def _customer_ids(env: Mapping[str, str], name: str) -> frozenset[str]:
+    ids = frozenset(part.strip() for part in env.get(name, "").split(",") if part.strip())
+    wrong = sorted(i for i in ids if not re.fullmatch(r"cus_[A-Za-z0-9]{1,250}", i))
+    if wrong:
+        raise ConfigError(f"{name}: not Stripe customer ids (cus_...): {', '.join(wrong)}")
+    return ids
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
@@ -236,6 +249,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stripe_read_rate=float(_int(env, "STRIPE_READ_RATE", 20, 1, 10_000)),
         visa_max_attempts_30d=_int(env, "VISA_MAX_ATTEMPTS_30D", 15, 1, 20),
         retry_learning=_choice(env, "RETRY_LEARNING", ("on", "off"), "on") == "on",
+        backup_cards=_choice(env, "BACKUP_CARDS", ("on", "off"), "on") == "on",
+        backup_cards_exclude=_customer_ids(env, "BACKUP_CARDS_EXCLUDE"),
         step_lease_seconds=_int(env, "STEP_LEASE_SECONDS", 300, 5, 86_400),
         dispatch_batch_size=_int(env, "DISPATCH_BATCH_SIZE", 500, 1, 10_000),
         card_update_min_gap_seconds=_int(env, "CARD_UPDATE_MIN_GAP_SECONDS", 300, 0, 86_400),

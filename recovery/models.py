@@ -134,6 +134,7 @@ class RecoveryPath(enum.StrEnum):
     RETRY = "retry"  # a retry of ours, on the plan or an operator's
     CARD_UPDATE = "card_update"  # our retry right after the customer changed the card
     LINK = "link"  # the customer paid through a link of ours
+    BACKUP_CARD = "backup_card"  # our retry on another card saved on the customer
     PAID_ELSEWHERE = "paid_elsewhere"  # Stripe's own retry, or paid some other way
 
 
@@ -270,6 +271,7 @@ class StepOrigin(enum.StrEnum):
     PLAN = "plan"
     CARD_UPDATE = "card_update"
     OPERATOR = "operator"
+    BACKUP_CARD = "backup_card"  # another card saved on the customer, once the plan's are spent
 
 
 class StepOutcome(enum.StrEnum):
@@ -289,6 +291,7 @@ class StepOutcome(enum.StrEnum):
     # The card that declined for a reason only the customer can fix, again.
     BLOCKED_SAME_CARD = "blocked_same_card"
     SUBSCRIPTION_CANCELED = "subscription_canceled"  # found ended at Stripe
+    NO_BACKUP_CARD = "no_backup_card"  # no other card on the customer may be tried
     DEFERRED_NETWORK_LIMIT = "deferred_network_limit"
     DEFERRED_UNAVAILABLE = "deferred_unavailable"
     DEFERRED_FOR_RETRY = "deferred_for_retry"  # an email waits for a retry's answer

@@ -229,6 +229,14 @@ def retrieve_payment_method(payment_method_id: str) -> dict[str, Any]:
     return _request("get", _path("payment_methods", payment_method_id))
 
 
+def list_cards(customer_id: str) -> list[Card]:
+    """The cards saved on a customer (the first hundred, newest first)."""
+    found = _request(
+        "get", _path("customers", customer_id, "payment_methods"), {"type": "card", "limit": 100}
+    )
+    return [card for card in (card_of(pm) for pm in found.get("data") or []) if card is not None]
+
+
 def retrieve_subscription(subscription_id: str) -> dict[str, Any]:
     return _request("get", _path("subscriptions", subscription_id))
 

@@ -52,11 +52,20 @@ def test_several_webhook_secrets_for_rotation():
         ({"BRAND_ACCENT_COLOR": "purple"}, "BRAND_ACCENT_COLOR='purple' is not a hex colour"),
         ({"BRAND_LOGO_URL": "javascript:alert(1)"}, "BRAND_LOGO_URL must be a URL"),
         ({"LINK_TTL_DAYS": "365"}, "LINK_TTL_DAYS=365 is out of range"),
+        ({"RETRY_LEARNING": "maybe"}, "RETRY_LEARNING='maybe' is not one of"),
+        ({"BACKUP_CARDS": "yes"}, "BACKUP_CARDS='yes' is not one of"),
+        ({"BACKUP_CARDS_EXCLUDE": "cus_ok1, jenny@example.com"}, "not Stripe customer ids"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message):
         load_settings(env)
+
+
+def test_backup_cards_exclude_takes_a_list_of_customers():
+    settings = load_settings({"BACKUP_CARDS_EXCLUDE": " cus_A1 ,cus_B2,"})
+    assert settings.backup_cards and settings.backup_cards_exclude == {"cus_A1", "cus_B2"}
+    assert not load_settings({"BACKUP_CARDS": "off"}).backup_cards
 
 
 # A production environment that passes every check; each case below spoils one value.

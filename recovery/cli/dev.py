@@ -389,7 +389,7 @@ def simulate(
         ("median hours to recover", lambda s: str(s["time_to_recover_hours"]["median"] or "-")),
         *[
             (f"  {path.replace('_', ' ')}", _path_column(path))
-            for path in ("retry", "card_update", "link", "paid_elsewhere")
+            for path in ("retry", "card_update", "backup_card", "link", "paid_elsewhere")
         ],
     ]
     width = max(24, *(len(n) + 2 for n in names))

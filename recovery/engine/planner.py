@@ -177,6 +177,10 @@ def schedule_next(
             _card_update_retry(wanted, case, new_card, now, settings)
         elif case.mode is RetryMode.TAKE_OVER and reading.may_retry_card:
             _next_plan_retry(session, wanted, case, plan, reading, anchor, now, tz, settings)
+        if case.mode is RetryMode.TAKE_OVER and not any(
+            planned.kind is StepKind.RETRY for planned in wanted.values()
+        ):
+            _backup_retry(session, wanted, case, plan, reading, anchor, now, settings)
     final = plan.final_action is not plans.FinalAction.LEAVE_PAST_DUE
     if case.mode is RetryMode.TAKE_OVER and final:
         wanted[steps.FINAL] = steps.Planned(StepKind.FINAL, max(anchor + plan.window, now))
@@ -282,6 +286,50 @@ def _next_plan_retry(
         why += "; later by the card networks' limit on attempts"
     wanted[steps.plan_retry_name(number)] = steps.Planned(
         StepKind.RETRY, allowed, number=number, why=why[:400]
+    )
+
+
+# Other saved cards tried per case at most, and how long after the last
+# decline the first of them is tried.
+BACKUP_TRIES = 2
+BACKUP_GAP = timedelta(hours=1)
+_NO_BACKUP = frozenset({Category.CHECK_PAID, Category.DO_NOT_CONTACT, Category.OUR_BUG})
+
+
+def _backup_retry(
+    session: Session,
+    wanted: dict[str, steps.Planned],
+    case: RecoveryCase,
+    plan: plans.Plan,
+    reading: Classification,
+    anchor: datetime,
+    now: datetime,
+    settings: Settings,
+) -> None:
+    """Once the card on file has no try left (its plan's are spent, or it can
+    never be retried), one on another card saved on the customer; which card
+    is chosen when the step runs (engine/retries.py), from Stripe's list."""
+    if (
+        not settings.backup_cards
+        or case.stripe_customer_id in settings.backup_cards_exclude
+        or reading.category in _NO_BACKUP
+    ):
+        return
+    found = steps.backup_outcomes(session, case)
+    if StepOutcome.NO_BACKUP_CARD in found or StepOutcome.PAID in found:
+        return
+    if len(found) >= BACKUP_TRIES:
+        return
+    due = max(now, (case.last_failure_at or anchor) + BACKUP_GAP)
+    if due > anchor + plan.window:
+        return
+    spent = "cannot be retried" if not reading.may_retry_card else "has had the plan's tries"
+    wanted[steps.backup_retry_name(len(found) + 1)] = steps.Planned(
+        StepKind.RETRY,
+        due,
+        origin=StepOrigin.BACKUP_CARD,
+        number=len(found) + 1,
+        why=f"the card on file {spent}: another card saved on the customer",
     )
 
 

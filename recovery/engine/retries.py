@@ -21,16 +21,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery import clock, stripe_api
 from recovery.config import Settings
 from recovery.db import session_scope
 from recovery.engine import cases, planner, plans, steps
-from recovery.engine.classify import classify
+from recovery.engine.classify import Failure, classify
 from recovery.engine.events import recovery_path_of_payment
 from recovery.models import (
     AuditEntry,
+    CardAttempt,
     CardAttemptSource,
     CaseStatus,
     Customer,
@@ -57,6 +59,8 @@ _FOUND = {
 
 
 def _path_of(step: steps.Step) -> RecoveryPath:
+    if step.origin is StepOrigin.BACKUP_CARD:
+        return RecoveryPath.BACKUP_CARD
     return RecoveryPath.CARD_UPDATE if step.origin is StepOrigin.CARD_UPDATE else RecoveryPath.RETRY
 
 
@@ -105,6 +109,8 @@ def _saved_card(session: Session, case: RecoveryCase, step: steps.Step) -> str |
 
 
 def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOutcome:
+    if step.origin is StepOrigin.BACKUP_CARD:
+        return execute_backup_retry(step, now, settings)
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
         idle = cases.idle_outcome(case)
@@ -191,6 +197,122 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
         )
     log.info("retry_paid", invoice_id=invoice_id)
     return StepOutcome.PAID
+
+
+def execute_backup_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOutcome:
+    """Charge another card saved on the customer: unexpired, not the card that
+    declined nor the one Stripe charges, not tried for this case before, and
+    one the networks allow. The case keeps its own card's facts; the other
+    card's attempt goes on that card's own ledger."""
+    with session_scope() as session:
+        case = cases.locked(session, step.case_id)
+        idle = cases.idle_outcome(case)
+        if idle is not None:
+            steps.finish(session, step, now, idle)
+            return idle
+        invoice_id, customer_id = case.invoice_id, case.stripe_customer_id
+    try:
+        invoice = stripe_api.retrieve_invoice_state(invoice_id)
+        charged = stripe_api.card_to_charge(invoice)
+        saved = stripe_api.list_cards(customer_id) if customer_id else []
+    except stripe_api.StripeUnavailable as exc:
+        return _transient(step, now, exc)
+    with session_scope() as session:
+        case = cases.locked(session, step.case_id)
+        settled = settle_from_stripe(session, case, invoice, now, step)
+        if settled is not None:
+            steps.finish(session, step, now, settled)
+            return settled
+        idle = cases.idle_outcome(case)
+        if idle is not None:
+            steps.finish(session, step, now, idle)
+            return idle
+        card = _backup_card(session, case, saved, charged, now, settings)
+        if card is None:
+            steps.finish(session, step, now, StepOutcome.NO_BACKUP_CARD)
+            session.add(AuditEntry.of(case, "engine", "no_backup_card"))
+            cases.replan(session, case, now, settings)
+            return StepOutcome.NO_BACKUP_CARD
+        steps.renew(session, step, clock.now() + timedelta(seconds=settings.step_lease_seconds))
+        try:
+            paid = stripe_api.pay_invoice(
+                invoice_id, step.key, payment_method=card.payment_method_id
+            )
+        except stripe_api.CardDeclined as declined:
+            code = declined.decline.decline_code
+            steps.finish(session, step, now, StepOutcome.DECLINED, decline_code=code)
+            # Stripe numbers this attempt too: its webhook then finds it
+            # recorded, and the case keeps its own card's decline.
+            case.attempt_count += 1
+            stop = classify(
+                Failure(
+                    decline_code=code,
+                    advice_code=declined.decline.advice_code,
+                    network_advice_code=declined.decline.network_advice_code,
+                    network_decline_code=declined.decline.network_decline_code,
+                    card_brand=card.brand,
+                )
+            ).stops_card
+            planner.record_card_attempt(
+                session, case, step.key, now, CardAttemptSource.RECOVERY, stop,
+                fingerprint=card.fingerprint, brand=card.brand,
+            )  # fmt: skip
+            session.add(
+                AuditEntry.of(case, "engine", "backup_card_declined", brand=card.brand, code=code)
+            )
+            cases.replan(session, case, now, settings)
+            return StepOutcome.DECLINED
+        except stripe_api.StripeUnavailable as exc:
+            return _transient(step, now, exc, session)
+        except stripe_api.StripeRequestRejected as exc:
+            return _rejected(session, case, step, now, exc)
+        planner.record_card_attempt(
+            session, case, step.key, now, CardAttemptSource.RECOVERY, False,
+            fingerprint=card.fingerprint, brand=card.brand,
+        )  # fmt: skip
+        cases.close(
+            session,
+            case,
+            CaseStatus.RECOVERED,
+            now,
+            amount_recovered=paid.get("amount_paid"),
+            recovery_path=RecoveryPath.BACKUP_CARD,
+            recovered_by_step=step.label,
+        )
+        steps.finish(
+            session, step, now, StepOutcome.PAID, amount=paid.get("amount_paid"),
+            currency=case.currency,
+        )  # fmt: skip
+    log.info("backup_card_paid", invoice_id=invoice_id)
+    return StepOutcome.PAID
+
+
+def _backup_card(
+    session: Session,
+    case: RecoveryCase,
+    saved: list[stripe_api.Card],
+    charged: stripe_api.Card | None,
+    now: datetime,
+    settings: Settings,
+) -> stripe_api.Card | None:
+    tried = set(
+        session.scalars(
+            select(CardAttempt.fingerprint).where(
+                CardAttempt.reference.in_(steps.keys_of(session, case, StepOrigin.BACKUP_CARD))
+            )
+        )
+    )
+    excluded = {case.card_fingerprint, charged.fingerprint if charged else None, *tried}
+    for card in saved:
+        if not card.payment_method_id or not card.fingerprint or card.fingerprint in excluded:
+            continue
+        if (card.exp_year or 0, card.exp_month or 0) < (now.year, now.month):
+            continue
+        attempts, stopped = planner.card_history(session, card.fingerprint)
+        windows = plans.limits(card.brand, settings.visa_max_attempts_30d)
+        if plans.earliest_allowed([t for t in attempts if t <= now], windows, now, stopped) == now:
+            return card
+    return None
 
 
 def _learning_slot(

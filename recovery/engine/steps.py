@@ -62,6 +62,10 @@ def operator_retry_name(at: datetime, forced: bool) -> str:
     return f"retry:{'forced' if forced else 'manual'}:{int(at.timestamp())}"
 
 
+def backup_retry_name(number: int) -> str:
+    return f"retry:backup:{number}"
+
+
 def email_name(category: str, number: int) -> str:
     return f"email:{category}:{number}"
 
@@ -158,6 +162,33 @@ def plan_retries_made(session: Session, case: RecoveryCase) -> int:
             )
         )
         or 0
+    )
+
+
+def backup_outcomes(session: Session, case: RecoveryCase) -> list[StepOutcome]:
+    """What the case's tries on other saved cards found, in order."""
+    return list(
+        session.scalars(
+            select(RecoveryAttempt.outcome)
+            .where(
+                RecoveryAttempt.case_id == case.id,
+                RecoveryAttempt.origin == StepOrigin.BACKUP_CARD,
+                RecoveryAttempt.status == StepStatus.DONE,
+                RecoveryAttempt.outcome.is_not(None),
+            )
+            .order_by(RecoveryAttempt.id)
+        )
+    )
+
+
+def keys_of(session: Session, case: RecoveryCase, origin: StepOrigin) -> list[str]:
+    """The idempotency keys of the case's steps of one origin."""
+    return list(
+        session.scalars(
+            select(RecoveryAttempt.idempotency_key).where(
+                RecoveryAttempt.case_id == case.id, RecoveryAttempt.origin == origin
+            )
+        )
     )
 
 

@@ -264,6 +264,7 @@ def _run(
                         "currency": member.currency,
                         "card": member.card(),
                         "behavior": member.card()["behavior"],
+                        "other_cards": [member.other_card] if member.other_card else [],
                     },
                 )[1]
                 invoices[made["invoice"]] = member

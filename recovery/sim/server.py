@@ -490,6 +490,15 @@ class StripeSim:
                 return 200, self._update_customer(parts[1], params)
             case ("GET", "payment_methods", 2):
                 return 200, self.get("payment_method", parts[1])
+            case ("GET", "customers", 3) if parts[2] == "payment_methods":
+                customer_id = self.get("customer", parts[1])["id"]
+                kind = params.get("type")
+                return 200, self._list(
+                    "payment_method",
+                    params,
+                    f"/v1/customers/{customer_id}/payment_methods",
+                    lambda o: o.get("customer") == customer_id and kind in (None, o["type"]),
+                )
             case ("GET", "subscriptions", 2):
                 return 200, self._expand(self.get("subscription", parts[1]), expand)
             case ("POST", "subscriptions", 2):
@@ -688,6 +697,10 @@ class StripeSim:
             pm = self.put(objects.payment_method(now, customer["id"], card, self.state.livemode))
             self.state.behaviors[pm["id"]] = CardBehavior.from_json(card.get("behavior", {}))
             customer["invoice_settings"]["default_payment_method"] = pm["id"]
+        # Cards saved earlier and still attached, none of them the default.
+        for other in body.get("other_cards") or []:
+            pm = self.put(objects.payment_method(now, customer["id"], other, self.state.livemode))
+            self.state.behaviors[pm["id"]] = CardBehavior.from_json(other.get("behavior", {}))
         return customer
 
     def _change_card(self, customer_id: str, card: dict) -> dict:
@@ -736,7 +749,8 @@ class StripeSim:
         With "card_on": "subscription" (or "invoice") the declining card is the
         subscription's own default (as Checkout sets it) or the invoice's, and
         the customer's default is another, working card that Stripe does not
-        charge for this invoice."""
+        charge for this invoice. "other_cards" are further cards saved on the
+        customer, each with its own behaviour, that nothing charges unasked."""
         behavior = {
             "mode": "decline",
             "decline_code": "insufficient_funds",
@@ -747,6 +761,7 @@ class StripeSim:
                 "email": body.get("email", "jenny.rosen@example.com"),
                 "name": body.get("name", "Jenny Rosen"),
                 "card": {**body.get("card", {}), "behavior": behavior},
+                "other_cards": body.get("other_cards"),
             }
         )
         _status, invoice = self.control(
