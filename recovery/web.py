@@ -30,6 +30,7 @@ from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import redis
 import structlog
@@ -62,6 +63,7 @@ _PAGE_HEADERS = [
     ),
 ]
 PAGE_TITLES = {
+    "choose": "Settle your payment",
     "link_invalid": "This link has expired",
     "all_set": "You are all set",
     "card_saved": "Thank you, your card is saved",
@@ -182,6 +184,11 @@ def make_links_app(settings: Settings) -> Any:
         now = clock.now()
         if kind == "r" and method in ("GET", "HEAD"):
             answer = await asyncio.to_thread(links.redeem, token, now, settings)
+        elif kind == "r" and method == "POST":
+            choice = await _choice(scope, receive)
+            if choice is None:
+                return await _page(send, 400, render_page("link_invalid", settings))
+            answer = await asyncio.to_thread(links.redeem, token, now, settings, choice)
         elif kind == "u" and method == "POST":
             answer = await asyncio.to_thread(links.opt_out, token, now)
         elif kind == "u" and method in ("GET", "HEAD"):
@@ -194,9 +201,35 @@ def make_links_app(settings: Settings) -> Any:
             return await _page(send, 405, b"")
         if answer.location:
             return await _page(send, answer.status, location=answer.location)
-        return await _page(send, answer.status, render_page(answer.page or "", settings))
+        body = render_page(answer.page or "", settings, **(answer.values or {}))
+        return await _page(send, answer.status, body)
 
     return handle
+
+
+# The choice form is one field; anything longer is not ours.
+_CHOICE_BODY_MAX = 256
+
+
+async def _choice(scope: Scope, receive: Receive) -> links.Choice | None:
+    """The customer's choice from the card link's page (a form post)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > _CHOICE_BODY_MAX:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    fields = parse_qs(b"".join(chunks).decode("ascii", "replace"))
+    try:
+        return links.Choice(fields.get("do", [""])[0])
+    except ValueError:
+        return None
 
 
 def database_ready() -> bool:

@@ -29,12 +29,17 @@ def pass_at(sim, instant: datetime):
     return scheduler.run_pass(get_settings(), sync=True)
 
 
-def open_link(url: str) -> http.client.HTTPResponse:
+def open_link(url: str, choice: str | None = None) -> http.client.HTTPResponse:
+    """GET the link, or post a choice on its page."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    conn.request("GET", parts.path)
+    if choice is None:
+        conn.request("GET", parts.path)
+    else:
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        conn.request("POST", parts.path, body=f"do={choice}", headers=form)
     answer = conn.getresponse()
-    answer.read()
+    answer.body = answer.read()
     conn.close()
     return answer
 
@@ -73,9 +78,12 @@ def test_email_link_card_update_retry_recovered_thank_you(sim, smtp_sink, monkey
         assert "the card on file has expired" in text and "€49.00" in text
         link = next(word for word in text.split() if "/r/" in word)
 
-        # The customer clicks: a setup session, made now, on Stripe's side.
+        # The customer clicks: a page offering to pay now or to save a card;
+        # they choose the card, and a setup session is made now on Stripe's side.
         clock.set_now(T0 + timedelta(hours=2))
-        answer = open_link(link)
+        page = open_link(link)
+        assert page.status == 200 and b"Pay \xe2\x82\xac49.00 now" in page.body
+        answer = open_link(link, "card")
         assert answer.status == 303
         checkout = answer.getheader("Location")
         assert checkout.startswith(f"{sim.url}/hosted/checkout/")
@@ -97,7 +105,9 @@ def test_email_link_card_update_retry_recovered_thank_you(sim, smtp_sink, monkey
             ).one()
             retry = session.scalars(
                 select(RecoveryAttempt).where(
-                    RecoveryAttempt.case_id == case.id, RecoveryAttempt.kind == "retry"
+                    RecoveryAttempt.case_id == case.id,
+                    RecoveryAttempt.kind == "retry",
+                    RecoveryAttempt.origin == "card_update",
                 )
             ).one()
             actions = session.scalars(

@@ -34,11 +34,13 @@ def web(db, sim):
 
 
 def get(
-    base: str, path: str, method: str = "GET", headers: dict | None = None
+    base: str, path: str, method: str = "GET", headers: dict | None = None, body: str | None = None
 ) -> http.client.HTTPResponse:
     parts = urlsplit(base)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    conn.request(method, path, headers=headers or {})
+    if body is not None:
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
+    conn.request(method, path, body=body, headers=headers or {})
     response = conn.getresponse()
     response.body = response.read()
     conn.close()
@@ -67,10 +69,32 @@ def mint(case: RecoveryCase, purpose=LinkPurpose.UPDATE_CARD, ttl=timedelta(days
         )
 
 
-def test_update_card_link_redirects_to_a_new_setup_session_on_stripe(sim, web):
+def choose(web: str, token: str, choice: str) -> http.client.HTTPResponse:
+    """What the card link's page posts when the customer picks a way out."""
+    return get(web, f"/r/{token}", "POST", body=f"do={choice}")
+
+
+def test_a_card_link_offers_to_pay_now_or_save_a_card_and_makes_no_session_until_asked(sim, web):
     case = open_case(sim, web)
     token = mint(case)
-    answer = get(web, f"/r/{token}")
+    page = get(web, f"/r/{token}")
+    assert page.status == 200 and page.getheader("Location") is None
+    text = page.body.decode()
+    assert "Pay $20.00 now" in text and "Use a new card from now on" in text
+    assert text.count('method="post"') == 2 and token not in text
+    # A mail scanner's GET makes nothing at Stripe.
+    assert not [o for o in sim.state.objects.values() if o.get("object") == "checkout.session"]
+    paying = choose(web, token, "pay")
+    assert paying.status == 303
+    assert paying.getheader("Location") == f"{sim.url}/hosted/invoices/{case.invoice_id}"
+    for body in ("do=steal", "do=", "x" * 300):
+        assert get(web, f"/r/{token}", "POST", body=body).status == 400
+
+
+def test_choosing_a_new_card_opens_a_new_setup_session_on_stripe(sim, web):
+    case = open_case(sim, web)
+    token = mint(case)
+    answer = choose(web, token, "card")
     assert answer.status == 303
     location = answer.getheader("Location")
     assert location.startswith(f"{sim.url}/hosted/checkout/cs_test_")
@@ -88,16 +112,18 @@ def test_update_card_link_redirects_to_a_new_setup_session_on_stripe(sim, web):
         link = session.scalars(select(RecoveryLink)).all()
         clicked = [row for row in link if row.click_count]
     assert len(clicked) == 1 and clicked[0].first_clicked_at is not None
-    assert get(web, f"/r/{token}").status == 303  # a second click, a second session
+    assert choose(web, token, "card").status == 303  # a second choice, a second session
     with session_scope() as session:
         assert session.get(RecoveryLink, clicked[0].id).click_count == 2
 
 
-def test_pay_link_goes_to_the_hosted_invoice_page(sim, web):
+def test_an_authentication_link_goes_straight_to_the_hosted_invoice_page(sim, web):
     case = open_case(sim, web)
-    answer = get(web, f"/r/{mint(case, LinkPurpose.PAY)}")
+    answer = get(web, f"/r/{mint(case, LinkPurpose.AUTHENTICATE)}")
     assert answer.status == 303
     assert answer.getheader("Location") == f"{sim.url}/hosted/invoices/{case.invoice_id}"
+    # It offers no choice: only the customer on the invoice's page can authenticate.
+    assert choose(web, mint(case, LinkPurpose.AUTHENTICATE), "card").status == 404
 
 
 def test_dead_links_all_get_one_page_with_one_status(sim, web):
@@ -178,7 +204,7 @@ def test_crafted_paths_never_redirect(sim, web, path):
 def test_parameters_cannot_steer_the_redirect(sim, web):
     token = mint(open_case(sim, web))
     for query in ("?next=https://evil.example", "?return_to=//evil.example", "?url=javascript:1"):
-        answer = get(web, f"/r/{token}{query}")
+        answer = get(web, f"/r/{token}{query}", "POST", body="do=card")
         assert answer.status == 303
         assert answer.getheader("Location").startswith(f"{sim.url}/hosted/checkout/")
 
@@ -191,7 +217,7 @@ def test_an_address_off_the_allow_list_is_never_followed(sim, web):
             .where(RecoveryCase.id == case.id)
             .values(hosted_invoice_url="https://evil.example/pay")
         )
-    answer = get(web, f"/r/{mint(case, LinkPurpose.PAY)}")
+    answer = choose(web, mint(case, LinkPurpose.PAY), "pay")
     assert answer.status == 503 and answer.getheader("Location") is None
 
 
@@ -317,3 +343,24 @@ def test_opt_out_needs_a_post_and_takes_effect_at_once(sim, web):
     # An opt-out token opens no payment page, and a payment link stops nothing.
     assert get(web, f"/r/{token}").status == 404
     assert get(web, f"/u/{mint(case)}", method="POST").status == 404
+
+
+def test_paying_now_from_a_card_link_recovers_the_case_credited_to_the_link(sim, web):
+    import json
+    import urllib.request
+
+    case = open_case(sim, web, {"decline_code": "expired_card"})
+    hosted = choose(web, mint(case), "pay").getheader("Location")
+    request = urllib.request.Request(
+        hosted,
+        data=json.dumps({"card": {"brand": "visa", "last4": "4242"}}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as paid:
+        assert json.loads(paid.read())["status"] == "paid"
+    sim.flush()
+    scheduler.run_pass(get_settings(), sync=True)
+    with session_scope() as session:
+        found = session.get(RecoveryCase, case.id)
+        assert (found.status, found.recovery_path) == ("recovered", "link")

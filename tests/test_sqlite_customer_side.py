@@ -65,6 +65,7 @@ def test_outbox_and_links_on_sqlite(sqlite):
         assert links.click(conn, links.new_token(), NOW) is None
         conn.commit()
 
-    answer = links.redeem(token, NOW, get_settings())
+    assert links.redeem(token, NOW, get_settings()).page == "choose"
+    answer = links.redeem(token, NOW, get_settings(), links.Choice.PAY)
     assert (answer.status, answer.location) == (303, "https://invoice.stripe.com/i/acct_1/test_1")
     assert links.redeem(token, NOW + timedelta(days=2), get_settings()).status == 404

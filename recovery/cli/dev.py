@@ -260,7 +260,8 @@ def demo(size: int, days: int, seed: int, workdir: Path, as_json: bool) -> None:
         print_summary(outcome.stats)
         click.echo(
             f"\ncustomers opened {outcome.emails_opened} emails, clicked {outcome.links_clicked}"
-            f" links, saved {outcome.cards_saved} new cards, authenticated {outcome.authenticated}"
+            f" links, paid {outcome.paid_on_page} at once on the invoice's page, saved"
+            f" {outcome.cards_saved} new cards, authenticated {outcome.authenticated}"
         )
         click.echo("\nchecks:")
         for name, ok in outcome.checks.items():

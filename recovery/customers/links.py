@@ -6,16 +6,22 @@ revoked when its case closes, and is superseded by the next link minted for
 the same case (or customer) and purpose.
 
 What a click leads to (synchronous: the web app runs it in a worker thread):
-an open case's link (or a customer's pre-dunning link) opens a Stripe page
-made at click time, a Checkout Session in setup mode to save a new card, or
-the invoice's hosted page to pay or authenticate; we redirect only to an
-address Stripe returned, and only on Stripe's hosts. Paid: an "all set" page.
-Anything else (unknown, expired, revoked, a closed case) is one and the same
-page.
+an open case's card link lands on one page of ours that offers both ways out,
+without a login: pay the amount due now (Stripe's hosted invoice page, any
+card) or save a new card that we then charge at once (a Checkout Session in
+setup mode, made when chosen). An authentication link goes straight to the
+hosted invoice page, a customer's pre-dunning link straight to Checkout. We
+redirect only to an address Stripe returned, and only on Stripe's hosts.
+Paid: an "all set" page. Anything else (unknown, expired, revoked, a closed
+case) is one and the same page.
+
+The choice is a POST: a mail scanner that follows every link with GET makes
+no Stripe session and chooses nothing.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from recovery.models import (
     RecoveryCase,
     RecoveryLink,
 )
+from recovery.money import format_money
 
 log = structlog.get_logger("recovery.links")
 
@@ -143,6 +150,7 @@ class Clicked:
     currency: str | None
     stripe_customer_id: str | None
     customer_id: int | None
+    amount_due: int | None = None
 
 
 _CLICKED = (
@@ -153,6 +161,7 @@ _CLICKED = (
     RecoveryLink.revoked_at,
 )
 _OWNER = (
+    RecoveryCase.amount_due,
     RecoveryCase.status,
     RecoveryCase.invoice_id,
     RecoveryCase.hosted_invoice_url,
@@ -217,7 +226,7 @@ def click(conn: Connection, token: str, now: datetime) -> Clicked | None:
     if row is None:
         return None
     link_id, customer_id, purpose, expires_at, revoked_at = row[:5]
-    status, invoice_id, hosted, currency, stripe_customer = row[-5:]
+    amount_due, status, invoice_id, hosted, currency, stripe_customer = row[-6:]
     return Clicked(
         link_id=link_id,
         purpose=purpose,
@@ -228,6 +237,7 @@ def click(conn: Connection, token: str, now: datetime) -> Clicked | None:
         currency=currency,
         stripe_customer_id=stripe_customer,
         customer_id=customer_id,
+        amount_due=amount_due,
     )
 
 
@@ -243,6 +253,14 @@ class Answer:
     status: int
     page: str | None = None  # a template under templates/pages
     location: str | None = None
+    values: dict[str, str] | None = None  # for the page
+
+
+class Choice(enum.StrEnum):
+    """What the customer chose on the card link's page."""
+
+    PAY = "pay"  # pay the amount due now, on the hosted invoice page
+    CARD = "card"  # save a new card; our retry charges it at once
 
 
 INVALID = Answer(404, "link_invalid")
@@ -265,7 +283,8 @@ def allowed_redirect(url: str | None, settings: Settings) -> bool:
     return False
 
 
-def redeem(token: str, now: datetime, settings: Settings) -> Answer:
+def redeem(token: str, now: datetime, settings: Settings, choice: Choice | None = None) -> Answer:
+    """A click (choice None) or a choice made on the card link's page."""
     with get_engine().connect() as conn:
         # One statement, committed as it runs: a click costs one round trip.
         conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -276,8 +295,15 @@ def redeem(token: str, now: datetime, settings: Settings) -> Answer:
         return ALL_SET
     if not found.live or found.case_status not in (None, CaseStatus.OPEN):
         return INVALID
+    offers_both = found.purpose in (LinkPurpose.UPDATE_CARD, LinkPurpose.PAY) and bool(
+        found.invoice_id
+    )
+    if offers_both and choice is None:
+        return _choose(found)
+    if choice is not None and not offers_both:
+        return INVALID
     try:
-        url = _stripe_page(found, settings)
+        url = _stripe_page(found, settings, choice)
     except stripe_api.StripeFailure as exc:
         log.warning("link_stripe_failed", link_id=found.link_id, error=type(exc).__name__)
         return UNAVAILABLE
@@ -288,8 +314,18 @@ def redeem(token: str, now: datetime, settings: Settings) -> Answer:
     return Answer(303, location=url)
 
 
-def _stripe_page(found: Clicked, settings: Settings) -> str | None:
-    if found.purpose in (LinkPurpose.PAY, LinkPurpose.AUTHENTICATE):
+def _choose(found: Clicked) -> Answer:
+    amount = (
+        format_money(found.amount_due, found.currency, None)
+        if found.amount_due is not None and found.currency
+        else "the amount due"
+    )
+    return Answer(200, "choose", values={"amount": amount})
+
+
+def _stripe_page(found: Clicked, settings: Settings, choice: Choice | None) -> str | None:
+    pays = choice is Choice.PAY or (choice is None and found.purpose is not LinkPurpose.UPDATE_CARD)
+    if pays:
         if found.hosted_invoice_url:
             return found.hosted_invoice_url
         if not found.invoice_id:

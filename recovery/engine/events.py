@@ -151,11 +151,14 @@ _SETTLED = {
 
 
 def recovery_path_of_payment(session: Session, case: RecoveryCase) -> RecoveryPath:
-    """Paid, not by our retry: through a pay or authenticate link of ours, or elsewhere."""
+    """Paid, not by our retry: after a click on a link of ours (whose page
+    offers to pay now), or elsewhere."""
     clicked = session.scalar(
         select(RecoveryLink.id).where(
             RecoveryLink.case_id == case.id,
-            RecoveryLink.purpose.in_((LinkPurpose.PAY, LinkPurpose.AUTHENTICATE)),
+            RecoveryLink.purpose.in_(
+                (LinkPurpose.PAY, LinkPurpose.UPDATE_CARD, LinkPurpose.AUTHENTICATE)
+            ),
             RecoveryLink.click_count > 0,
         )
     )

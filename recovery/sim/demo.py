@@ -73,6 +73,7 @@ class Outcome:
     links_clicked: int = 0
     cards_saved: int = 0
     authenticated: int = 0
+    paid_on_page: int = 0  # paid at once on the invoice's page, offered by our link
     # Attempts that broke a card network's rule, by rule (sim/rules.py).
     violations: dict[str, int] = field(default_factory=dict)
     cases: list[CaseRow] = field(default_factory=list)
@@ -131,17 +132,29 @@ def _post(url: str, body: dict | None = None) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def _location(url: str) -> str | None:
-    """GET a recovery link without following it; the redirect's target."""
+def _location(url: str, choice: str) -> tuple[str | None, bool]:
+    """Open a recovery link as a browser would, without following the last
+    redirect: its target, and whether `choice` was posted on the page that
+    offers to pay now or to save a card."""
     parts = urlsplit(url)
     if not parts.hostname:
-        return None
+        return None, False
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
         conn.request("GET", parts.path)
         answer = conn.getresponse()
-        answer.read()
-        return answer.getheader("Location") if answer.status == 303 else None
+        page = answer.read()
+        chose = answer.status == 200 and b'name="do"' in page
+        if chose:
+            conn.request(
+                "POST",
+                parts.path,
+                body=f"do={choice}",
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            answer = conn.getresponse()
+            answer.read()
+        return (answer.getheader("Location") if answer.status == 303 else None), chose
     finally:
         conn.close()
 
@@ -155,7 +168,13 @@ class Customers:
         self.outbox = outbox
         self.seen: set[str] = set()
         self.pending: list[Action] = []
-        self.counts = {"opened": 0, "clicked": 0, "cards_saved": 0, "authenticated": 0}
+        self.counts = {
+            "opened": 0,
+            "clicked": 0,
+            "cards_saved": 0,
+            "authenticated": 0,
+            "paid_on_page": 0,
+        }
 
     def read_mail(self, now: datetime) -> None:
         if not self.outbox.exists():
@@ -192,16 +211,21 @@ class Customers:
         self.pending = [a for a in self.pending if a.at > now]
         for action in due:
             self.counts["clicked"] += 1
-            target = _location(action.url)
             rng = random.Random(f"{self.seed}:{action.member.index}:{action.at.isoformat()}")
+            choice = "pay" if rng.random() < action.member.habits.pays_now else "card"
+            target, chose = _location(action.url, choice)
             if target is None or rng.random() >= action.member.habits.completes:
                 continue
+            card = {"brand": rng.choice(("visa", "mastercard")), "last4": "4242"}
             if "/hosted/checkout/" in target:
-                card = {"brand": rng.choice(("visa", "mastercard")), "last4": "4242"}
                 if _post(target, {"card": card})[0] == 200:
                     self.counts["cards_saved"] += 1
-            elif "/hosted/invoices/" in target and _post(target)[0] == 200:
-                self.counts["authenticated"] += 1
+            elif "/hosted/invoices/" in target:
+                # On the invoice's page: authenticate with the card on file,
+                # or pay with a new one.
+                paying = {"card": card} if chose else None
+                if _post(target, paying)[0] == 200:
+                    self.counts["paid_on_page" if paying else "authenticated"] += 1
         return len(due)
 
 
@@ -309,6 +333,7 @@ def _run(
     outcome.links_clicked = customers.counts["clicked"]
     outcome.cards_saved = customers.counts["cards_saved"]
     outcome.authenticated = customers.counts["authenticated"]
+    outcome.paid_on_page = customers.counts["paid_on_page"]
     return outcome
 
 

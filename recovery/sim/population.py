@@ -100,6 +100,7 @@ class Habits:
     opens: float = 0.5  # opens an email
     clicks: float = 0.35  # clicks its link, once opened
     completes: float = 0.7  # finishes on Stripe's page (saves a card, authenticates)
+    pays_now: float = 0.5  # offered both, pays now rather than saving a card
     delay_hours: tuple[float, float] = (0.5, 30.0)
 
 
