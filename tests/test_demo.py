@@ -34,6 +34,7 @@ def test_demo_command_prints_a_summary_and_writes_the_report(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "cases ·" in result.output and "how it was recovered" in result.output
+    assert "against Stripe's recommended schedule on the same subscribers" in result.output
     assert "FAIL" not in result.output
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") >= 4 and "Recovery rate by cause" in html

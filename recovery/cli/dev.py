@@ -4,12 +4,15 @@ stack live on this machine, the month-long demo and the backtest."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -215,8 +218,10 @@ def send_test_event(decline_code: str, sim_url: str) -> None:
 
 
 @click.command()
-@click.option("--size", default=300, show_default=True, help="Subscribers whose renewal fails.")
-@click.option("--days", default=30, show_default=True, help="Simulated days.")
+@click.option("--size", default=200, show_default=True, help="Subscribers whose renewal fails.")
+# Renewals fail over the first 10 days and the longest plan runs 33: every
+# case has ended by day 45, so policies are compared on finished cases.
+@click.option("--days", default=45, show_default=True, help="Simulated days.")
 @click.option("--seed", default=1, show_default=True, help="Same seed, same month.")
 @click.option(
     "--dir",
@@ -226,15 +231,25 @@ def send_test_event(decline_code: str, sim_url: str) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the run's database, emails and report go (emptied first).",
 )
+@click.option(
+    "--compare/--no-compare",
+    "compare_to_stripe",
+    default=True,
+    show_default=True,
+    help="Also run Stripe's recommended schedule on the same subscribers, alongside.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON instead.")
-def demo(size: int, days: int, seed: int, workdir: Path, as_json: bool) -> None:
-    """Run a month of failed renewals through the real product, on this machine.
+def demo(
+    size: int, days: int, seed: int, workdir: Path, compare_to_stripe: bool, as_json: bool
+) -> None:
+    """Run six weeks of failed renewals through the real product, on this machine.
 
     No servers: SQLite, the bundled Stripe-compatible server and a file email
     sink, all in this process. Renewals fail with a mix of causes and arrive
     as signed webhooks over HTTP; the engine retries and emails on a
-    simulated clock; simulated customers open emails, click links and update
-    cards. Ends with a summary, consistency checks and an HTML report.
+    simulated clock; simulated customers open emails, click links, pay or
+    update cards. Ends with a summary, the same subscribers under Stripe's
+    recommended schedule beside it, consistency checks and an HTML report.
 
     \b
     Examples:
@@ -246,18 +261,47 @@ def demo(size: int, days: int, seed: int, workdir: Path, as_json: bool) -> None:
         raise click.BadParameter("--size and --days must be at least 1")
     members = population.synthetic(size, seed, month.START)
     hours = days * 24 + 1
-    with click.progressbar(
-        length=hours,
-        label=f"Simulating {days} days, {size} subscribers",
-        file=sys.stderr,
-    ) as bar:
-        outcome = month.run(members, seed, days, workdir.resolve(), progress=bar.update)
+    where = workdir.resolve()
+    month.clear(where)
+    with ExitStack() as stack:
+        baseline = None
+        if compare_to_stripe:
+            # The same subscribers under Stripe's schedule, in a process of its
+            # own (a run owns its process's clock), while this one runs.
+            pool = stack.enter_context(
+                ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            )
+            baseline = pool.submit(
+                compare.run_one,
+                seed,
+                compare.Population(size, days),
+                STRIPE,
+                compare.BUILT_IN[STRIPE],
+                where / "compare",
+            )
+        with click.progressbar(
+            length=hours,
+            label=f"Simulating {days} days, {size} subscribers",
+            file=sys.stderr,
+        ) as bar:
+            outcome = month.run(members, seed, days, where, progress=bar.update, fresh=False)
+        against = _against(compare.figures_of(outcome), baseline.result()) if baseline else None
     report_path = workdir / "report.html"
     write_report(outcome.stats, report_path, f"Recovery demo: {size} subscribers, seed {seed}")
     if as_json:
-        emit_json({"stats": outcome.stats, "checks": outcome.checks})
+        emit_json({"stats": outcome.stats, "checks": outcome.checks, "against_stripe": against})
     else:
         print_summary(outcome.stats)
+        if against:
+            ours, theirs = against["defaults"], against[STRIPE]
+            click.echo(
+                f"\nagainst Stripe's recommended schedule on the same subscribers"
+                f" (recovered share of the failed amount): {ours['recovered_share']:.1%}"
+                f" vs {theirs['recovered_share']:.1%},"
+                f" {100 * (ours['recovered_share'] - theirs['recovered_share']):+.1f} points;"
+                f" retries per recovery {ours['retries_per_recovery']:.1f}"
+                f" vs {theirs['retries_per_recovery']:.1f}"
+            )
         click.echo(
             f"\ncustomers opened {outcome.emails_opened} emails, clicked {outcome.links_clicked}"
             f" links, paid {outcome.paid_on_page} at once on the invoice's page, saved"
@@ -464,6 +508,13 @@ def _compare_policies(
     if failed:
         click.echo(f"\nconsistency checks FAILED for: {', '.join(failed)}", err=True)
         raise SystemExit(1)
+
+
+STRIPE = "stripe-recommended"
+
+
+def _against(ours: compare.RunFigures, theirs: compare.RunFigures) -> dict[str, dict[str, Any]]:
+    return {"defaults": asdict(ours), STRIPE: asdict(theirs)}
 
 
 def _path_column(path: str) -> Any:

@@ -210,13 +210,13 @@ def compare(
     if jobs <= 1:
         done = []
         for seed, name, policy in work:
-            done.append(_run_one(seed, shape, name, policy, workdir))
+            done.append(run_one(seed, shape, name, policy, workdir))
             if progress:
                 progress(hours)
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [
-                pool.submit(_run_one, seed, shape, name, policy, workdir)
+                pool.submit(run_one, seed, shape, name, policy, workdir)
                 for seed, name, policy in work
             ]
             done = []
@@ -229,7 +229,7 @@ def compare(
     return Comparison(list(policies), list(seeds), runs, shape.warm_days)
 
 
-def _run_one(seed: int, shape: Population, name: str, policy: Policy, workdir: Path) -> RunFigures:
+def run_one(seed: int, shape: Population, name: str, policy: Policy, workdir: Path) -> RunFigures:
     members = population.synthetic(shape.size, seed, demo.START, shape.spread_days)
     where = workdir / backtest.safe_name(name) / f"seed-{seed}"
     outcome = demo.run(

@@ -237,13 +237,21 @@ def run(
     plans_file: str | None = None,
     progress: Callable[[int], None] | None = None,
     settings: dict[str, str] | None = None,
+    fresh: bool = True,
 ) -> Outcome:
-    """One simulated month for `members`; the database and outbox stay in `workdir`."""
+    """One simulated month for `members`; the database and outbox stay in
+    `workdir`, emptied first unless the caller did (`fresh` False)."""
+    if fresh:
+        clear(workdir)
+    with embedded(workdir, plans_file, settings):
+        return _run(members, seed, days, workdir, progress)
+
+
+def clear(workdir: Path) -> None:
+    """An empty `workdir` for a run."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    with embedded(workdir, plans_file, settings):
-        return _run(members, seed, days, workdir, progress)
 
 
 def _run(
