@@ -143,7 +143,7 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
         _teach(session, "funds/d3-7/p1/morning", paid=30, declined=10)
         _teach(session, "funds/d0-1/p3+/night", paid=0, declined=5)
     text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
-    assert "retry learning: on" in text
+    assert "retry learning: off (RETRY_LEARNING=on turns it on)" in text
     assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
     assert "from 45 retry outcome(s)" in text and "funds/d3-7/p1/morning" in text
     shown = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json"]).output)

@@ -401,7 +401,7 @@ def simulate(
       recovery simulate --plans fewer-retries.toml
       recovery simulate --plans a.toml --plans b.toml --size 500 --seed 3 --json
       recovery simulate --policy stripe-recommended --policy defaults --seeds 10
-      recovery simulate --policy static --policy defaults --seeds 10 \\
+      recovery simulate --policy defaults --policy learning --seeds 10 \\
           --spread-days 90 --days 125 --warm-days 60
     """
     if seeds > 1 or policies:

@@ -67,7 +67,7 @@ def explain(top: int, as_json: bool) -> None:
             )
     if as_json:
         return emit_json({"retry_learning": settings.retry_learning, "plans": rows})
-    state = "on" if settings.retry_learning else "off (RETRY_LEARNING=off)"
+    state = "on" if settings.retry_learning else "off (RETRY_LEARNING=on turns it on)"
     click.echo(f"retry learning: {state}\n")
     for row in rows:
         click.echo(f"{row['plan']}")

@@ -38,11 +38,11 @@ class Policy:
 _FIXED = (("RETRY_LEARNING", "off"), ("BACKUP_CARDS", "off"))
 # Named policies a comparison can include besides plans files of one's own.
 BUILT_IN: dict[str, Policy] = {
-    # The engine as shipped: the default plans, timed by the retry learner,
-    # other saved cards tried once the card on file has no try left.
-    "defaults": Policy(None, (("RETRY_LEARNING", "on"), ("BACKUP_CARDS", "on"))),
-    # The default plans exactly as written, nothing learned.
-    "static": Policy(None, (("RETRY_LEARNING", "off"), ("BACKUP_CARDS", "on"))),
+    # The engine as shipped: the default plans as written, other saved cards
+    # tried once the card on file has no try left.
+    "defaults": Policy(None, (("RETRY_LEARNING", "off"), ("BACKUP_CARDS", "on"))),
+    # The same, each retry timed by the learner from the run's own outcomes.
+    "learning": Policy(None, (("RETRY_LEARNING", "on"), ("BACKUP_CARDS", "on"))),
     "stripe-recommended": Policy(str(POLICIES_DIR / "stripe_recommended.toml"), _FIXED),
     "previous-defaults": Policy(str(POLICIES_DIR / "previous_defaults.toml"), _FIXED),
 }
