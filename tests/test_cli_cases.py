@@ -32,6 +32,10 @@ def test_listing_and_timeline(stack):
     assert [c["invoice"] for c in listed] == [scenario["invoice"]]
     shown = json.loads(run("cases", "show", scenario["invoice"], "--json").output)
     assert shown["category"] == "funds"
+    scheduled = [s for s in shown["steps"] if s["status"] == "scheduled"]
+    assert scheduled and all(s["why"] for s in scheduled)
+    final = next(s for s in scheduled if s["step"] == "final")
+    assert final["why"] == "plan funds: cancel_subscription when its 33-day window ends"
     retry = next(s for s in shown["steps"] if s["step"] == "retry:1")
     # Why it is due then: the learner (on by default) or the plan, in words.
     assert retry["why"].startswith(("learned: ", "plan funds, try 1 of 8"))

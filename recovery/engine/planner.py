@@ -183,7 +183,12 @@ def schedule_next(
             _backup_retry(session, wanted, case, plan, reading, anchor, now, settings)
     final = plan.final_action is not plans.FinalAction.LEAVE_PAST_DUE
     if case.mode is RetryMode.TAKE_OVER and final:
-        wanted[steps.FINAL] = steps.Planned(StepKind.FINAL, max(anchor + plan.window, now))
+        wanted[steps.FINAL] = steps.Planned(
+            StepKind.FINAL,
+            max(anchor + plan.window, now),
+            why=f"plan {plan.name}: {plan.final_action.value} when its"
+            f" {plan.window_days:g}-day window ends",
+        )
     steps.sync(session, case, wanted)
 
 
@@ -225,7 +230,7 @@ def _card_update_retry(
     gap = timedelta(seconds=settings.card_update_min_gap_seconds)
     due = max(now, (case.last_failure_at or now) + gap)
     wanted[steps.card_update_retry_name(changed_at)] = steps.Planned(
-        StepKind.RETRY, due, origin=StepOrigin.CARD_UPDATE
+        StepKind.RETRY, due, origin=StepOrigin.CARD_UPDATE, why="the customer changed the card"
     )
 
 
@@ -246,7 +251,12 @@ def _emails(
         if due < now - timedelta(hours=1) and not first:
             continue
         wanted[steps.email_name(category, number)] = steps.Planned(
-            StepKind.EMAIL, max(due, now) if first else due, number=number, template=email.template
+            StepKind.EMAIL,
+            max(due, now) if first else due,
+            number=number,
+            template=email.template,
+            why=f"plan {plan.name}, email {number + 1} of {len(plan.emails)}:"
+            f" day {email.day:g} after the failure",
         )
         first = False
 
