@@ -129,7 +129,8 @@ def test_operator_overrides_from_a_file(tmp_path):
     ("text", "message"),
     [
         ("[nonsense]\nmax_tries = 1\n", "unknown plan"),
-        ('[retry]\nfinal_action = "explode"\n', "final_action"),
+        ('[retry]\nfinal_action = "explode"\n', "final_action must be one of"),
+        ('[funds]\nretry_on = "moon"\n', "retry_on must be one of days, paydays"),
         ("[retry]\ncolour = 1\n", "unknown setting"),
         ("[retry]\nretry_days = [40]\n", "within window_days"),
         ("[retry\n", "plans.toml"),

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
+from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from recovery.engine.classify import Category
@@ -222,13 +223,7 @@ def _override(plan: Plan, values: dict, where: str) -> Plan:
         elif key == "emails":
             changes[key] = tuple(EmailStep(float(e["day"]), str(e["template"])) for e in value)
         elif key == "final_action":
-            try:
-                changes[key] = FinalAction(value)
-            except ValueError:
-                raise PlanFileError(
-                    f"{where}: final_action must be one of "
-                    f"{', '.join(a.value for a in FinalAction)}"
-                ) from None
+            changes[key] = _member(FinalAction, key, value, where)
         elif key in ("max_tries", "jitter_minutes", "local_hour"):
             changes[key] = int(value)
         elif key in ("window_days",):
@@ -236,17 +231,24 @@ def _override(plan: Plan, values: dict, where: str) -> Plan:
         elif key in ("payday_aware", "flag_for_review"):
             changes[key] = bool(value)
         elif key == "retry_on":
-            try:
-                changes[key] = RetryOn(value)
-            except ValueError:
-                raise PlanFileError(
-                    f"{where}: retry_on must be one of {', '.join(r.value for r in RetryOn)}"
-                ) from None
+            changes[key] = _member(RetryOn, key, value, where)
         else:
             raise PlanFileError(f"{where}: unknown setting {key!r}")
     plan = replace(plan, **changes)
     check_plan(plan, where)
     return plan
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _member(kind: type[E], key: str, value: str, where: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise PlanFileError(
+            f"{where}: {key} must be one of {', '.join(m.value for m in kind)}"
+        ) from None
 
 
 def check_plan(plan: Plan, where: str) -> None:

@@ -108,15 +108,30 @@ def _saved_card(session: Session, case: RecoveryCase, step: steps.Step) -> str |
     return customer.saved_payment_method if customer else None
 
 
+def _nothing_to_do(
+    session: Session,
+    case: RecoveryCase,
+    step: steps.Step,
+    now: datetime,
+    invoice: dict[str, Any] | None = None,
+) -> StepOutcome | None:
+    """Finish the step, and say with what, when the invoice as Stripe has it
+    now or the case (paused, closed) leaves it nothing to do."""
+    found = settle_from_stripe(session, case, invoice, now, step) if invoice else None
+    found = found or cases.idle_outcome(case)
+    if found is not None:
+        steps.finish(session, step, now, found)
+    return found
+
+
 def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOutcome:
     if step.origin is StepOrigin.BACKUP_CARD:
         return execute_backup_retry(step, now, settings)
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        idle = cases.idle_outcome(case)
-        if idle is not None:
-            steps.finish(session, step, now, idle)
-            return idle
+        done = _nothing_to_do(session, case, step, now)
+        if done is not None:
+            return done
         invoice_id, saved = case.invoice_id, _saved_card(session, case, step)
     try:
         invoice = stripe_api.retrieve_invoice_state(invoice_id)
@@ -129,14 +144,10 @@ def execute_retry(step: steps.Step, now: datetime, settings: Settings) -> StepOu
         return _transient(step, now, exc)
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        settled = settle_from_stripe(session, case, invoice, now, step)
-        if settled is not None:
-            steps.finish(session, step, now, settled)
-            return settled
-        idle = cases.idle_outcome(case)
-        if idle is not None:  # paused or closed while we asked Stripe
-            steps.finish(session, step, now, idle)
-            return idle
+        # Paid, ended or changed at Stripe, or paused or closed here meanwhile.
+        done = _nothing_to_do(session, case, step, now, invoice)
+        if done is not None:
+            return done
         if not step.forced and not _may_charge(case, card, step):
             steps.finish(session, step, now, StepOutcome.BLOCKED_SAME_CARD)
             session.add(
@@ -206,10 +217,9 @@ def execute_backup_retry(step: steps.Step, now: datetime, settings: Settings) ->
     card's attempt goes on that card's own ledger."""
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        idle = cases.idle_outcome(case)
-        if idle is not None:
-            steps.finish(session, step, now, idle)
-            return idle
+        done = _nothing_to_do(session, case, step, now)
+        if done is not None:
+            return done
         invoice_id, customer_id = case.invoice_id, case.stripe_customer_id
     try:
         invoice = stripe_api.retrieve_invoice_state(invoice_id)
@@ -219,14 +229,9 @@ def execute_backup_retry(step: steps.Step, now: datetime, settings: Settings) ->
         return _transient(step, now, exc)
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        settled = settle_from_stripe(session, case, invoice, now, step)
-        if settled is not None:
-            steps.finish(session, step, now, settled)
-            return settled
-        idle = cases.idle_outcome(case)
-        if idle is not None:
-            steps.finish(session, step, now, idle)
-            return idle
+        done = _nothing_to_do(session, case, step, now, invoice)
+        if done is not None:
+            return done
         card = _backup_card(session, case, saved, charged, now, settings)
         if card is None:
             steps.finish(session, step, now, StepOutcome.NO_BACKUP_CARD)
@@ -372,10 +377,9 @@ def execute_final(step: steps.Step, now: datetime, settings: Settings) -> StepOu
     uncollectible, with the case row held as for a retry."""
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        idle = cases.idle_outcome(case)
-        if idle is not None:
-            steps.finish(session, step, now, idle)
-            return idle
+        done = _nothing_to_do(session, case, step, now)
+        if done is not None:
+            return done
         action = planner.plan_for(case.category or "", settings).final_action
         invoice_id, subscription_id = case.invoice_id, case.subscription_id
     try:
@@ -384,14 +388,9 @@ def execute_final(step: steps.Step, now: datetime, settings: Settings) -> StepOu
         return _transient(step, now, exc)
     with session_scope() as session:
         case = cases.locked(session, step.case_id)
-        settled = settle_from_stripe(session, case, invoice, now, step)
-        if settled is not None:
-            steps.finish(session, step, now, settled)
-            return settled
-        idle = cases.idle_outcome(case)
-        if idle is not None:
-            steps.finish(session, step, now, idle)
-            return idle
+        done = _nothing_to_do(session, case, step, now, invoice)
+        if done is not None:
+            return done
         steps.renew(session, step, clock.now() + timedelta(seconds=settings.step_lease_seconds))
         status: CaseStatus | None = None
         try:
