@@ -166,6 +166,7 @@ def test_stats_match_the_hand_computed_figures(db):
         "retry": 1,
         "card_update": 1,
         "link": 1,
+        "backup_card": 0,
         "paid_elsewhere": 0,
     }
     assert {r["name"]: r["recovered"] for r in s["by_step"]} == {
