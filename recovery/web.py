@@ -22,6 +22,7 @@ so a token never leaks from the address bar to another site or a proxy cache.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import threading
@@ -30,7 +31,7 @@ from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 import structlog
@@ -50,18 +51,31 @@ log = structlog.get_logger("recovery.web")
 Scope = dict[str, Any]
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
-_PAGE_HEADERS = [
-    (b"content-type", b"text/html; charset=utf-8"),
-    (b"cache-control", b"no-store"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-robots-tag", b"noindex, nofollow"),
-    (b"x-content-type-options", b"nosniff"),
-    (
-        b"content-security-policy",
-        b"default-src 'none'; style-src 'unsafe-inline'; img-src https:; "
-        b"form-action 'self'; frame-ancestors 'none'",
-    ),
-]
+Headers = list[tuple[bytes, bytes]]
+
+
+def page_headers(settings: Settings) -> Headers:
+    """The customer pages' headers. Browsers hold the redirect that follows a
+    form post to form-action too, so it names the Stripe pages the card link's
+    choice leads to (and a Stripe-compatible server, where one is configured)."""
+    targets = ["'self'", *(f"https://{host}" for host in sorted(links.STRIPE_HOSTS))]
+    if settings.stripe_api_base:
+        base = urlsplit(settings.stripe_api_base)
+        targets.append(f"{base.scheme}://{base.netloc}")
+    policy = (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src https:; "
+        f"form-action {' '.join(targets)}; frame-ancestors 'none'"
+    )
+    return [
+        (b"content-type", b"text/html; charset=utf-8"),
+        (b"cache-control", b"no-store"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-robots-tag", b"noindex, nofollow"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"content-security-policy", policy.encode()),
+    ]
+
+
 PAGE_TITLES = {
     "choose": "Settle your payment",
     "link_invalid": "This link has expired",
@@ -155,8 +169,10 @@ def _within(address: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bo
     return any(ip in network for network in networks)
 
 
-async def _page(send: Send, status: int, body: bytes = b"", location: str | None = None) -> None:
-    headers = [*_PAGE_HEADERS, (b"content-length", str(len(body)).encode())]
+async def _page(
+    send: Send, status: int, body: bytes = b"", location: str | None = None, *, base: Headers
+) -> None:
+    headers = [*base, (b"content-length", str(len(body)).encode())]
     if location:
         headers.append((b"location", location.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -170,39 +186,41 @@ def make_links_app(settings: Settings) -> Any:
         settings.link_clicks_per_minute, settings.broker_url if shared else None
     )
 
+    respond_page = functools.partial(_page, base=page_headers(settings))
+
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         client = client_address(scope, settings.trusted_proxies)
         if path in ("/r/card-saved", "/r/not-saved") and method in ("GET", "HEAD"):
             name = "card_saved" if path == "/r/card-saved" else "card_not_saved"
-            return await _page(send, 200, render_page(name, settings))
+            return await respond_page(send, 200, render_page(name, settings))
         kind, _, token = path[1:].partition("/")
         if not _TOKEN.fullmatch(token):
-            return await _page(send, 404, render_page("link_invalid", settings))
+            return await respond_page(send, 404, render_page("link_invalid", settings))
         if not await asyncio.to_thread(limiter.allow, client):
-            return await _page(send, 429, render_page("too_many", settings))
+            return await respond_page(send, 429, render_page("too_many", settings))
         now = clock.now()
         if kind == "r" and method in ("GET", "HEAD"):
             answer = await asyncio.to_thread(links.redeem, token, now, settings)
         elif kind == "r" and method == "POST":
             choice = await _choice(scope, receive)
             if choice is None:
-                return await _page(send, 400, render_page("link_invalid", settings))
+                return await respond_page(send, 400, render_page("link_invalid", settings))
             answer = await asyncio.to_thread(links.redeem, token, now, settings, choice)
         elif kind == "u" and method == "POST":
             answer = await asyncio.to_thread(links.opt_out, token, now)
         elif kind == "u" and method in ("GET", "HEAD"):
             valid = await asyncio.to_thread(links.opt_out_valid, token, now)
             page = "opt_out_confirm" if valid else "link_invalid"
-            return await _page(
+            return await respond_page(
                 send, 200 if valid else 404, render_page(page, settings, action=path)
             )
         else:
-            return await _page(send, 405, b"")
+            return await respond_page(send, 405, b"")
         if answer.location:
-            return await _page(send, answer.status, location=answer.location)
+            return await respond_page(send, answer.status, location=answer.location)
         body = render_page(answer.page or "", settings, **(answer.values or {}))
-        return await _page(send, answer.status, body)
+        return await respond_page(send, answer.status, body)
 
     return handle
 
