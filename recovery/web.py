@@ -43,7 +43,15 @@ from recovery import clock
 from recovery.config import Settings
 from recovery.customers import links
 from recovery.db import get_engine
-from recovery.inbox.receiver import InboxWriter, Receive, Send, receive_webhook, respond
+from recovery.inbox.receiver import (
+    InboxWriter,
+    Receive,
+    Send,
+    WebhookRejected,
+    read_body,
+    receive_webhook,
+    respond,
+)
 from recovery.ratelimit import LocalBucket, RedisBucket
 
 log = structlog.get_logger("recovery.web")
@@ -231,19 +239,11 @@ _CHOICE_BODY_MAX = 256
 
 async def _choice(scope: Scope, receive: Receive) -> links.Choice | None:
     """The customer's choice from the card link's page (a form post)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > _CHOICE_BODY_MAX:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    fields = parse_qs(b"".join(chunks).decode("ascii", "replace"))
+    try:
+        body = await read_body(scope, receive, _CHOICE_BODY_MAX)
+    except WebhookRejected:
+        return None
+    fields = parse_qs(body.decode("ascii", "replace"))
     try:
         return links.Choice(fields.get("do", [""])[0])
     except ValueError:

@@ -362,14 +362,18 @@ def _header(scope: dict, name: bytes) -> str | None:
     return None
 
 
-async def read_body(scope: dict, receive: Receive) -> bytes:
-    """The request body, refusing more than 1 MiB whether or not a length was sent."""
+async def read_body(scope: dict, receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refusing more than `limit` bytes (1 MiB) whether or
+    not a length was sent."""
     declared = _header(scope, b"content-length")
+    too_large = "body larger than " + (
+        f"{limit // 2**20} MiB" if limit % 2**20 == 0 else f"{limit} bytes"
+    )
     if declared is not None:
         if not declared.isdigit():
             raise WebhookRejected("invalid Content-Length", 400)
-        if int(declared) > MAX_BODY_BYTES:
-            raise WebhookRejected("body larger than 1 MiB", 413)
+        if int(declared) > limit:
+            raise WebhookRejected(too_large, 413)
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -377,8 +381,8 @@ async def read_body(scope: dict, receive: Receive) -> bytes:
             raise WebhookRejected("client went away", 400)
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise WebhookRejected("body larger than 1 MiB", 413)
+        if size > limit:
+            raise WebhookRejected(too_large, 413)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
