@@ -87,7 +87,7 @@ def test_a_card_link_offers_to_pay_now_or_save_a_card_and_makes_no_session_until
     paying = choose(web, token, "pay")
     assert paying.status == 303
     assert paying.getheader("Location") == f"{sim.url}/hosted/invoices/{case.invoice_id}"
-    for body in ("do=steal", "do=", "x" * 300):
+    for body in ("do=steal", "do=", "x" * 300, "do=pay&pad=" + "x" * 300):
         assert get(web, f"/r/{token}", "POST", body=body).status == 400
 
 
