@@ -122,3 +122,19 @@ def test_runs_in_parallel_processes_give_the_figures_of_runs_in_one(tmp_path):
     two = compare.compare(policies, [3, 4], shape, tmp_path / "two", jobs=2)
     assert two.runs == one.runs and len(one.runs["defaults"]) == 2
     assert all(f.warm_recovered_share is not None for f in one.runs["defaults"])
+
+
+def test_the_share_over_some_cases_weighs_currencies_as_the_stats_do():
+    from datetime import UTC, datetime
+
+    from recovery.sim.demo import CaseRow
+
+    day = datetime(2026, 10, 1, tzinfo=UTC)
+    rows = [
+        CaseRow(day, "eur", 1000, 0),
+        CaseRow(day, "jpy", 100, 100),
+        CaseRow(day, "jpy", 100, 50),
+        CaseRow(day, "jpy", 100, 0),
+    ]
+    assert compare.share_of(rows) == pytest.approx(0.75 * 0.5)
+    assert compare.share_of([]) == 0

@@ -101,12 +101,7 @@ def recovered_share(stats: dict) -> float:
     """The recovered part of the failed amount. Amounts in different
     currencies do not add up, so the share is taken in each currency and the
     shares weighted by how many failed cases each currency holds."""
-    total = stats["cases"]["total"]
-    share = 0.0
-    for row in stats["by_currency"]:
-        if total and row["at_stake"]:
-            share += row["cases"] / total * row["recovered"] / row["at_stake"]
-    return share
+    return _weighted_share(stats["by_currency"], stats["cases"]["total"])
 
 
 def share_of(cases: Sequence[demo.CaseRow]) -> float:
@@ -117,11 +112,14 @@ def share_of(cases: Sequence[demo.CaseRow]) -> float:
         row["cases"] += 1
         row["at_stake"] += case.amount
         row["recovered"] += case.recovered
-    return recovered_share(
-        {
-            "cases": {"total": len(cases)},
-            "by_currency": [{"currency": k, **v} for k, v in sorted(by_currency.items())],
-        }
+    return _weighted_share(list(by_currency.values()), len(cases))
+
+
+def _weighted_share(rows: Sequence[dict], total: int) -> float:
+    return sum(
+        row["cases"] / total * row["recovered"] / row["at_stake"]
+        for row in rows
+        if total and row["at_stake"]
     )
 
 
