@@ -35,6 +35,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         "recovery/sim/policies/stripe_recommended.toml",
     ):
         assert shipped in names, shipped
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
 
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
@@ -48,9 +49,17 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         if not k.startswith(("STRIPE_", "DATABASE_", "BROKER_", "RECOVERY_", "PYTHON"))
     }
     recovery = [str(python), "-m", "recovery"]
+    from recovery import __version__
+
+    assert run([*recovery, "--version"], empty, env).strip() == f"recovery, version {__version__}"
+    assert run([str(environment / "bin" / "recovery"), "--version"], empty, env).strip().endswith(
+        __version__
+    )
     assert "database at head" in run([*recovery, "db", "upgrade"], empty, env)
     preview = run([*recovery, "emails", "preview", "payment_failed"], empty, env)
     assert "Subject:" in preview or "subject" in preview.lower()
+    demo = run([*recovery, "demo", "--size", "6", "--days", "3"], empty, env)
+    assert "no card-network retry rule broken" in demo and "Stripe" in demo, demo
     located = run(
         [str(python), "-c", "import recovery.tasks, recovery; print(recovery.__file__)"],
         empty,

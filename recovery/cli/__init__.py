@@ -8,13 +8,14 @@ import sys
 import click
 from sqlalchemy.exc import DBAPIError
 
-from recovery import preflight
+from recovery import __version__, preflight
 from recovery.cli import cases, customers, dev, figures, inbox, plans, run
 from recovery.config import ConfigError, get_settings
 from recovery.observability import configure
 
 
 @click.group()
+@click.version_option(__version__, prog_name="recovery")
 def cli() -> None:
     """Win back failed Stripe subscription payments.
 
