@@ -46,8 +46,8 @@ def case_status(invoice_id: str) -> str | None:
         return case.status if case else None
 
 
-def start_worker(db_url: str, broker_url: str, sim_url: str, tmp_path) -> subprocess.Popen:
-    env = {
+def worker_env(db_url: str, broker_url: str, sim_url: str) -> dict[str, str]:
+    return {
         **os.environ,
         **BASE_ENV,
         "DATABASE_URL": db_url,
@@ -55,8 +55,14 @@ def start_worker(db_url: str, broker_url: str, sim_url: str, tmp_path) -> subpro
         "STRIPE_API_BASE": sim_url,
         "PYTHONPATH": str(ROOT),
     }
+
+
+def start_worker(
+    db_url: str, broker_url: str, sim_url: str, tmp_path, *options: str
+) -> subprocess.Popen:
+    env = worker_env(db_url, broker_url, sim_url)
     return subprocess.Popen(
-        [sys.executable, "-m", "recovery", "worker", "--beat", "--concurrency", "2"],
+        [sys.executable, "-m", "recovery", "worker", "--concurrency", "2", *options],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -82,7 +88,7 @@ def test_signed_event_over_http_opens_case_then_late_failure_keeps_it_closed(
         "/_sim/webhook_endpoints",
         {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
     )
-    worker = start_worker(db, flushed_redis, sim.url, tmp_path)
+    worker = start_worker(db, flushed_redis, sim.url, tmp_path, "--beat")
     try:
         scenario = sim_post(
             sim.url,
@@ -156,7 +162,7 @@ def test_broker_down_events_wait_then_flow_when_it_returns(
 
     # Redis is back: beat's periodic sweep, in the worker, relays the event.
     private_redis.start()
-    worker = start_worker(db, private_redis.url, sim.url, tmp_path)
+    worker = start_worker(db, private_redis.url, sim.url, tmp_path, "--beat")
     try:
         wait_for(lambda: case_status(scenario["invoice"]) == "open")
     finally:
@@ -264,3 +270,46 @@ def test_celery_worker_killed_mid_retry_completes_later_with_one_charge(
         case = session.get(RecoveryCase, case_id)
         # The charge the dead worker made is credited to that retry.
         assert (case.recovery_path, case.recovered_by_step) == ("retry", "retry:1")
+
+
+def test_celery_users_tools_find_the_app_and_see_the_workers_tasks(db, flushed_redis, tmp_path):
+    """`celery -A recovery` reaches a running worker, and `recovery worker
+    --events` sends the task events Flower and `celery events` show."""
+    env = worker_env(db, flushed_redis, "http://127.0.0.1:9")
+    worker = start_worker(db, flushed_redis, "http://127.0.0.1:9", tmp_path, "--events")
+    dump = tmp_path / "events.txt"
+    with dump.open("w") as out:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "recovery", "events", "--dump"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def pinged() -> bool:
+            answer = subprocess.run(
+                [sys.executable, "-m", "celery", "-A", "recovery", "inspect", "ping"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            return answer.returncode == 0 and "pong" in answer.stdout
+
+        wait_for(pinged, 60)
+        sender = Celery(broker=flushed_redis)
+
+        def task_event_seen() -> bool:
+            sender.send_task("recovery.dispatch_steps", queue="recovery")
+            text = dump.read_text()
+            return "task succeeded" in text and "recovery.dispatch_steps" in text
+
+        wait_for(task_event_seen, 60)
+    finally:
+        watcher.terminate()
+        watcher.wait(20)
+        errors = stop(worker)
+    assert "Traceback" not in errors, errors[-3000:]

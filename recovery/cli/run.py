@@ -74,13 +74,20 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
 @click.option("--concurrency", type=int, default=None)
 @click.option("--pool", default=None, help="prefork (default with Redis) or solo.")
 @click.option("--beat", "with_beat", is_flag=True, help="Run the beat scheduler in-process.")
-def worker(concurrency: int | None, pool: str | None, with_beat: bool) -> None:
+@click.option(
+    "-E",
+    "--events",
+    is_flag=True,
+    help="Send task events, for Flower or `celery -A recovery events`.",
+)
+def worker(concurrency: int | None, pool: str | None, with_beat: bool, events: bool) -> None:
     """Run a Celery worker: events, due steps, emails.
 
     \b
     Examples:
       recovery worker --concurrency 4
       recovery worker --beat        # with the scheduler embedded (one machine only)
+      recovery worker --events      # task events, so Flower shows tasks
     """
     # recovery.tasks builds the Celery app from the settings when imported:
     # only the commands that run or feed workers import it.
@@ -101,6 +108,8 @@ def worker(concurrency: int | None, pool: str | None, with_beat: bool) -> None:
         argv += ["--concurrency", str(concurrency)]
     if with_beat:
         argv += ["--beat"]
+    if events:
+        argv += ["--task-events"]
     os.makedirs("var", exist_ok=True)
     app.worker_main(argv)
 
