@@ -52,8 +52,10 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     from recovery import __version__
 
     assert run([*recovery, "--version"], empty, env).strip() == f"recovery, version {__version__}"
-    assert run([str(environment / "bin" / "recovery"), "--version"], empty, env).strip().endswith(
-        __version__
+    assert (
+        run([str(environment / "bin" / "recovery"), "--version"], empty, env)
+        .strip()
+        .endswith(__version__)
     )
     assert "database at head" in run([*recovery, "db", "upgrade"], empty, env)
     preview = run([*recovery, "emails", "preview", "payment_failed"], empty, env)
