@@ -40,6 +40,30 @@ def test_demo_command_prints_a_summary_and_writes_the_report(tmp_path):
     assert html.count("<svg") >= 4 and "Recovery rate by cause" in html
 
 
+def test_the_demo_never_empties_a_directory_it_did_not_make(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    (theirs / "report.html").write_text("theirs too")
+    args = ["demo", "--size", "3", "--days", "2", "--no-compare", "--dir"]
+    refused = CliRunner().invoke(cli, [*args, str(theirs)])
+    assert refused.exit_code == 2 and "--dir" in refused.output, refused.output
+    assert "a run did not write" in refused.output
+    assert sorted(p.name for p in theirs.iterdir()) == ["report.html", "thesis.tex"]
+    assert (theirs / "report.html").read_text() == "theirs too"
+
+    # New, then made by a run: emptied and run again; an empty one is used.
+    ours = tmp_path / "ours"
+    assert CliRunner().invoke(cli, [*args, str(ours)]).exit_code == 0
+    (ours / "outbox-from-yesterday").mkdir()  # anything in a run's own directory
+    assert CliRunner().invoke(cli, [*args, str(ours)]).exit_code == 0
+    assert not (ours / "outbox-from-yesterday").exists()
+    assert (ours / demo.RUN_MARK).exists() and (ours / "recovery.sqlite3").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(cli, [*args, str(empty)]).exit_code == 0
+
+
 def test_simulate_compares_plans_on_the_same_population(tmp_path):
     fewer = tmp_path / "fewer.toml"
     fewer.write_text("[retry]\nretry_days = [3]\nmax_tries = 1\n")

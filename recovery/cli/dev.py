@@ -229,7 +229,8 @@ def send_test_event(decline_code: str, sim_url: str) -> None:
     default="var/demo",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where the run's database, emails and report go (emptied first).",
+    help="Where the run's database, emails and report go: a new or empty directory, or"
+    " one an earlier run made (emptied first). Never one holding other files.",
 )
 @click.option(
     "--compare/--no-compare",
@@ -262,7 +263,10 @@ def demo(
     members = population.synthetic(size, seed, month.START)
     hours = days * 24 + 1
     where = workdir.resolve()
-    month.clear(where)
+    try:
+        month.clear(where)
+    except month.NotARunDirectory as exc:
+        raise click.BadParameter(str(exc), param_hint="--dir") from None
     with ExitStack() as stack:
         baseline = None
         if compare_to_stripe:

@@ -247,11 +247,34 @@ def run(
         return _run(members, seed, days, workdir, progress)
 
 
+# Marks a directory a run made, so the next run may empty it.
+RUN_MARK = ".recovery-run"
+# What a run writes (a directory holding only these was made by an older run).
+RUN_FILES = frozenset(
+    {RUN_MARK, "report.html", "outbox", "compare"}
+    | {f"recovery.sqlite3{suffix}" for suffix in ("", "-journal", "-wal", "-shm")}
+)
+
+
+class NotARunDirectory(Exception):
+    """The directory holds files no run put there: it is never emptied."""
+
+
 def clear(workdir: Path) -> None:
-    """An empty `workdir` for a run."""
+    """An empty `workdir` for a run: new, empty, or made by an earlier run.
+    Anything else is someone's data, and is left alone."""
     if workdir.exists():
+        if not workdir.is_dir():
+            raise NotARunDirectory(f"{workdir} is a file")
+        found = {entry.name for entry in workdir.iterdir()}
+        if found and RUN_MARK not in found and not found <= RUN_FILES:
+            raise NotARunDirectory(
+                f"{workdir} holds files a run did not write ({', '.join(sorted(found)[:3])}…);"
+                " name a new or empty directory"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    (workdir / RUN_MARK).write_text("made by recovery demo or simulate: its next run empties it\n")
 
 
 def _run(
