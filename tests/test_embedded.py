@@ -37,7 +37,7 @@ def test_dev_check_follows_a_payment_to_recovery(tmp_path):
         tmp_path, "dev", "--check", "--port", str(free_port()), "--sim-port", str(free_port())
     )
     assert "decline insufficient_funds" in result.stdout
-    assert "recovered: 2000 usd" in result.stdout
+    assert "recovered: $20.00" in result.stdout
     assert (tmp_path / "var" / "recovery.sqlite3").exists()
     # The customer was written to, in the file sink: the embedded default sends nothing.
     sent = [p.read_bytes() for p in (tmp_path / "var" / "outbox").glob("*.eml")]

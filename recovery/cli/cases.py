@@ -16,7 +16,16 @@ import click
 from sqlalchemy import select
 
 from recovery import clock
-from recovery.cli.common import emit_json, find_case, instant_option, operator
+from recovery.cli.common import (
+    Unavailable,
+    amount,
+    emit_json,
+    find_case,
+    first,
+    instant_option,
+    needs_database,
+    operator,
+)
 from recovery.config import get_settings
 from recovery.db import session_scope
 from recovery.engine import cases as case_machine
@@ -29,6 +38,7 @@ from recovery.models import (
     RecoveryAttempt,
     RecoveryCase,
     RecoveryLink,
+    StepOutcome,
     StepStatus,
 )
 
@@ -38,6 +48,7 @@ from recovery.models import (
 @click.command()
 @click.option("--now", "at", help="ISO 8601 instant to run as (default: the real time).")
 @click.option("--sync", is_flag=True, help="Execute in this process instead of on workers.")
+@needs_database
 def tick(at: str | None, sync: bool) -> None:
     """Run one full pass: pending events, then the steps due.
 
@@ -140,6 +151,7 @@ def classify(
 
 
 @click.group()
+@needs_database
 def cases() -> None:
     """Recovery cases: one per failed invoice."""
 
@@ -176,7 +188,7 @@ def cases_list(
       recovery cases list --status open --category retry
       recovery cases list --since 2026-11-01 --json
     """
-    query = select(RecoveryCase).order_by(RecoveryCase.id.desc()).limit(limit)
+    query = select(RecoveryCase).order_by(RecoveryCase.id.desc()).limit(limit + 1)
     if status:
         query = query.where(RecoveryCase.status == status)
     if category:
@@ -184,17 +196,17 @@ def cases_list(
     if since:
         query = query.where(RecoveryCase.opened_at >= instant_option(since, "--since"))
     with session_scope() as session:
-        rows = [_case_summary(c) for c in session.scalars(query)]
+        rows = first([_case_summary(c) for c in session.scalars(query)], limit)
     if as_json:
         return emit_json(rows)
     click.echo(
         f"{'id':>6}  {'status':<13} {'category':<16} {'amount':>12}  {'decline':<24} invoice"
     )
     for r in rows:
-        amount = f"{r['amount_due']} {r['currency']}"
+        due = amount(r["amount_due"], r["currency"])
         flags = (" paused" if r["paused"] else "") + (" FLAGGED" if r["flag"] else "")
         click.echo(
-            f"{r['id']:>6}  {r['status']:<13} {r['category'] or '-':<16} {amount:>12}  "
+            f"{r['id']:>6}  {r['status']:<13} {r['category'] or '-':<16} {due:>12}  "
             f"{r['decline_code'] or '-':<24} {r['invoice']}{flags}"
         )
 
@@ -286,7 +298,13 @@ def cases_show(ref: str, as_json: bool) -> None:
         }
     if as_json:
         return emit_json(data)
-    for key, value in summary.items():
+    money = {"amount_due", "amount_recovered"}
+    written = {
+        key: amount(value, case.currency) if key in money and value is not None else value
+        for key, value in summary.items()
+        if key != "currency"
+    }
+    for key, value in written.items():
         click.echo(f"{key:>22}: {value if value is not None else '-'}")
     click.echo("\ntimeline:")
     for item in timeline:
@@ -323,6 +341,7 @@ def cases_show(ref: str, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
 @click.option("--force", is_flag=True, help="Retry even where the rules refuse.")
 @click.option("--reason", help="Why (required with --force; written to the audit log).")
+@needs_database
 def retry(ref: str, dry_run: bool, force: bool, reason: str | None) -> None:
     """Retry a case's payment now, through the same path as scheduled retries.
 
@@ -354,6 +373,11 @@ def retry(ref: str, dry_run: bool, force: bool, reason: str | None) -> None:
         return
     outcome = scheduler.execute_named(case_id, request.step, now, settings)
     joined = f" (joined retry {request.step}, already due)" if request.joined else ""
+    if outcome == StepOutcome.DEFERRED_UNAVAILABLE:
+        raise Unavailable(
+            f"case {case_id}: Stripe did not answer; the retry stays due and a worker"
+            f" tries it again{joined}"
+        )
     click.echo(f"case {case_id}: {outcome or 'the retry is under way in a worker'}{joined}")
 
 
@@ -387,6 +411,7 @@ def _action_command(action: str, help_text: str) -> click.Command:
     @click.command(action, help=help_text)
     @click.argument("ref")
     @click.option("--reason", required=True, help="Why; written to the audit log.")
+    @needs_database
     def command(ref: str, reason: str) -> None:
         _case_action(ref, reason, action)
 

@@ -1,19 +1,79 @@
-"""What every command group shares: JSON output, the operator's name, and
-instants and cases named on the command line."""
+"""What every command group shares: JSON output, the operator's name,
+instants and cases named on the command line, and the database they read."""
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
+import os
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy.orm import Session
 
 from recovery import clock
+from recovery.config import get_settings
+from recovery.db import sqlite_file
 from recovery.engine import cases
 from recovery.models import RecoveryCase
+from recovery.money import format_money
+
+# Operators' amounts are written one way, whatever the customer's locale.
+CLI_LOCALE = "en_US"
+# Where `recovery demo` writes its run unless told otherwise.
+DEMO_DIR = Path("var/demo")
+
+
+class Unavailable(click.ClickException):
+    """A service the command needs (the database, Stripe) is not there: exit 3."""
+
+    exit_code = 3
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def needs_database(command: Command) -> Command:
+    """For commands that read or change cases: an embedded database that does
+    not exist is reported (and where the demo's data is), not created empty
+    by a read and then found to hold no tables."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        path = sqlite_file(get_settings().database_url)
+        if path is not None and not path.exists():
+            demo = DEMO_DIR / "recovery.sqlite3"
+            hint = (
+                f"; the demo's data is in {demo}:\n  export DATABASE_URL=sqlite:///{demo}"
+                if demo.exists()
+                else "; `recovery db upgrade` makes it, `recovery demo` fills one with a run"
+            )
+            named = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "DATABASE_URL is not set"
+            raise Unavailable(f"no database at {path} ({named}){hint}")
+        return command(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
+def amount(minor: int, currency: str) -> str:
+    """How every command writes money: $99.00, €12.50, ¥500 (JSON keeps the
+    integer minor units and the currency)."""
+    return format_money(minor, currency, CLI_LOCALE)
+
+
+def first(rows: list[Any], limit: int) -> list[Any]:
+    """The first `limit` of `rows` (fetched with one more than the limit),
+    saying on stderr when more matched, so a list is never taken for all."""
+    if len(rows) > limit:
+        click.echo(
+            f"showing the first {limit}; more match (raise --limit or narrow the filters)",
+            err=True,
+        )
+    return rows[:limit]
 
 
 def emit_json(data: Any) -> None:

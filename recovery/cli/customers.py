@@ -10,7 +10,14 @@ import click
 from sqlalchemy import select
 
 from recovery import clock
-from recovery.cli.common import emit_json, find_case, operator
+from recovery.cli.common import (
+    Unavailable,
+    emit_json,
+    find_case,
+    first,
+    needs_database,
+    operator,
+)
 from recovery.config import get_settings
 from recovery.customers import delivery, emails, mailer
 from recovery.db import session_scope
@@ -96,7 +103,9 @@ def emails_send_test(name: str, address: str, locale: str, currency: str) -> Non
     try:
         mailer.transport_for(settings).send(message)
     except mailer.SendFailed as failed:
-        raise click.ClickException(f"not sent: {failed}") from None
+        if failed.permanent:
+            raise click.ClickException(f"not sent: {failed}") from None
+        raise Unavailable(f"not sent, the mail server is unavailable: {failed}") from None
     where = (
         f"{settings.smtp_host}:{settings.smtp_port}" if settings.smtp_host else settings.outbox_dir
     )
@@ -105,8 +114,9 @@ def emails_send_test(name: str, address: str, locale: str, currency: str) -> Non
 
 @emails_group.command("list")
 @click.option("--status", type=click.Choice([s.value for s in MessageStatus]))
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True)
+@needs_database
 def emails_list(status: str | None, limit: int, as_json: bool) -> None:
     """The outbox, newest first; `--status failed` shows what needs a look.
 
@@ -115,7 +125,7 @@ def emails_list(status: str | None, limit: int, as_json: bool) -> None:
       recovery emails list --status failed
     """
     with session_scope() as session:
-        query = select(Message).order_by(Message.id.desc()).limit(limit)
+        query = select(Message).order_by(Message.id.desc()).limit(limit + 1)
         if status:
             query = query.where(Message.status == status)
         rows = [
@@ -130,6 +140,7 @@ def emails_list(status: str | None, limit: int, as_json: bool) -> None:
             }
             for m in session.scalars(query)
         ]
+    rows = first(rows, limit)
     if as_json:
         return emit_json(rows)
     for r in rows:
@@ -140,6 +151,7 @@ def emails_list(status: str | None, limit: int, as_json: bool) -> None:
 
 
 @click.group("links")
+@needs_database
 def links_group() -> None:
     """Customers' recovery links."""
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
@@ -20,7 +21,7 @@ from typing import Any
 import click
 from sqlalchemy import select
 
-from recovery.cli.common import emit_json
+from recovery.cli.common import DEMO_DIR, Unavailable, amount, emit_json
 from recovery.cli.figures import print_summary, write_report
 from recovery.config import get_settings
 from recovery.db import session_scope, upgrade
@@ -65,8 +66,17 @@ def _post(url: str, body: dict[str, Any]) -> Any:
         method="POST",
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local
+            return json.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        raise click.ClickException(f"{url} refused the request: HTTP {refused.code}") from None
+    except OSError as down:
+        reason = getattr(down, "reason", down)
+        raise Unavailable(
+            f"the Stripe simulator at {url.split('/_sim', 1)[0]} is not answering ({reason});"
+            " start it with `recovery dev` (or `recovery stripe-sim`)"
+        ) from None
 
 
 def _wait_http(url: str, seconds: float = 30) -> None:
@@ -185,7 +195,7 @@ def _check_round_trip(sim_url: str) -> None:
     click.echo(f"simulated a declined renewal: invoice {invoice_id}")
     case = _wait_case(invoice_id, CaseStatus.OPEN)
     click.echo(
-        f"case {case.id} opened: {case.amount_due} {case.currency}, "
+        f"case {case.id} opened: {amount(case.amount_due, case.currency)}, "
         f"decline {case.decline_code}, card {case.card_brand}"
     )
     # The customer hears of it before paying: the smoke test covers the email.
@@ -194,7 +204,7 @@ def _check_round_trip(sim_url: str) -> None:
     _post(f"{sim_url}/_sim/customers/{scenario['customer']}/cards", {"brand": "visa"})
     _post(f"{sim_url}/_sim/invoices/{invoice_id}/attempt", {})
     case = _wait_case(invoice_id, CaseStatus.RECOVERED)
-    click.echo(f"case {case.id} recovered: {case.amount_recovered} {case.currency}")
+    click.echo(f"case {case.id} recovered: {amount(case.amount_recovered or 0, case.currency)}")
     click.echo("check passed")
 
 
@@ -226,7 +236,7 @@ def send_test_event(decline_code: str, sim_url: str) -> None:
 @click.option(
     "--dir",
     "workdir",
-    default="var/demo",
+    default=str(DEMO_DIR),
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the run's database, emails and report go: a new or empty directory, or"

@@ -11,7 +11,7 @@ import click
 
 from recovery import report as page
 from recovery import stats as figures
-from recovery.cli.common import emit_json, optional_instant
+from recovery.cli.common import emit_json, needs_database, optional_instant
 from recovery.config import get_settings
 from recovery.db import session_scope
 from recovery.money import format_totals
@@ -50,6 +50,7 @@ def write_report(stats: dict[str, Any], out: Path, title: str) -> None:
 @click.command()
 @click.option("--since", help="Only cases opened since this date (ISO 8601).")
 @click.option("--json", "as_json", is_flag=True, help="Everything, as JSON.")
+@needs_database
 def stats(since: str | None, as_json: bool) -> None:
     """Recovery rate and revenue, by cause, decline code, path and step.
 
@@ -69,6 +70,7 @@ def stats(since: str | None, as_json: bool) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--since", help="Only cases opened since this date (ISO 8601).")
 @click.option("--title", default="Payment recovery", show_default=True)
+@needs_database
 def report(out: Path, since: str | None, title: str) -> None:
     """Write one self-contained HTML page with charts.
 
@@ -78,7 +80,12 @@ def report(out: Path, since: str | None, title: str) -> None:
     """
     with session_scope() as session:
         numbers = figures.compute(session, optional_instant(since, "--since"))
-    write_report(numbers, out, title)
+    try:
+        write_report(numbers, out, title)
+    except OSError as unwritable:
+        raise click.BadParameter(
+            f"cannot write {out}: {unwritable.strerror or unwritable}", param_hint="--out"
+        ) from None
     click.echo(json.dumps({"report": str(out), "cases": numbers["cases"]["total"]}))
 
 

@@ -11,13 +11,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery import clock, stripe_api
-from recovery.cli.common import instant_option
+from recovery.cli.common import first, instant_option, needs_database
 from recovery.db import session_scope
 from recovery.inbox import backfill, relay
 from recovery.models import EventStatus, WebhookEvent
 
 
 @click.group()
+@needs_database
 def events() -> None:
     """Stored Stripe events: the inbox."""
 
@@ -48,12 +49,12 @@ def events_list(status: str | None, event_type: str | None, limit: int, as_json:
       recovery events list --type invoice.payment_failed --json
     """
     with session_scope() as session:
-        query = select(WebhookEvent).order_by(WebhookEvent.id.desc()).limit(limit)
+        query = select(WebhookEvent).order_by(WebhookEvent.id.desc()).limit(limit + 1)
         if status:
             query = query.where(WebhookEvent.status == status)
         if event_type:
             query = query.where(WebhookEvent.type == event_type)
-        rows = session.scalars(query).all()
+        rows = first(list(session.scalars(query)), limit)
         if as_json:
             click.echo(
                 json.dumps(
@@ -169,6 +170,7 @@ def _replay_from_stripe(since: str) -> None:
 @click.command()
 @click.option("--page-size", default=100, show_default=True, type=click.IntRange(1, 100))
 @click.option("--restart", is_flag=True, help="Start from the newest invoice again.")
+@needs_database
 def sync(page_size: int, restart: bool) -> None:
     """Backfill at install: open cases for Stripe's open invoices that failed.
 
