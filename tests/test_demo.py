@@ -34,10 +34,20 @@ def test_demo_command_prints_a_summary_and_writes_the_report(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "cases ·" in result.output and "how it was recovered" in result.output
+    stats = demo.run(population.synthetic(15, 2, demo.START), 2, 8, tmp_path / "again").stats
+    cases = stats["cases"]
+    assert (
+        f"still open {cases['open']} · canceled {cases['canceled']} · voided {cases['voided']}"
+        f" · uncollectible {cases['uncollectible']}"
+    ) in result.output
+    median = stats["time_to_recover_hours"]["median"]
+    assert f"time to recover: median {median / 24:.1f} days" in result.output
+    assert "category (why it failed)" in result.output
     assert "against Stripe's recommended schedule on the same subscribers" in result.output
     assert "FAIL" not in result.output
     html = (tmp_path / "report.html").read_text()
-    assert html.count("<svg") >= 4 and "Recovery rate by cause" in html
+    assert html.count('class="hbars"') == 3 and 'class="vbars"' in html
+    assert "Recovery rate by category" in html
 
 
 def test_the_demo_never_empties_a_directory_it_did_not_make(tmp_path):

@@ -17,20 +17,31 @@ from recovery.db import session_scope
 from recovery.money import format_totals
 
 
+def _days(hours: float | None) -> str:
+    return "-" if hours is None else f"{hours / 24:.1f} days"
+
+
 def print_summary(stats: dict[str, Any]) -> None:
     """The numbers an operator looks for first, as a table."""
-    recovered = stats["recovered"]
+    recovered, cases = stats["recovered"], stats["cases"]
     click.echo(
-        f"\n{stats['cases']['total']} cases · {recovered['count']} recovered "
+        f"\n{cases['total']} cases · {recovered['count']} recovered "
         f"({recovered['rate'] * 100:.1f}%) · {format_totals(recovered['amount'])} "
         f"of {format_totals(stats['at_stake'])} at stake"
     )
     click.echo(
-        f"{stats['retries']['made']} retries made · {stats['funnel']['emails_sent']} emails "
-        f"sent · {stats['funnel']['clicked']} cases clicked a link · median time to recover "
-        f"{stats['time_to_recover_hours']['median'] or '-'} h"
+        f"still open {cases['open']} · canceled {cases['canceled']} · voided {cases['voided']}"
+        f" · uncollectible {cases['uncollectible']}"
     )
-    click.echo(f"\n{'cause':<26}{'cases':>7}{'recovered':>11}{'rate':>8}  amount")
+    click.echo(
+        f"{stats['retries']['made']} retries made · {stats['funnel']['emails_sent']} emails "
+        f"sent · {stats['funnel']['clicked']} cases clicked a link"
+    )
+    took = stats["time_to_recover_hours"]
+    click.echo(f"time to recover: median {_days(took['median'])}, 90% within {_days(took['p90'])}")
+    click.echo(
+        f"\n{'category (why it failed)':<26}{'cases':>7}{'recovered':>11}{'rate':>8}  amount"
+    )
     for row in stats["by_cause"]:
         click.echo(
             f"{row['name']:<26}{row['cases']:>7}{row['recovered']:>11}"
