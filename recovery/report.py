@@ -1,7 +1,8 @@
 """The HTML report: one self-contained page an operator would rather look at.
 
-Charts are hand-written SVG (horizontal and vertical bars): a plotting library
-would add megabytes for a few rectangles, and the page must open offline.
+Charts are hand-written HTML bars: a plotting library would add megabytes for
+a few rectangles, the page must open offline, and text in HTML stays
+readable on a phone where a scaled-down SVG's would not.
 """
 
 from __future__ import annotations
@@ -15,55 +16,55 @@ from recovery.config import Settings
 from recovery.money import format_totals
 
 
+def _ticks(top: float, as_rate: bool) -> list[str]:
+    """The axis's values at 0, half and the top."""
+    if as_rate:
+        return [f"{top * f:.0%}" for f in (0, 0.5, 1)]
+    return [f"{top * f:g}" for f in (0, 0.5, 1)]
+
+
 def hbars(
-    rows: list[tuple[str, float, str]], accent: str, top: float | None = None, width: int = 860
+    rows: list[tuple[str, float, str]], top: float | None = None, as_rate: bool = False
 ) -> Markup:
-    """Horizontal bars: (label, value, text shown at the bar's end), scaled to
-    `top` (rates: 1.0) or to the largest value."""
+    """Horizontal bars: (label, value, text shown beside the bar), scaled to
+    `top` (rates: 1.0) or to the largest value, with the axis's values under
+    them. HTML, not SVG, so a phone's narrow screen reflows the labels
+    instead of shrinking the text (report.html's stylesheet lays it out)."""
     top = top or max((value for _, value, _ in rows), default=0) or 1
-    label_w, bar_w, row_h = 170, width - 170 - 330, 26
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row_h * len(rows) + 4}"'
-        f' role="img">'
-    ]
-    for n, (label, value, text) in enumerate(rows):
-        y = n * row_h + 2
-        length = max(1.0, bar_w * value / top) if value else 0
+    parts = ['<div class="hbars">']
+    for label, value, text in rows:
+        share = min(max(value / top, 0.0), 1.0) * 100
         parts.append(
-            f'<text x="{label_w - 8}" y="{y + 17}" text-anchor="end">{escape(label)}</text>'
-            f'<rect x="{label_w}" y="{y + 4}" width="{length:.1f}" height="{row_h - 8}"'
-            f' rx="3" fill="{escape(accent)}"/>'
-            f'<text x="{label_w + length + 6:.1f}" y="{y + 17}">{escape(text)}</text>'
+            f'<div class="row"><span class="label">{escape(label)}</span>'
+            f'<span class="track"><span class="bar" style="width:{share:.1f}%"></span></span>'
+            f'<span class="value">{escape(text)}</span></div>'
         )
-    parts.append("</svg>")
+    ticks = "".join(f"<span>{escape(t)}</span>" for t in _ticks(top, as_rate))
+    parts.append(f'<div class="row axis"><span></span><span class="ticks">{ticks}</span></div>')
+    parts.append("</div>")
     return Markup("".join(parts))  # noqa: S704 - every value in it went through escape()
 
 
-def vbars(points: list[tuple[str, float]], accent: str, width: int = 860) -> Markup:
-    """Vertical bars over time: (day, value)."""
+def vbars(points: list[tuple[str, float]]) -> Markup:
+    """Vertical bars over time, (day, value): the count's axis on the left,
+    the first, middle and last day under them; each bar's value on hover."""
     if not points:
         return Markup("<p>No recoveries yet.</p>")
-    height, bottom = 160, 22
     top = max(v for _, v in points) or 1
-    step = width / len(points)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
-    ]
-    for n, (day, value) in enumerate(points):
-        h = (height - bottom - 14) * value / top
-        x = n * step
-        parts.append(
-            f'<rect x="{x + 1:.1f}" y="{height - bottom - h:.1f}" width="{max(step - 2, 1):.1f}"'
-            f' height="{h:.1f}" fill="{escape(accent)}">'
-            f"<title>{escape(day)}: {value:g}</title></rect>"
-        )
-    for n in sorted({0, len(points) // 2, len(points) - 1}):
-        parts.append(
-            f'<text x="{n * step + step / 2:.1f}" y="{height - 6}" text-anchor="middle">'
-            f"{escape(points[n][0][5:])}</text>"
-        )
-    parts.append("</svg>")
-    return Markup("".join(parts))  # noqa: S704 - every value in it went through escape()
+    ticks = "".join(f"<span>{escape(t)}</span>" for t in reversed(_ticks(top, False)))
+    bars = "".join(
+        f'<span class="bar" style="height:{100 * value / top:.1f}%"'
+        f' title="{escape(day)}: {value:g}"></span>'
+        for day, value in points
+    )
+    days = "".join(
+        f"<span>{escape(points[n][0])}</span>"
+        for n in sorted({0, len(points) // 2, len(points) - 1})
+    )
+    return Markup(  # noqa: S704 - every value in it went through escape()
+        f'<div class="vbars"><div class="ticks">{ticks}</div><div class="plot">{bars}</div>'
+        f'<div></div><div class="days">{days}</div></div>'
+    )
 
 
 def _pct(rate: float) -> str:
@@ -79,6 +80,7 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
     causes = stats["by_cause"]
     paths = stats["by_path"]
     funnel = stats["funnel"]
+    took = stats["time_to_recover_hours"]["median"]
     charts = {
         "causes": hbars(
             [
@@ -89,8 +91,8 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
                 )
                 for c in causes
             ],
-            accent,
             top=1.0,
+            as_rate=True,
         ),
         "paths": hbars(
             [
@@ -101,7 +103,6 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
                 )
                 for p in paths
             ],
-            accent,
         ),
         "funnel": hbars(
             [
@@ -114,9 +115,8 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
                     str(funnel["recovered_after_click"]),
                 ),
             ],
-            accent,
         ),
-        "over_time": vbars([(d["day"], d["recovered"]) for d in stats["over_time"]], accent),
+        "over_time": vbars([(d["day"], d["recovered"]) for d in stats["over_time"]]),
     }
     return env.get_template("report.html").render(
         title=title,
@@ -126,4 +126,5 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
         money=format_totals,
         pct=_pct,
         accent=accent,
+        median_days="–" if took is None else f"{took / 24:.1f}",
     )

@@ -80,12 +80,15 @@ def _lands_on(driver, prefix: str) -> str:
     return driver.current_url
 
 
-def test_a_person_can_pay_now_or_save_a_card_from_one_link(sim, web, browser):
+def test_a_person_can_pay_now_or_save_a_card_from_one_link(sim, web, browser, screenshots):
     case = open_case(sim, web, {"decline_code": "expired_card"})
     token = mint(case)
     browser.get(f"{web}/r/{token}")
     assert browser.title.startswith("Settle your payment")
     assert "did not go through" in browser.page_source
+    for size, name in ((PHONE, "choice-phone"), (DESKTOP, "choice-desktop")):
+        fits(browser, size)
+        screenshot(browser, name, screenshots)
 
     _button(browser, "Pay $20.00 now").click()
     hosted = _lands_on(browser, sim.url)
@@ -98,3 +101,76 @@ def test_a_person_can_pay_now_or_save_a_card_from_one_link(sim, web, browser):
     session_id = checkout.rsplit("/", 1)[-1]
     made = sim.state.objects[session_id]
     assert (made["mode"], made["customer"]) == ("setup", case.stripe_customer_id)
+
+
+PHONE, DESKTOP = (390, 844), (1280, 900)
+
+
+def screenshot(driver, name: str, where: Path) -> Path:
+    """Kept for a person to look at (RECOVERY_SCREENSHOTS names a directory
+    to keep them in after the run); checked here for what a test can see."""
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"{name}.png"
+    assert driver.save_screenshot(str(path))
+    assert path.stat().st_size > 5_000  # a page, not a blank
+    return path
+
+
+def fits(driver, size: tuple[int, int]) -> None:
+    """At this window size nothing makes the page scroll sideways, and the
+    text is large enough to read."""
+    driver.set_window_size(*size)
+    wide = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert wide[0] <= wide[1], f"the page is {wide[0]}px wide in a {wide[1]}px window"
+    smallest = driver.execute_script(
+        "return Math.min(...[...document.querySelectorAll('body *')]"
+        ".filter(e => e.offsetParent && e.childNodes.length && [...e.childNodes]"
+        ".some(n => n.nodeType === 3 && n.textContent.trim()))"
+        ".map(e => parseFloat(getComputedStyle(e).fontSize)))"
+    )
+    assert smallest >= 12, f"text of {smallest}px"
+
+
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    import os
+
+    kept = os.environ.get("RECOVERY_SCREENSHOTS")
+    return Path(kept) if kept else tmp_path / "screenshots"
+
+
+def test_the_report_reads_on_a_phone_and_its_charts_show_their_axes(browser, tmp_path, screenshots):
+    from selenium.webdriver.common.by import By
+
+    from recovery.report import render
+    from recovery.sim import demo, population
+
+    stats = demo.run(population.synthetic(40, 5, demo.START), 5, 30, tmp_path / "run").stats
+    page = tmp_path / "report.html"
+    from datetime import UTC, datetime
+
+    page.write_text(render(stats, get_settings(), "Recovery", datetime.now(UTC)))
+    browser.get(page.as_uri())
+    for size, name in ((PHONE, "report-phone"), (DESKTOP, "report-desktop")):
+        fits(browser, size)
+        charts = browser.find_elements(By.CSS_SELECTOR, ".hbars")
+        assert len(charts) == 3
+        rate_axis = charts[0].find_element(By.CSS_SELECTOR, ".axis .ticks").text.split()
+        assert rate_axis == ["0%", "50%", "100%"]
+        track = charts[0].find_element(By.CSS_SELECTOR, ".track").size["width"]
+        assert track > 0.4 * size[0]  # the bars use the screen, on a phone too
+        for cause, row in zip(
+            stats["by_cause"],
+            charts[0].find_elements(By.CSS_SELECTOR, ".row:not(.axis)"),
+            strict=True,
+        ):
+            bar = row.find_element(By.CSS_SELECTOR, ".bar").size["width"]
+            inner = row.find_element(By.CSS_SELECTOR, ".track").size["width"]
+            assert abs(bar - cause["rate"] * inner) <= 2, (cause, bar, inner)
+        days = browser.find_element(By.CSS_SELECTOR, ".vbars .days").text.split()
+        assert days[0] == stats["over_time"][0]["day"]
+        assert days[-1] == stats["over_time"][-1]["day"]
+        top = max(d["recovered"] for d in stats["over_time"])
+        counts = browser.find_element(By.CSS_SELECTOR, ".vbars .ticks").text.split()
+        assert counts == [f"{top:g}", f"{top / 2:g}", "0"]
+        screenshot(browser, name, screenshots)
