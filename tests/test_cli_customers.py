@@ -35,6 +35,21 @@ def test_preview_with_sample_data_in_a_locale(tmp_path):
     assert "￥1,500" in result.output and "￥1,500" in out.read_text()
 
 
+def test_a_preview_links_to_this_installations_address(monkeypatch):
+    from recovery.config import get_settings
+
+    monkeypatch.setenv("PUBLIC_BASE_URL", "https://pay.acme-shop.io")
+    get_settings.cache_clear()
+    try:
+        preview = run("emails", "preview", "payment_failed", "--text")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert "https://pay.acme-shop.io/r/sample-link-token" in preview.output
+    assert "https://pay.acme-shop.io/u/sample-opt-out-token" in preview.output
+    assert "billing.example.com" not in preview.output
+
+
 def test_preview_with_a_real_case_mints_no_link(stack):
     scenario = stack.failed({"mode": "decline", "decline_code": "expired_card"})
     stack.tick()

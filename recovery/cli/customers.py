@@ -69,11 +69,12 @@ def emails_preview(
       recovery emails preview payment_failed --locale de_DE --currency eur --out pf.html
       recovery emails preview final_notice --case in_1MtHbELkdIwHu7ix --text
     """
+    settings = get_settings()
     if case_ref:
         facts = _facts_for_case(case_ref, name, locale)
     else:
-        facts = emails.sample_facts(name, locale or "en_US", currency)
-    rendered = emails.render(name, facts, get_settings())
+        facts = emails.sample_facts(name, locale or "en_US", currency, settings.public_base_url)
+    rendered = emails.render(name, facts, settings)
     click.echo(f"Subject: {rendered.subject}")
     if show_text or not out:
         click.echo("")
@@ -98,7 +99,8 @@ def emails_send_test(name: str, address: str, locale: str, currency: str) -> Non
     if "@" not in address:
         raise click.BadParameter(f"{address!r} is not an email address", param_hint="--to")
     settings = get_settings()
-    rendered = emails.render(name, emails.sample_facts(name, locale, currency), settings)
+    facts = emails.sample_facts(name, locale, currency, settings.public_base_url)
+    rendered = emails.render(name, facts, settings)
     message = mailer.build(rendered, address, settings, subject_prefix="[test] ")
     try:
         mailer.transport_for(settings).send(message)

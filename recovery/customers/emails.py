@@ -180,8 +180,15 @@ def _tidy(text: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def sample_facts(name: str, locale: str = "en_US", currency: str = "usd") -> Facts:
-    """Realistic made-up facts for previews and test sends."""
+def sample_facts(
+    name: str,
+    locale: str = "en_US",
+    currency: str = "usd",
+    base_url: str = "https://billing.example.com",
+) -> Facts:
+    """Realistic made-up facts for previews and test sends; links on `base_url`
+    (the installation's PUBLIC_BASE_URL), as the real emails' are."""
+    base = base_url.rstrip("/")
     now = datetime.now().astimezone()
     amounts = {"jpy": 1500, "krw": 19000}
     category = {
@@ -203,12 +210,6 @@ def sample_facts(name: str, locale: str = "en_US", currency: str = "usd") -> Fac
         next_retry_at=now.replace(day=1, month=now.month % 12 + 1, year=now.year + now.month // 12),
         final_at=now.replace(year=now.year + 1, month=1, day=15),
         final_action="cancel_subscription",
-        action_url=(
-            "https://billing.example.com/r/sample-link-token"
-            if link_purpose(name, category)
-            else None
-        ),
-        opt_out_url=(
-            "https://billing.example.com/u/sample-opt-out-token" if name in REMINDERS else None
-        ),
+        action_url=(f"{base}/r/sample-link-token" if link_purpose(name, category) else None),
+        opt_out_url=(f"{base}/u/sample-opt-out-token" if name in REMINDERS else None),
     )
