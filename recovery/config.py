@@ -92,6 +92,8 @@ class Settings:
     # Proxies in front of the web app whose X-Forwarded-For is believed: the
     # click limit keys on the first address before them.
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    # Bearer token /metrics asks for; None: open (keep it off the internet).
+    metrics_token: str | None = None
     templates_dir: Path = DEFAULT_TEMPLATES_DIR
 
     @property
@@ -270,6 +272,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         link_ttl_days=_int(env, "LINK_TTL_DAYS", 14, 1, 90),
         link_clicks_per_minute=_int(env, "LINK_CLICKS_PER_MINUTE", 30, 1, 100_000),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
+        metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
         templates_dir=_directory(env, "TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
     )
     if production:

@@ -31,6 +31,7 @@ import stripe
 
 from recovery import ratelimit
 from recovery.config import Settings, get_settings
+from recovery.metrics import STRIPE_REQUESTS
 
 REQUEST_TIMEOUT_SECONDS = 20
 
@@ -149,7 +150,10 @@ def _request(
     try:
         answer = client().raw_request(method, path, **(params or {}), **options)
     except stripe.StripeError as exc:
+        status = exc.http_status
+        STRIPE_REQUESTS.labels(method, str(status) if status else "network").inc()
         raise _mapped(exc) from exc
+    STRIPE_REQUESTS.labels(method, str(answer.code)).inc()
     return orjson.loads(answer.body)
 
 

@@ -7,6 +7,7 @@ links and the health routes.
     GET  /u/<token>        → "stop reminders?" (mail scanners fetch links: GET changes nothing)
     POST /u/<token>        → stopped (also RFC 8058 one-click from the mail client)
     GET  /healthz, /readyz
+    GET  /metrics          → Prometheus (metrics.py), behind METRICS_TOKEN when set
 
 Framework-free ASGI rather than WSGI: the receiver is the hot path during
 billing runs. Measured on the 2-core bench machine, gunicorn's threaded WSGI
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
 import re
 import threading
@@ -36,13 +38,14 @@ from urllib.parse import parse_qs, urlsplit
 import redis
 import structlog
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from recovery import clock
+from recovery import clock, metrics
 from recovery.config import Settings
 from recovery.customers import links
-from recovery.db import get_engine
+from recovery.db import get_engine, session_scope
 from recovery.inbox.receiver import (
     InboxWriter,
     Receive,
@@ -329,6 +332,38 @@ def with_access_log(app: Any) -> Any:
     return logged
 
 
+def _read_state() -> metrics.Snapshot:
+    with session_scope() as session:
+        return metrics.snapshot(session, clock.now())
+
+
+async def metrics_page(scope: Scope, send: Send, settings: Settings) -> None:
+    """Prometheus's scrape: the database's state and the processes' counters."""
+    if settings.metrics_token:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        wanted = f"Bearer {settings.metrics_token}".encode()
+        if not hmac.compare_digest(given, wanted):
+            return await respond(send, 401, {"error": "metrics need the bearer token"})
+    try:
+        body = await asyncio.wait_for(
+            asyncio.to_thread(metrics.exposition, _read_state), METRICS_TIMEOUT_SECONDS
+        )
+    except (TimeoutError, DBAPIError, SQLAlchemyError):
+        return await respond(send, 503, {"error": "database unavailable"})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# A scrape gives up after this rather than hold a thread on a stalled database.
+METRICS_TIMEOUT_SECONDS = 5.0
+
+
 def make_app(settings: Settings) -> Any:
     writer = InboxWriter(get_engine())
     customer_pages = make_links_app(settings)
@@ -348,6 +383,8 @@ def make_app(settings: Settings) -> Any:
             return await customer_pages(scope, receive, send)
         if path == "/healthz":
             return await respond(send, 200, {"status": "ok"})
+        if path == "/metrics":
+            return await metrics_page(scope, send, settings)
         if path == "/readyz":
             if await readiness.ready():
                 return await respond(send, 200, {"status": "ready"})

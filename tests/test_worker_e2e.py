@@ -8,10 +8,12 @@ Stripe for the decline and opens the case.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime
 
 from celery import Celery
@@ -24,7 +26,7 @@ from recovery.engine import scheduler
 from recovery.inbox import relay
 from recovery.models import RecoveryAttempt, RecoveryCase, WebhookEvent
 
-from .conftest import BASE_ENV, ROOT, reload_settings
+from .conftest import BASE_ENV, ROOT, free_port, reload_settings
 from .factories import post_event, sim_post, stripe_event
 
 
@@ -58,9 +60,9 @@ def worker_env(db_url: str, broker_url: str, sim_url: str) -> dict[str, str]:
 
 
 def start_worker(
-    db_url: str, broker_url: str, sim_url: str, tmp_path, *options: str
+    db_url: str, broker_url: str, sim_url: str, tmp_path, *options: str, **extra_env: str
 ) -> subprocess.Popen:
-    env = worker_env(db_url, broker_url, sim_url)
+    env = {**worker_env(db_url, broker_url, sim_url), **extra_env}
     return subprocess.Popen(
         [sys.executable, "-m", "recovery", "worker", "--concurrency", "2", *options],
         env=env,
@@ -88,7 +90,19 @@ def test_signed_event_over_http_opens_case_then_late_failure_keeps_it_closed(
         "/_sim/webhook_endpoints",
         {"url": f"{receiver}/webhooks/stripe", "secret": "whsec_test_current"},
     )
-    worker = start_worker(db, flushed_redis, sim.url, tmp_path, "--beat")
+    metrics_port = free_port()
+    counts = tmp_path / "metrics"
+    counts.mkdir()
+    worker = start_worker(
+        db,
+        flushed_redis,
+        sim.url,
+        tmp_path,
+        "--beat",
+        "--metrics-port",
+        str(metrics_port),
+        PROMETHEUS_MULTIPROC_DIR=str(counts),
+    )
     try:
         scenario = sim_post(
             sim.url,
@@ -105,6 +119,11 @@ def test_signed_event_over_http_opens_case_then_late_failure_keeps_it_closed(
             with session_scope() as session:
                 stored = [(e.type, e.status) for e in session.scalars(select(WebhookEvent))]
             raise AssertionError(f"no open case; events stored: {stored}") from None
+        # The prefork child that asked Stripe counted it; the worker serves the sum.
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/", timeout=10).read()
+        assert re.search(
+            rb'recovery_stripe_requests_total\{method="get",status="200"\} [1-9]', scraped
+        ), scraped.decode()[-2000:]
         with session_scope() as session:
             case = session.scalars(select(RecoveryCase)).one()
             assert (case.decline_code, case.network_decline_code, case.card_fingerprint) == (

@@ -35,6 +35,7 @@ def cli() -> None:
       recovery plans explain             the plans, and what retries have taught
       recovery retry | pause | resume | cancel
       recovery stats | report            what recovery brought back
+      recovery status                    backlog, due steps, outcomes, now (as /metrics)
       recovery emails preview | send-test | list
       recovery links revoke
       recovery sync                      backfill failed invoices at install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import click
 
+from recovery import clock, metrics
 from recovery import report as page
 from recovery import stats as figures
 from recovery.cli.common import emit_json, needs_database, optional_instant
@@ -100,4 +102,51 @@ def report(out: Path, since: str | None, title: str) -> None:
     click.echo(json.dumps({"report": str(out), "cases": numbers["cases"]["total"]}))
 
 
-COMMANDS = [stats, report]
+def _counts(counts: dict[str, int]) -> str:
+    shown = [f"{name.replace('_', ' ')} {count:,}" for name, count in counts.items() if count]
+    return " · ".join(shown) or "none"
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="The same, as JSON.")
+@needs_database
+def status(as_json: bool) -> None:
+    """What the installation is doing now: the figures /metrics gives Prometheus.
+
+    \b
+    Example:
+      recovery status
+    """
+    with session_scope() as session:
+        state = metrics.snapshot(session, clock.now())
+    if as_json:
+        return emit_json(dataclasses.asdict(state))
+    overdue = sum(state.steps_overdue.values())
+    waiting = state.events.get("pending", 0) + state.events.get("processing", 0)
+    lines = [
+        ("events", f"{_counts(state.events)}"),
+        (
+            "inbox",
+            f"{waiting:,} waiting, the oldest for {state.oldest_waiting_event_seconds:,.0f} s"
+            if waiting
+            else "nothing waiting",
+        ),
+        ("steps due", _counts(state.steps_due)),
+        (
+            "overdue",
+            f"{overdue:,} due for over {metrics.OVERDUE_AFTER.seconds // 60} min:"
+            " are the workers running?"
+            if overdue
+            else "none",
+        ),
+        ("retries", _counts(state.retries)),
+        ("emails", _counts(state.emails)),
+        ("cases", _counts(state.cases)),
+        ("recovered", format_totals(state.recovered)),
+    ]
+    click.echo(f"as of {state.at:%Y-%m-%d %H:%M:%S} UTC")
+    for name, text in lines:
+        click.echo(f"{name:>10}  {text}")
+
+
+COMMANDS = [stats, report, status]

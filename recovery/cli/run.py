@@ -80,7 +80,19 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
     is_flag=True,
     help="Send task events, for Flower or `celery -A recovery events`.",
 )
-def worker(concurrency: int | None, pool: str | None, with_beat: bool, events: bool) -> None:
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65_535),
+    help="Serve this worker's Stripe request counts to Prometheus on this port"
+    " (the database's figures are on the web app's /metrics).",
+)
+def worker(
+    concurrency: int | None,
+    pool: str | None,
+    with_beat: bool,
+    events: bool,
+    metrics_port: int | None,
+) -> None:
     """Run a Celery worker: events, due steps, emails.
 
     \b
@@ -110,8 +122,33 @@ def worker(concurrency: int | None, pool: str | None, with_beat: bool, events: b
         argv += ["--beat"]
     if events:
         argv += ["--task-events"]
+    if metrics_port:
+        _serve_worker_metrics(metrics_port, argv[argv.index("--pool") + 1])
     os.makedirs("var", exist_ok=True)
     app.worker_main(argv)
+
+
+def _serve_worker_metrics(port: int, pool: str) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import multiprocess as multiprocess_mode
+
+    from recovery.metrics import STRIPE_REQUESTS
+
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess_mode.MultiProcessCollector(registry)
+    elif pool == "prefork":
+        # Forked children count in their own memory, which this process cannot read.
+        raise click.UsageError(
+            "--metrics-port with the prefork pool needs PROMETHEUS_MULTIPROC_DIR"
+            " (an empty directory the worker's processes share)"
+        )
+    else:
+        registry.register(STRIPE_REQUESTS)
+    try:
+        start_http_server(port, registry=registry)
+    except OSError as taken:
+        raise click.UsageError(f"--metrics-port {port}: {taken.strerror}") from None
 
 
 @click.command()

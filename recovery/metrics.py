@@ -1,0 +1,179 @@
+"""What operators graph and alert on: Prometheus metrics, and the same at a
+glance for `recovery status`.
+
+Most of what matters is state the database already holds (the inbox's
+backlog and its age, steps due and overdue, retries by outcome, emails by
+status, what was recovered), so it is read at scrape time: every web process
+answers the same, and nothing is lost when a worker restarts. What the
+database does not hold, the Stripe requests each process makes, is counted by
+prometheus-client; with PROMETHEUS_MULTIPROC_DIR set (gunicorn's workers,
+Celery's prefork children) every process writes its counts there and a scrape
+adds them up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import multiprocess as multiprocess_mode
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from recovery.models import (
+    CaseStatus,
+    EventStatus,
+    Message,
+    RecoveryAttempt,
+    RecoveryCase,
+    StepKind,
+    StepStatus,
+    WebhookEvent,
+)
+
+# A step this much past due has waited for a worker longer than a dispatch
+# pass takes: workers are missing or behind.
+OVERDUE_AFTER = timedelta(minutes=5)
+
+STRIPE_REQUESTS = Counter(
+    "recovery_stripe_requests",
+    "Requests to Stripe's API, by HTTP method and status (429: rate limited; network: no answer)",
+    ["method", "status"],
+)
+
+
+@dataclass
+class Snapshot:
+    """The installation's state at one instant."""
+
+    at: datetime
+    events: dict[str, int] = field(default_factory=dict)  # by status
+    oldest_waiting_event_seconds: float = 0.0  # pending or processing
+    steps_due: dict[str, int] = field(default_factory=dict)  # scheduled and due, by kind
+    steps_overdue: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)  # by outcome
+    emails: dict[str, int] = field(default_factory=dict)  # by status
+    cases: dict[str, int] = field(default_factory=dict)  # by status
+    recovered: dict[str, int] = field(default_factory=dict)  # minor units, by currency
+
+
+def snapshot(session: Session, now: datetime) -> Snapshot:
+    found = Snapshot(at=now)
+    for event_status, count in session.execute(
+        select(WebhookEvent.status, func.count()).group_by(WebhookEvent.status)
+    ):
+        found.events[str(event_status)] = count
+    oldest = session.scalar(
+        select(func.min(WebhookEvent.received_at)).where(
+            WebhookEvent.status.in_([EventStatus.PENDING, EventStatus.PROCESSING])
+        )
+    )
+    if oldest is not None:
+        found.oldest_waiting_event_seconds = max((now - oldest).total_seconds(), 0.0)
+    for kind, due, overdue in session.execute(
+        select(
+            RecoveryAttempt.kind,
+            func.count(),
+            func.count().filter(RecoveryAttempt.due_at <= now - OVERDUE_AFTER),
+        )
+        .where(RecoveryAttempt.status == StepStatus.SCHEDULED, RecoveryAttempt.due_at <= now)
+        .group_by(RecoveryAttempt.kind)
+    ):
+        found.steps_due[str(kind)] = due
+        found.steps_overdue[str(kind)] = overdue
+    for outcome, count in session.execute(
+        select(RecoveryAttempt.outcome, func.count())
+        .where(RecoveryAttempt.kind == StepKind.RETRY, RecoveryAttempt.outcome.is_not(None))
+        .group_by(RecoveryAttempt.outcome)
+    ):
+        found.retries[str(outcome)] = count
+    for message_status, count in session.execute(
+        select(Message.status, func.count()).group_by(Message.status)
+    ):
+        found.emails[str(message_status)] = count
+    for case_status, count in session.execute(
+        select(RecoveryCase.status, func.count()).group_by(RecoveryCase.status)
+    ):
+        found.cases[str(case_status)] = count
+    for currency, amount in session.execute(
+        select(RecoveryCase.currency, func.sum(RecoveryCase.amount_recovered))
+        .where(RecoveryCase.status == CaseStatus.RECOVERED)
+        .group_by(RecoveryCase.currency)
+    ):
+        found.recovered[currency] = int(amount or 0)
+    return found
+
+
+def families(state: Snapshot) -> Iterator[Metric]:
+    """The snapshot as Prometheus metric families."""
+    # A gauge: events move from pending to processed, so a status's count falls too.
+    events = GaugeMetricFamily(
+        "recovery_events",
+        "Stripe events stored, by what became of them",
+        labels=["status"],
+    )
+    for event_status in EventStatus:
+        events.add_metric([event_status.value], state.events.get(event_status.value, 0))
+    yield events
+    yield GaugeMetricFamily(
+        "recovery_inbox_oldest_waiting_seconds",
+        "Age of the oldest event not yet handled (0 when none waits)",
+        value=state.oldest_waiting_event_seconds,
+    )
+    due = GaugeMetricFamily("recovery_steps_due", "Steps due now, by kind", labels=["kind"])
+    overdue = GaugeMetricFamily(
+        "recovery_steps_overdue",
+        f"Steps due for over {int(OVERDUE_AFTER.total_seconds())} s, by kind",
+        labels=["kind"],
+    )
+    for kind in StepKind:
+        due.add_metric([kind.value], state.steps_due.get(kind.value, 0))
+        overdue.add_metric([kind.value], state.steps_overdue.get(kind.value, 0))
+    yield due
+    yield overdue
+    retries = CounterMetricFamily(
+        "recovery_retries", "Retries made, by outcome", labels=["outcome"]
+    )
+    for outcome, count in sorted(state.retries.items()):
+        retries.add_metric([outcome], count)
+    yield retries
+    emails = GaugeMetricFamily("recovery_emails", "Emails by status", labels=["status"])
+    for message_status, count in sorted(state.emails.items()):
+        emails.add_metric([message_status], count)
+    yield emails
+    cases = GaugeMetricFamily("recovery_cases", "Cases by status", labels=["status"])
+    for case_status in CaseStatus:
+        cases.add_metric([case_status.value], state.cases.get(case_status.value, 0))
+    yield cases
+    recovered = CounterMetricFamily(
+        "recovery_recovered_amount",
+        "Amount recovered, in the currency's minor units",
+        labels=["currency"],
+    )
+    for currency, amount in sorted(state.recovered.items()):
+        recovered.add_metric([currency], amount)
+    yield recovered
+
+
+class StateCollector(Collector):
+    def __init__(self, read: Callable[[], Snapshot]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self._read())
+
+
+def exposition(read: Callable[[], Snapshot]) -> bytes:
+    """One scrape: the database's state and every process's counters."""
+    registry = CollectorRegistry()
+    registry.register(StateCollector(read))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess_mode.MultiProcessCollector(registry)
+    else:
+        registry.register(STRIPE_REQUESTS)
+    return generate_latest(registry)
