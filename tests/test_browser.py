@@ -174,3 +174,137 @@ def test_the_report_reads_on_a_phone_and_its_charts_show_their_axes(browser, tmp
         counts = browser.find_element(By.CSS_SELECTOR, ".vbars .ticks").text.split()
         assert counts == [f"{top:g}", f"{top / 2:g}", "0"]
         screenshot(browser, name, screenshots)
+
+
+# -- the walk from the email's link to a recovered case, on Stripe's pages -------
+
+
+@pytest.fixture
+def linked_to(db, sim, monkeypatch):
+    """A web app whose PUBLIC_BASE_URL is its own address, as in a deployment:
+    the emails' links and Checkout's way back lead to it."""
+    from recovery.sim.servers import start_asgi_in_thread
+    from recovery.web import make_app
+
+    from .conftest import free_port
+
+    port = free_port()
+    monkeypatch.setenv("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
+    get_settings.cache_clear()
+    server = start_asgi_in_thread(make_app(get_settings()), port=port)
+    yield server.url
+    server.stop()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def emailed_link(case, web: str, before: set[Path]) -> str:
+    """The link in the email this case's customer was just sent (the file sink)."""
+    import email
+    import re
+
+    outbox = Path(get_settings().outbox_dir)
+    new = [p for p in outbox.glob("*.eml") if p not in before]
+    assert len(new) == 1, new
+    from email import policy
+
+    message = email.message_from_bytes(new[0].read_bytes(), policy=policy.default)
+    text = next(p for p in message.walk() if p.get_content_type() == "text/plain")
+    found = re.findall(rf"{re.escape(web)}/r/[A-Za-z0-9_-]+", text.get_content())
+    assert found, text.get_content()
+    return found[0]
+
+
+def outbox_now() -> set[Path]:
+    return set(Path(get_settings().outbox_dir).glob("*.eml"))
+
+
+def engine_runs(minutes: int) -> None:
+    """Webhooks delivered and the engine's passes, `minutes` on."""
+    from datetime import UTC, datetime, timedelta
+
+    from recovery import clock
+    from recovery.engine import scheduler
+
+    clock.set_now(datetime.now(UTC) + timedelta(minutes=minutes))
+    try:
+        for _ in range(3):
+            scheduler.run_pass(get_settings(), sync=True)
+    finally:
+        clock.set_now(None)
+
+
+def type_card(driver, number: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, "number")
+    field.clear()
+    field.send_keys(number)
+    driver.find_element(By.ID, "exp").send_keys("12 / 34")
+    driver.find_element(By.ID, "cvc").send_keys("123")
+    field.find_element(By.XPATH, "./ancestor::form//button").click()
+
+
+def recovered(case_id: int):
+    from recovery.db import session_scope
+    from recovery.models import RecoveryCase
+
+    with session_scope() as session:
+        return session.get(RecoveryCase, case_id)
+
+
+def test_from_the_email_a_person_saves_a_card_on_checkout_and_the_case_recovers(
+    sim, linked_to, browser, screenshots
+):
+    before = outbox_now()
+    case = open_case(sim, linked_to, {"decline_code": "expired_card"})
+    browser.get(emailed_link(case, linked_to, before))
+    _button(browser, "Use a new card from now on").click()
+    _lands_on(browser, f"{sim.url}/hosted/checkout/cs_test_")
+    assert "Save a card for future payments" in browser.page_source
+    fits(browser, PHONE)
+    screenshot(browser, "checkout-phone", screenshots)
+
+    type_card(browser, "4000 0000 0000 0002")  # Stripe's declining test card
+    assert "Your card was declined." in browser.page_source
+    type_card(browser, "4242 4242 4242 4242")
+    _lands_on(browser, f"{linked_to}/r/card-saved")
+    assert "Your new card is saved" in browser.page_source
+
+    sim.flush()
+    engine_runs(minutes=10)
+    done = recovered(case.id)
+    assert (done.status, done.recovery_path) == ("recovered", "card_update")
+    paid_with = [c for c in sim.state.objects.values() if c.get("object") == "charge"]
+    assert [c["payment_method_details"]["card"]["last4"] for c in paid_with if c["paid"]] == [
+        "4242"
+    ]
+
+
+def test_from_the_email_a_person_pays_on_the_invoice_page_after_authenticating(
+    sim, linked_to, browser, screenshots
+):
+    from selenium.webdriver.common.by import By
+
+    before = outbox_now()
+    case = open_case(sim, linked_to, {"decline_code": "insufficient_funds"})
+    browser.get(emailed_link(case, linked_to, before))
+    _button(browser, "Pay $20.00 now").click()
+    _lands_on(browser, f"{sim.url}/hosted/invoices/{case.invoice_id}")
+    assert "$20.00" in browser.page_source
+    fits(browser, PHONE)
+    screenshot(browser, "invoice-phone", screenshots)
+
+    type_card(browser, "4000 0025 0000 3155")  # asks the cardholder to authenticate
+    _button(browser, "Fail authentication").click()
+    assert "unable to authenticate" in browser.page_source
+    assert recovered(case.id).status == "open"
+    type_card(browser, "4000 0025 0000 3155")
+    screenshot(browser, "authenticate-phone", screenshots)
+    _button(browser, "Complete authentication").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Invoice paid"
+
+    sim.flush()
+    engine_runs(minutes=1)
+    done = recovered(case.id)
+    assert (done.status, done.recovery_path, done.amount_recovered) == ("recovered", "link", 2000)

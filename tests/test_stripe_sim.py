@@ -230,3 +230,112 @@ def test_unauthenticated_requests_are_refused(sim):
         stripe.StripeClient(
             "pk_test_public", base_addresses={"api": sim.url}, max_network_retries=0
         ).v1.invoices.retrieve("in_x")
+
+
+# -- the pages Stripe hosts, as a browser posts to them ---------------------------
+
+
+def form_post(url: str, fields: dict[str, str]) -> tuple[int, str, str | None]:
+    """A browser's form post: (status, page, Location), without following."""
+    import html
+    import http.client
+    from urllib.parse import urlencode, urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request(
+        "POST",
+        parts.path,
+        body=urlencode(fields),
+        headers={"Content-Type": "application/x-www-form-urlencoded", "Accept": "text/html"},
+    )
+    answer = connection.getresponse()
+    text = html.unescape(answer.read().decode())  # the page's words, as a person reads them
+    return answer.status, text, answer.getheader("Location")
+
+
+def test_hosted_pages_take_stripes_test_cards_and_do_what_stripe_does(sim):
+    client = sdk(sim)
+    failed = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    customer = failed["customer"]
+    session = client.v1.checkout.sessions.create(
+        params={
+            "mode": "setup",
+            "customer": customer,
+            "currency": "usd",
+            "success_url": "https://billing.acme-shop.io/r/card-saved?s={CHECKOUT_SESSION_ID}",
+            "cancel_url": "https://billing.acme-shop.io/r/not-saved",
+        }
+    )
+    events_before = len(sim.state.events)
+    for number, says in (
+        ("4000 0000 0000 0002", "Your card was declined."),
+        ("4000000000009995", "Your card has insufficient funds."),
+        ("4000000000000069", "Your card has expired."),
+        ("1234 5678 9012 3456", "not one of Stripe's test cards"),
+        ("", "Enter a card number."),
+    ):
+        status, page, _ = form_post(session.url, {"number": number})
+        assert status == 402 and says in page, (number, page)
+    assert len(sim.state.events) == events_before  # nothing saved, nothing sent
+    # A card that asks for authentication: the challenge, then a failure or a save.
+    status, page, _ = form_post(session.url, {"number": "4000002760003184"})
+    assert status == 200 and "Complete authentication" in page and "Fail authentication" in page
+    status, page, _ = form_post(session.url, {"number": "4000002760003184", "authenticate": "fail"})
+    assert status == 402 and "unable to authenticate" in page
+    status, _, location = form_post(
+        session.url, {"number": "4000002760003184", "authenticate": "complete"}
+    )
+    assert status == 303
+    assert location == f"https://billing.acme-shop.io/r/card-saved?s={session.id}"
+    types = [e["type"] for e in sim.state.events[events_before:]]
+    assert types == [
+        "payment_method.attached",
+        "setup_intent.succeeded",
+        "checkout.session.completed",
+    ]
+    saved = sim.state.events[events_before]["data"]["object"]["id"]
+    # Saved for off-session use, this card still asks when charged without the customer.
+    assert sim.state.behaviors[saved].mode == "authenticate"
+    assert client.v1.checkout.sessions.retrieve(session.id).status == "complete"
+    status, page, _ = form_post(session.url, {"number": "4242424242424242"})
+    assert "expired" in page  # a completed session takes no second card
+
+    # The billing portal: a new card becomes the default, with Stripe's events.
+    portal = client.v1.billing_portal.sessions.create(
+        params={"customer": customer, "return_url": "https://billing.acme-shop.io/"}
+    )
+    status, page, _ = form_post(portal.url, {"number": "4000000000000341"})
+    assert status == 200 and "Your new card is the default" in page and "0341 (default)" in page
+    new_default = client.v1.customers.retrieve(customer).invoice_settings.default_payment_method
+    assert sim.state.behaviors[new_default].decline_code == "generic_decline"  # 0341: charges fail
+    assert [e["type"] for e in sim.state.events[-2:]] == [
+        "payment_method.attached",
+        "customer.updated",
+    ]
+
+
+def test_the_hosted_invoice_page_pays_with_the_card_on_file_or_a_new_one(sim):
+    declined = sim_post(
+        sim.url, "/_sim/scenarios/failed_invoice", {"behavior": {"mode": "authenticate"}}
+    )
+    page_url = f"{sim.url}/hosted/invoices/{declined['invoice']}"
+    # The card on file asks for authentication: the customer is there to give it.
+    status, page, _ = form_post(page_url, {"use": "on_file"})
+    assert status == 200 and "Complete authentication" in page
+    status, page, _ = form_post(page_url, {"use": "on_file", "authenticate": "complete"})
+    assert status == 200 and "Invoice paid" in page
+    assert sdk(sim).v1.invoices.retrieve(declined["invoice"]).status == "paid"
+    assert "invoice.paid" in [e["type"] for e in sim.state.events]
+
+    other = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    page_url = f"{sim.url}/hosted/invoices/{other['invoice']}"
+    status, page, _ = form_post(page_url, {"number": "4000000000000341"})
+    assert status == 402 and "Your card was declined." in page
+    status, page, _ = form_post(page_url, {"number": "5555 5555 5555 4444"})
+    assert status == 200 and "Invoice paid" in page
+    # Programs still get JSON from the same addresses.
+    import urllib.request
+
+    with urllib.request.urlopen(page_url, timeout=10) as answer:
+        assert json.loads(answer.read())["status"] == "paid"

@@ -25,12 +25,13 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from html import escape
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qs, parse_qsl
 
 from recovery.config import DEFAULT_STRIPE_API_VERSION
 from recovery.inbox.receiver import signature_header
-from recovery.sim import objects
+from recovery.sim import hosted, objects
 
 
 class ApiError(Exception):
@@ -516,6 +517,8 @@ class StripeSim:
                         self.now(), params, self.state.base_url, self.state.livemode
                     )
                 )
+            case ("GET", "checkout", 3) if parts[1] == "sessions":
+                return 200, self.get("checkout.session", parts[2])
             case ("POST", "billing_portal", 2) if parts[1] == "sessions":
                 self.get("customer", params.get("customer") or "")
                 return 200, self.put(
@@ -817,6 +820,12 @@ class StripeSim:
                     return (*self.control(method, path, data), {})
                 except ApiError as exc:
                     return exc.status, {"error": exc.body}, {}
+        if path.startswith("/hosted/") and (
+            "text/html" in headers.get("accept", "")
+            or headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+        ):
+            page = self._hosted_page(method, path, body)
+            return page.status, page, {}
         if path.startswith("/hosted/checkout/"):
             return self._hosted_checkout(method, path.rsplit("/", 1)[-1], body)
         if path.startswith("/hosted/invoices/"):
@@ -880,6 +889,118 @@ class StripeSim:
         elif fault is not None:  # "after": the effect happened; the answer is lost
             return self._fault_answer(fault)
         return status, answer, {"Idempotency-Key": key} if key else {}
+
+    # -- the pages a person sees (hosted.py draws them) ------------------------
+
+    def _hosted_page(self, method: str, path: str, body: bytes) -> hosted.Html:
+        kind, _, ident = path.removeprefix("/hosted/").partition("/")
+        form = {}
+        if method == "POST":
+            form = {k: v[-1] for k, v in parse_qs(body.decode(errors="replace")).items()}
+        with self.lock:
+            try:
+                if kind == "checkout":
+                    return self._checkout_html(ident, method, form)
+                if kind == "invoices":
+                    return self._invoice_html(ident, method, form)
+                if kind == "portal":
+                    return self._portal_html(ident, method, form)
+            except ApiError as exc:
+                message = exc.body.get("message", "Not found")
+                return hosted.Html(hosted.page("Not found", f"<h1>{escape(message)}</h1>"), 404)
+        return hosted.Html(hosted.page("Not found", "<h1>Not found</h1>"), 404)
+
+    def _card_or_challenge(
+        self, form: dict[str, str], authenticates: bool, keep: dict[str, str]
+    ) -> hosted.Html | None:
+        """None when the customer may go on: no authentication asked, or done."""
+        if not authenticates or form.get("authenticate") == "complete":
+            return None
+        if form.get("authenticate") == "fail":
+            raise hosted.CardRefused(
+                "We are unable to authenticate your payment method. Please choose a"
+                " different payment method and try again."
+            )
+        return hosted.Html(hosted.challenge(form.get("number", ""), keep))
+
+    def _checkout_html(self, session_id: str, method: str, form: dict[str, str]) -> hosted.Html:
+        session = self.get("checkout.session", session_id)
+        if method != "POST" or session["status"] != "open":
+            return hosted.Html(hosted.checkout_page(session))
+        try:
+            card = hosted.read_card(form.get("number", ""))
+            asked = self._card_or_challenge(form, card.authenticates, {})
+        except hosted.CardRefused as refused:
+            return hosted.Html(hosted.checkout_page(session, str(refused)), 402)
+        if asked is not None:
+            return asked
+        self.complete_checkout(session_id, card.card())
+        target = (session.get("success_url") or "").replace("{CHECKOUT_SESSION_ID}", session_id)
+        if target:
+            return hosted.Html(status=303, location=target)
+        return hosted.Html(hosted.page("Card saved", "<h1>Card saved</h1>"))
+
+    def _invoice_html(self, invoice_id: str, method: str, form: dict[str, str]) -> hosted.Html:
+        invoice = self.get("invoice", invoice_id)
+        try:
+            on_file: dict | None = self.default_payment_method(invoice)
+        except ApiError:
+            on_file = None
+        if method != "POST" or invoice["status"] != "open":
+            return hosted.Html(hosted.invoice_page(invoice, on_file))
+        try:
+            if form.get("use") == "on_file" and on_file is not None:
+                pm = on_file
+                behaviour = self.state.behaviors.get(pm["id"], CardBehavior())
+                asked = self._card_or_challenge(
+                    form, behaviour.mode == "authenticate", {"use": "on_file"}
+                )
+            else:
+                card = hosted.read_card(form.get("number", ""))
+                asked = self._card_or_challenge(form, card.authenticates, {})
+                if asked is None:
+                    pm = self.put(
+                        objects.payment_method(
+                            self.now(), invoice["customer"], card.card(), self.state.livemode
+                        )
+                    )
+                    self.state.behaviors[pm["id"]] = CardBehavior.from_json(card.card()["behavior"])
+        except hosted.CardRefused as refused:
+            return hosted.Html(hosted.invoice_page(invoice, on_file, str(refused)), 402)
+        if asked is not None:
+            return asked
+        _intent, _charge, error = self.attempt_payment(invoice, pm, on_session=True)
+        if error is not None:
+            message = hosted.DECLINE_MESSAGES.get(
+                error.get("decline_code") or "", "Your card was declined."
+            )
+            return hosted.Html(hosted.invoice_page(invoice, on_file, message), 402)
+        return hosted.Html(hosted.invoice_page(invoice, on_file))
+
+    def _portal_html(self, session_id: str, method: str, form: dict[str, str]) -> hosted.Html:
+        session = self.get("billing_portal.session", session_id)
+        customer = self.get("customer", session["customer"])
+
+        def shown(saved: bool = False, error: str | None = None, status: int = 200):
+            cards = [
+                o
+                for o in self.state.objects.values()
+                if o.get("object") == "payment_method" and o.get("customer") == customer["id"]
+            ]
+            default = customer["invoice_settings"].get("default_payment_method")
+            return hosted.Html(hosted.portal_page(session, cards, default, saved, error), status)
+
+        if method != "POST":
+            return shown()
+        try:
+            card = hosted.read_card(form.get("number", ""))
+            asked = self._card_or_challenge(form, card.authenticates, {})
+        except hosted.CardRefused as refused:
+            return shown(error=str(refused), status=402)
+        if asked is not None:
+            return asked
+        self._change_card(customer["id"], card.card())
+        return shown(saved=True)
 
     def _hosted_checkout(self, method: str, session_id: str, body: bytes):
         """Stripe's hosted page, reduced to what a test customer does: GET shows
@@ -959,6 +1080,7 @@ class StripeSim:
         headers = {
             k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")
         }
+        headers["content-type"] = environ.get("CONTENT_TYPE", "")
         try:
             status, answer, extra = self.handle(
                 environ["REQUEST_METHOD"],
@@ -973,6 +1095,17 @@ class StripeSim:
                 {"error": {"type": "invalid_request_error", "message": f"Bad request: {exc}"}},
                 {},
             )
+        if isinstance(answer, hosted.Html):
+            page = answer
+            start_response(
+                f"{page.status} {_PHRASES.get(page.status, 'Error')}",
+                [
+                    ("Content-Type", "text/html; charset=utf-8"),
+                    ("Cache-Control", "no-store"),
+                    *([("Location", page.location)] if page.location else []),
+                ],
+            )
+            return [page.body.encode()]
         data = json.dumps(answer).encode()
         request_id = "req_" + hashlib.sha256(data + str(time.time()).encode()).hexdigest()[:14]
         start_response(
@@ -1005,6 +1138,7 @@ _IDEMPOTENCY_MISMATCH = (
 
 _PHRASES = {
     200: "OK",
+    303: "See Other",
     400: "Bad Request",
     401: "Unauthorized",
     402: "Payment Required",
