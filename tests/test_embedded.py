@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+
+import pytest
 
 from .conftest import ROOT
 
@@ -49,3 +52,109 @@ def test_demo_needs_no_servers(tmp_path):
     result = run_on_a_fresh_machine(tmp_path, "demo", "--size", "25", "--days", "10")
     assert "25 cases" in result.stdout and "FAIL" not in result.stdout
     assert (tmp_path / "var" / "demo" / "report.html").exists()
+
+
+def test_dev_tells_the_story_as_it_happens_with_the_emails_link(tmp_path):
+    from .conftest import free_port
+
+    port = free_port()
+    told = run_on_a_fresh_machine(
+        tmp_path, "dev", "--check", "--port", str(port), "--sim-port", str(free_port())
+    ).stdout
+    story = [line.strip() for line in told.splitlines() if line.strip().startswith("·")]
+    assert story[0].startswith("· event received: invoice.payment_failed (evt_"), told
+    expected = [
+        "· case 1: opened for invoice in_",
+        "· case 1: funds: decline_code=insufficient_funds",
+        f"· case 1: email payment_failed sent; its link: http://127.0.0.1:{port}/r/",
+        "· case 1: recovered $20.00",
+    ]
+    positions = [next(i for i, line in enumerate(story) if line.startswith(e)) for e in expected]
+    assert positions == sorted(positions), story
+
+
+def test_dev_says_which_port_is_taken(tmp_path):
+    import socket
+
+    from .conftest import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "recovery", "dev", "--port", str(busy)],
+            cwd=tmp_path,
+            env=clean_environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2
+        assert f"port {busy} is taken" in result.stderr and "--port" in result.stderr
+        assert "Traceback" not in result.stderr
+        sim_busy = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "recovery",
+                "dev",
+                "--port",
+                str(free_port()),
+                "--sim-port",
+                str(busy),
+            ],
+            cwd=tmp_path,
+            env=clean_environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sim_busy.returncode == 2 and "--sim-port" in sim_busy.stderr
+
+
+@pytest.mark.parametrize("how", ["SIGINT to the terminal's group", "SIGTERM to recovery dev"])
+def test_dev_stops_every_process_it_started(tmp_path, how):
+    import signal
+    import time
+
+    from .conftest import free_port
+
+    port, sim_port = free_port(), free_port()
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "recovery", "dev", "--port", str(port), "--sim-port", str(sim_port)],
+        cwd=tmp_path,
+        env=clean_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own group, like a terminal's foreground job
+    )
+    try:
+        assert dev.stdout is not None
+        for line in dev.stdout:
+            if "recovery is running" in line:
+                break
+        else:
+            raise AssertionError("recovery dev did not start")
+        if how.startswith("SIGINT"):
+            os.killpg(dev.pid, signal.SIGINT)
+        else:
+            dev.send_signal(signal.SIGTERM)
+        assert dev.wait(timeout=45) == 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(dev.pid, 0)  # anyone left in its group?
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("processes of recovery dev are still running")
+    finally:
+        # Whatever is left of its group, so a failure leaves nothing running.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(dev.pid, signal.SIGKILL)
+        dev.wait()
+        if dev.stdout is not None:
+            dev.stdout.close()

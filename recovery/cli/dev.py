@@ -7,8 +7,10 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,7 @@ from typing import Any
 import click
 from sqlalchemy import select
 
+from recovery.cli import story
 from recovery.cli.common import DEMO_DIR, Unavailable, amount, emit_json
 from recovery.cli.figures import print_summary, write_report
 from recovery.config import get_settings
@@ -111,6 +114,11 @@ def dev(check: bool, port: int, sim_port: int) -> None:
       recovery dev --port 8100 --sim-port 12200
     """
     settings = get_settings()
+    for option, number in (("--port", port), ("--sim-port", sim_port)):
+        if not _port_free(number):
+            raise click.UsageError(
+                f"port {number} is taken (another `recovery dev`?); choose another with {option}"
+            )
     env = dict(os.environ)
     env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{sim_port}")
     # Links in the emails (var/outbox) open this receiver.
@@ -132,6 +140,9 @@ def dev(check: bool, port: int, sim_port: int) -> None:
         subprocess.Popen([*exe, "serve", "--dev", "--port", str(port)], env=env),
         subprocess.Popen([*exe, "worker", "--beat"], env=env),
     ]
+    # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    telling = threading.Event()
     try:
         _wait_http(f"http://127.0.0.1:{port}/readyz")
         _wait_http(f"http://127.0.0.1:{sim_port}/_sim/events")
@@ -139,16 +150,24 @@ def dev(check: bool, port: int, sim_port: int) -> None:
             f"\nrecovery is running: receiver http://127.0.0.1:{port}/webhooks/stripe,"
             f" Stripe-compatible server http://127.0.0.1:{sim_port}"
         )
+        telling.set()
+        story.tell_while(telling.is_set, Path(settings.outbox_dir), click.echo)
         if check:
             _check_round_trip(f"http://127.0.0.1:{sim_port}")
+            time.sleep(1.5)  # the story's last lines
             return
-        click.echo("send a failed payment: recovery send-test-event   (Ctrl-C stops)")
+        click.echo(
+            "send a failed payment: recovery send-test-event   (Ctrl-C stops)\n"
+            "what happens is told below; emails are in"
+            f" {settings.outbox_dir}, their links open here\n"
+        )
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         raise click.ClickException("a process of the stack stopped")
     except KeyboardInterrupt:
-        pass
+        click.echo("stopping…")
     finally:
+        telling.clear()
         for child in children:
             child.send_signal(signal.SIGTERM)
         for child in children:
@@ -156,6 +175,21 @@ def dev(check: bool, port: int, sim_port: int) -> None:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        # As the servers bind: a port left in TIME_WAIT by the last run is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_case(invoice_id: str, status: CaseStatus, seconds: float = 60) -> RecoveryCase:
