@@ -8,7 +8,7 @@ from __future__ import annotations
 from recovery.config import ConfigError, Settings
 from recovery.customers.emails import NAMES
 from recovery.engine.plans import PlanFileError, load_plans
-from recovery.web import PAGE_TITLES
+from recovery.web import PAGES
 
 
 def check(settings: Settings) -> None:
@@ -28,7 +28,7 @@ def check(settings: Settings) -> None:
         "emails/_base.html",
         "emails/_base.txt",
         *(f"emails/{name}/{part}" for name in NAMES for part in _EMAIL_PARTS),
-        *(f"pages/{name}.html" for name in PAGE_TITLES),
+        *(f"pages/{name}.html" for name in PAGES),
         "report/report.html",
     ]
     missing = [name for name in needed if not (settings.templates_dir / name).is_file()]

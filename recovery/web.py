@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from recovery import clock, metrics
 from recovery.config import Settings
-from recovery.customers import links
+from recovery.customers import i18n, links
 from recovery.db import get_engine, session_scope
 from recovery.inbox.receiver import (
     InboxWriter,
@@ -87,35 +87,40 @@ def page_headers(settings: Settings) -> Headers:
     ]
 
 
-PAGE_TITLES = {
-    "choose": "Settle your payment",
-    "link_invalid": "This link has expired",
-    "all_set": "You are all set",
-    "card_saved": "Thank you, your card is saved",
-    "card_not_saved": "Your card was not changed",
-    "opt_out": "Reminders stopped",
-    "opt_out_confirm": "Stop payment reminders?",
-    "too_many": "Please wait a moment",
-    "unavailable": "Please try again shortly",
-}
+# The pages customers see (templates/pages/<name>.html); each names its own
+# title, in the words of its language.
+PAGES = (
+    "choose",
+    "link_invalid",
+    "all_set",
+    "card_saved",
+    "card_not_saved",
+    "opt_out",
+    "opt_out_confirm",
+    "too_many",
+    "unavailable",
+)
 
 
 @lru_cache(maxsize=4)
 def _pages(templates_dir: Path) -> Environment:
-    return Environment(
-        loader=FileSystemLoader(str(templates_dir / "pages")),
-        autoescape=select_autoescape(default=True),
+    return i18n.install(
+        Environment(
+            loader=FileSystemLoader(str(templates_dir / "pages")),
+            autoescape=select_autoescape(default=True),
+        )
     )
 
 
-def render_page(name: str, settings: Settings, **values: Any) -> bytes:
+def render_page(name: str, settings: Settings, locale: str = i18n.ENGLISH, **values: Any) -> bytes:
     brand = {
         "name": settings.brand_name,
         "support_email": settings.brand_support_email,
         "accent": settings.brand_accent_color,
     }
     page = _pages(settings.templates_dir).get_template(f"{name}.html")
-    return page.render(title=PAGE_TITLES[name], brand=brand, **values).encode()
+    with i18n.speaking(settings.templates_dir / "locales", locale) as lang:
+        return page.render(brand=brand, lang=lang, **values).encode()
 
 
 class ClientLimiter:
@@ -202,35 +207,40 @@ def make_links_app(settings: Settings) -> Any:
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         client = client_address(scope, settings.trusted_proxies)
+        # Pages speak the browser's language: the person may not be the customer.
+        asked = dict(scope["headers"]).get(b"accept-language", b"").decode("latin-1")
+        speech = i18n.from_accept_language(asked)
+
+        def page(name: str, **values: Any) -> bytes:
+            return render_page(name, settings, speech, **values)
+
         if path in ("/r/card-saved", "/r/not-saved") and method in ("GET", "HEAD"):
             name = "card_saved" if path == "/r/card-saved" else "card_not_saved"
-            return await respond_page(send, 200, render_page(name, settings))
+            return await respond_page(send, 200, page(name))
         kind, _, token = path[1:].partition("/")
         if not _TOKEN.fullmatch(token):
-            return await respond_page(send, 404, render_page("link_invalid", settings))
+            return await respond_page(send, 404, page("link_invalid"))
         if not await asyncio.to_thread(limiter.allow, client):
-            return await respond_page(send, 429, render_page("too_many", settings))
+            return await respond_page(send, 429, page("too_many"))
         now = clock.now()
         if kind == "r" and method in ("GET", "HEAD"):
             answer = await asyncio.to_thread(links.redeem, token, now, settings)
         elif kind == "r" and method == "POST":
             choice = await _choice(scope, receive)
             if choice is None:
-                return await respond_page(send, 400, render_page("link_invalid", settings))
+                return await respond_page(send, 400, page("link_invalid"))
             answer = await asyncio.to_thread(links.redeem, token, now, settings, choice)
         elif kind == "u" and method == "POST":
             answer = await asyncio.to_thread(links.opt_out, token, now)
         elif kind == "u" and method in ("GET", "HEAD"):
             valid = await asyncio.to_thread(links.opt_out_valid, token, now)
-            page = "opt_out_confirm" if valid else "link_invalid"
-            return await respond_page(
-                send, 200 if valid else 404, render_page(page, settings, action=path)
-            )
+            shown = "opt_out_confirm" if valid else "link_invalid"
+            return await respond_page(send, 200 if valid else 404, page(shown, action=path))
         else:
             return await respond_page(send, 405, b"")
         if answer.location:
             return await respond_page(send, answer.status, location=answer.location)
-        body = render_page(answer.page or "", settings, **(answer.values or {}))
+        body = page(answer.page or "", **(answer.values or {}))
         return await respond_page(send, answer.status, body)
 
     return handle

@@ -31,7 +31,7 @@ def test_preview_with_sample_data_in_a_locale(tmp_path):
         "--text",
     )
     assert result.exit_code == 0, result.output
-    assert "Subject: Your Our service payment did not go through" in result.output
+    assert "Subject: Our service：お支払いが完了しませんでした" in result.output
     assert "￥1,500" in result.output and "￥1,500" in out.read_text()
 
 

@@ -124,8 +124,8 @@ def test_email_link_card_update_retry_recovered_thank_you(sim, smtp_sink, monkey
 
         pass_at(sim, T0 + timedelta(hours=2, minutes=2))
         assert [e["Subject"] for _, e in smtp_sink.messages] == [
-            "Action needed: update your card for Our service",
-            "Thank you: your Our service payment went through",
+            "Our service: action needed, please update your card",
+            "Our service: thank you, your payment went through",
         ]
         with session_scope() as session:
             sent = session.scalars(select(Message.template).where(Message.status == "sent"))

@@ -44,7 +44,7 @@ def test_dev_check_follows_a_payment_to_recovery(tmp_path):
     assert (tmp_path / "var" / "recovery.sqlite3").exists()
     # The customer was written to, in the file sink: the embedded default sends nothing.
     sent = [p.read_bytes() for p in (tmp_path / "var" / "outbox").glob("*.eml")]
-    assert any(b"Subject: Your Our service payment did not go through" in m for m in sent)
+    assert any(b"Subject: Our service: your payment did not go through" in m for m in sent)
 
 
 def test_demo_needs_no_servers(tmp_path):

@@ -364,3 +364,16 @@ def test_paying_now_from_a_card_link_recovers_the_case_credited_to_the_link(sim,
     with session_scope() as session:
         found = session.get(RecoveryCase, case.id)
         assert (found.status, found.recovery_path) == ("recovered", "link")
+
+
+def test_pages_speak_the_browsers_language(sim, web):
+    case = open_case(sim, web)
+    token = mint(case)
+    german = get(web, f"/r/{token}", headers={"Accept-Language": "de-CH,de;q=0.9,en;q=0.5"})
+    text = german.body.decode()
+    assert '<html lang="de">' in text and "<title>Zahlung erledigen · Our service</title>" in text
+    assert "Ab jetzt eine neue Karte verwenden" in text and "Use a new card" not in text
+    japanese = get(web, "/r/not-a-real-token", headers={"Accept-Language": "nl, ja;q=0.8"})
+    assert japanese.status == 404 and "このリンクは有効期限切れです" in japanese.body.decode()
+    english = get(web, "/r/card-saved").body.decode()
+    assert '<html lang="en">' in english and "Thank you, your card is saved" in english

@@ -61,7 +61,7 @@ def test_first_email_is_delivered_over_smtp_with_both_parts(world):
     assert result.outcomes.get("sent") == 1
     [(recipients, message)] = sink.messages
     assert recipients == ["jenny.rosen@example.com"]
-    assert message["Subject"] == "Your Our service payment did not go through"
+    assert message["Subject"] == "Our service: your payment did not go through"
     assert message["From"] == "Billing <billing@example.com>"
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     text = message.get_body(("plain",)).get_content()

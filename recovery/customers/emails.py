@@ -3,7 +3,8 @@
 Each email is a subject, a plain-text body and an HTML body sharing one
 layout (`_base.txt`, `_base.html`); the HTML's stylesheet is inlined, since
 most mail clients drop <style>. Amounts and dates are written for the
-customer's locale and time zone. Pure: the outbox gathers the facts.
+customer's locale and time zone, and the words in its language (i18n.py).
+Pure: the outbox gathers the facts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from babel.dates import format_date, format_skeleton
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from recovery.config import Settings
+from recovery.customers import i18n
 from recovery.models import LinkPurpose
 from recovery.money import format_money, locale_or_default
 
@@ -83,17 +85,21 @@ class Rendered:
 @lru_cache(maxsize=4)
 def _environments(templates_dir: Path) -> tuple[Environment, Environment]:
     loader = FileSystemLoader(str(templates_dir / "emails"))
-    html = Environment(
-        loader=loader,
-        undefined=StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=select_autoescape(default=True),
+    html = i18n.install(
+        Environment(
+            loader=loader,
+            undefined=StrictUndefined,
+            keep_trailing_newline=True,
+            autoescape=select_autoescape(default=True),
+        )
     )
-    text = Environment(
-        loader=loader,
-        undefined=StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,  # noqa: S701 - plain text, never HTML
+    text = i18n.install(
+        Environment(
+            loader=loader,
+            undefined=StrictUndefined,
+            keep_trailing_newline=True,
+            autoescape=False,  # noqa: S701 - plain text, never HTML
+        )
     )
     return html, text
 
@@ -159,9 +165,11 @@ def render(name: str, facts: Facts, settings: Settings) -> Rendered:
         raise ValueError(f"no email called {name!r}; there are: {', '.join(NAMES)}")
     html_env, text_env = _environments(settings.templates_dir)
     values = context(facts, settings)
-    subject = " ".join(text_env.get_template(f"{name}/subject.txt").render(values).split())
-    text = text_env.get_template(f"{name}/body.txt").render(values).strip() + "\n"
-    html = html_env.get_template(f"{name}/body.html").render(values, subject=subject)
+    with i18n.speaking(settings.templates_dir / "locales", i18n.choose(facts.locale)) as lang:
+        values["lang"] = lang
+        subject = " ".join(text_env.get_template(f"{name}/subject.txt").render(values).split())
+        text = text_env.get_template(f"{name}/body.txt").render(values).strip() + "\n"
+        html = html_env.get_template(f"{name}/body.html").render(values, subject=subject)
     return Rendered(subject=subject, text=_tidy(text), html=_INLINER.inline(html))
 
 
