@@ -55,6 +55,7 @@ from recovery.inbox.receiver import (
     receive_webhook,
     respond,
 )
+from recovery.money import format_money
 from recovery.ratelimit import LocalBucket, RedisBucket
 
 log = structlog.get_logger("recovery.web")
@@ -119,6 +120,9 @@ def render_page(name: str, settings: Settings, locale: str = i18n.ENGLISH, **val
         "accent": settings.brand_accent_color,
     }
     page = _pages(settings.templates_dir).get_template(f"{name}.html")
+    minor, currency = values.pop("money", (None, None))
+    if minor is not None and currency:
+        values["amount"] = format_money(minor, currency, locale)
     with i18n.speaking(settings.templates_dir / "locales", locale) as lang:
         return page.render(brand=brand, lang=lang, **values).encode()
 

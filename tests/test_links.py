@@ -377,3 +377,12 @@ def test_pages_speak_the_browsers_language(sim, web):
     assert japanese.status == 404 and "このリンクは有効期限切れです" in japanese.body.decode()
     english = get(web, "/r/card-saved").body.decode()
     assert '<html lang="en">' in english and "Thank you, your card is saved" in english
+
+
+def test_the_choice_page_writes_the_amount_in_its_readers_language(sim, web):
+    case = open_case(sim, web)
+    token = mint(case)
+    german = get(web, f"/r/{token}", headers={"Accept-Language": "de"}).body.decode()
+    assert "Jetzt 20,00\xa0$ bezahlen" in german
+    japanese = get(web, f"/r/{token}", headers={"Accept-Language": "ja"}).body.decode()
+    assert "今すぐ $20.00 を支払う" in japanese

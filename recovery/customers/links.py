@@ -26,6 +26,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -43,7 +44,6 @@ from recovery.models import (
     RecoveryCase,
     RecoveryLink,
 )
-from recovery.money import format_money
 
 log = structlog.get_logger("recovery.links")
 
@@ -253,7 +253,7 @@ class Answer:
     status: int
     page: str | None = None  # a template under templates/pages
     location: str | None = None
-    values: dict[str, str] | None = None  # for the page
+    values: dict[str, Any] | None = None  # for the page
 
 
 class Choice(enum.StrEnum):
@@ -315,12 +315,8 @@ def redeem(token: str, now: datetime, settings: Settings, choice: Choice | None 
 
 
 def _choose(found: Clicked) -> Answer:
-    amount = (
-        format_money(found.amount_due, found.currency, None)
-        if found.amount_due is not None and found.currency
-        else "the amount due"
-    )
-    return Answer(200, "choose", values={"amount": amount})
+    # The page writes the amount in its reader's language (web.render_page).
+    return Answer(200, "choose", values={"money": (found.amount_due, found.currency)})
 
 
 def _stripe_page(found: Clicked, settings: Settings, choice: Choice | None) -> str | None:
