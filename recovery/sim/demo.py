@@ -20,6 +20,7 @@ import random
 import shutil
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,6 +168,7 @@ class Customers:
         self.seed = seed
         self.outbox = outbox
         self.seen: set[str] = set()
+        self.received: Counter[int] = Counter()  # emails per member so far
         self.pending: list[Action] = []
         self.counts = {
             "opened": 0,
@@ -194,9 +196,11 @@ class Customers:
             body = message.get_body(("plain",))
             text = body.get_content() if body is not None else ""
             link = next((w for w in text.split() if "/r/" in w), None)
-            template = message["Subject"]
-            # One draw per member and email: the same seed, the same choices.
-            rng = random.Random(f"{self.seed}:{member.index}:{len(self.seen)}:{template}")
+            # One draw per member and email, named by the seed, the member and
+            # which of their emails this is: not by its wording, nor by how
+            # other members' emails interleave with theirs.
+            self.received[member.index] += 1
+            rng = random.Random(f"{self.seed}:{member.index}:{self.received[member.index]}")
             habits = member.habits
             if rng.random() >= habits.opens:
                 continue
