@@ -339,3 +339,27 @@ def test_the_hosted_invoice_page_pays_with_the_card_on_file_or_a_new_one(sim):
 
     with urllib.request.urlopen(page_url, timeout=10) as answer:
         assert json.loads(answer.read())["status"] == "paid"
+
+
+def test_a_local_stripe_compatible_server_is_reached_without_the_environments_proxy(
+    sim, monkeypatch
+):
+    from recovery.config import get_settings, load_settings
+    from recovery.stripe_api import make_client
+
+    from .conftest import free_port
+
+    scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    local = make_client(get_settings())
+    answer = local.raw_request("get", f"/v1/invoices/{scenario['invoice']}")
+    assert json.loads(answer.body)["id"] == scenario["invoice"]
+    # Stripe itself is reached as the environment says, proxy included.
+    remote = load_settings({"STRIPE_API_BASE": "https://api.stripe.com"})
+    from recovery.stripe_api import _session
+
+    assert _session(remote).trust_env and not _session(get_settings()).trust_env
