@@ -24,11 +24,9 @@ def test_small_demo_is_consistent_and_deterministic(tmp_path):
     # Suspected fraud is never written to.
     fraud = [r for r in stats["by_cause"] if r["name"] == "do_not_contact"]
     assert not fraud or fraud[0]["recovered"] == 0
-    again = demo.run(members, 3, 20, tmp_path / "two")
+    # The same seed, the same month, however the emails are worded.
+    again = demo.run(members, 3, 20, tmp_path / "two", settings={"BRAND_NAME": "Acme"})
     assert again.stats == first.stats
-    # What customers do does not hang on the emails' wording.
-    reworded = demo.run(members, 3, 20, tmp_path / "three", settings={"BRAND_NAME": "Acme"})
-    assert reworded.stats == first.stats
 
 
 def test_demo_command_prints_a_summary_and_writes_the_report(tmp_path):
