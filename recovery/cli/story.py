@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from recovery.customers.mailer import FileOutbox
 from recovery.db import session_scope
 from recovery.models import (
     AuditEntry,
@@ -39,8 +40,7 @@ def email_link(outbox: Path, smtp_message_id: str | None) -> str | None:
     """The recovery link in the .eml the file sink wrote for this message."""
     if not smtp_message_id:
         return None
-    name = re.sub(r"[^A-Za-z0-9.-]", "_", smtp_message_id.strip("<>"))
-    for path in outbox.glob(f"*-{name}.eml"):
+    for path in FileOutbox(outbox).written(smtp_message_id):
         message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
         for part in message.walk():
             if part.get_content_type() == "text/plain":

@@ -119,10 +119,18 @@ class FileOutbox:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
+    @staticmethod
+    def name_for(message_id: str) -> str:
+        """The part of a file's name that says which email it holds."""
+        return re.sub(r"[^A-Za-z0-9.-]", "_", message_id.strip("<>"))
+
+    def written(self, message_id: str) -> list[Path]:
+        """The files holding the email with this Message-ID."""
+        return sorted(self.directory.glob(f"*-{self.name_for(message_id)}.eml"))
+
     def send(self, message: Outgoing) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9.-]", "_", message.message_id.strip("<>"))
-        final = self.directory / f"{time.time_ns()}-{name}.eml"
+        final = self.directory / f"{time.time_ns()}-{self.name_for(message.message_id)}.eml"
         partial = final.with_suffix(".eml.part")
         partial.write_bytes(message.data)
         partial.rename(final)  # a reader never sees half a file
