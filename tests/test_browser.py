@@ -245,6 +245,13 @@ def type_card(driver, number: str) -> None:
     field.find_element(By.XPATH, "./ancestor::form//button").click()
 
 
+def shows(driver, text: str) -> None:
+    """Wait for the page a click or a post leads to: it shows `text`."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 10).until(lambda d: text in d.page_source)
+
+
 def recovered(case_id: int):
     from recovery.db import session_scope
     from recovery.models import RecoveryCase
@@ -266,7 +273,7 @@ def test_from_the_email_a_person_saves_a_card_on_checkout_and_the_case_recovers(
     screenshot(browser, "checkout-phone", screenshots)
 
     type_card(browser, "4000 0000 0000 0002")  # Stripe's declining test card
-    assert "Your card was declined." in browser.page_source
+    shows(browser, "Your card was declined.")
     type_card(browser, "4242 4242 4242 4242")
     _lands_on(browser, f"{linked_to}/r/card-saved")
     assert "Your new card is saved" in browser.page_source
@@ -296,12 +303,15 @@ def test_from_the_email_a_person_pays_on_the_invoice_page_after_authenticating(
     screenshot(browser, "invoice-phone", screenshots)
 
     type_card(browser, "4000 0025 0000 3155")  # asks the cardholder to authenticate
+    shows(browser, "Complete authentication")
     _button(browser, "Fail authentication").click()
-    assert "unable to authenticate" in browser.page_source
+    shows(browser, "unable to authenticate")
     assert recovered(case.id).status == "open"
     type_card(browser, "4000 0025 0000 3155")
+    shows(browser, "Complete authentication")
     screenshot(browser, "authenticate-phone", screenshots)
     _button(browser, "Complete authentication").click()
+    shows(browser, "Invoice paid")
     assert browser.find_element(By.TAG_NAME, "h1").text == "Invoice paid"
 
     sim.flush()
