@@ -168,12 +168,19 @@ class StateCollector(Collector):
         yield from families(self._read())
 
 
-def exposition(read: Callable[[], Snapshot]) -> bytes:
-    """One scrape: the database's state and every process's counters."""
+def counters() -> CollectorRegistry:
+    """The processes' own counts: summed from PROMETHEUS_MULTIPROC_DIR when
+    the processes share one, else this process's."""
     registry = CollectorRegistry()
-    registry.register(StateCollector(read))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess_mode.MultiProcessCollector(registry)
     else:
         registry.register(STRIPE_REQUESTS)
+    return registry
+
+
+def exposition(read: Callable[[], Snapshot]) -> bytes:
+    """One scrape: the database's state and every process's counters."""
+    registry = counters()
+    registry.register(StateCollector(read))
     return generate_latest(registry)

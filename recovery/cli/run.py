@@ -129,24 +129,18 @@ def worker(
 
 
 def _serve_worker_metrics(port: int, pool: str) -> None:
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client import multiprocess as multiprocess_mode
+    from prometheus_client import start_http_server
 
-    from recovery.metrics import STRIPE_REQUESTS
+    from recovery import metrics
 
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess_mode.MultiProcessCollector(registry)
-    elif pool == "prefork":
+    if pool == "prefork" and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Forked children count in their own memory, which this process cannot read.
         raise click.UsageError(
             "--metrics-port with the prefork pool needs PROMETHEUS_MULTIPROC_DIR"
             " (an empty directory the worker's processes share)"
         )
-    else:
-        registry.register(STRIPE_REQUESTS)
     try:
-        start_http_server(port, registry=registry)
+        start_http_server(port, registry=metrics.counters())
     except OSError as taken:
         raise click.UsageError(f"--metrics-port {port}: {taken.strerror}") from None
 
