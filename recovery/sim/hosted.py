@@ -136,11 +136,14 @@ def _test_cards() -> str:
     return f"<details><summary>Test cards</summary><ul>{rows}</ul></details>"
 
 
-def card_form(action_label: str, error: str | None, hidden: dict[str, str] | None = None) -> str:
-    fields = "".join(
-        f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">'
-        for k, v in (hidden or {}).items()
+def _hidden(fields: dict[str, str]) -> str:
+    return "".join(
+        f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">' for k, v in fields.items()
     )
+
+
+def card_form(action_label: str, error: str | None, hidden: dict[str, str] | None = None) -> str:
+    fields = _hidden(hidden or {})
     shown_error = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
     return (
         f'<form method="post">{fields}'
@@ -156,10 +159,7 @@ def card_form(action_label: str, error: str | None, hidden: dict[str, str] | Non
 
 def challenge(number: str, extra: dict[str, str]) -> str:
     """Stripe's test authentication page: the bank asks, the tester answers."""
-    hidden = "".join(
-        f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">'
-        for k, v in {"number": number, **extra}.items()
-    )
+    hidden = _hidden({"number": number, **extra})
     return page(
         "Authenticate your card",
         "<h1>Your bank asks you to confirm</h1>"
