@@ -67,6 +67,11 @@ def vbars(points: list[tuple[str, float]]) -> Markup:
     )
 
 
+def days(hours: float | None) -> str:
+    """A time to recover as people count it: "3.4 days"."""
+    return "-" if hours is None else f"{hours / 24:.1f} days"
+
+
 def _pct(rate: float) -> str:
     return f"{rate * 100:.1f}%"
 
@@ -80,7 +85,6 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
     causes = stats["by_cause"]
     paths = stats["by_path"]
     funnel = stats["funnel"]
-    took = stats["time_to_recover_hours"]["median"]
     charts = {
         "causes": hbars(
             [
@@ -126,5 +130,5 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
         money=format_totals,
         pct=_pct,
         accent=accent,
-        median_days="–" if took is None else f"{took / 24:.1f}",
+        median_days=days(stats["time_to_recover_hours"]["median"]),
     )

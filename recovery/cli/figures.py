@@ -19,10 +19,6 @@ from recovery.db import session_scope
 from recovery.money import format_totals
 
 
-def _days(hours: float | None) -> str:
-    return "-" if hours is None else f"{hours / 24:.1f} days"
-
-
 def print_summary(stats: dict[str, Any]) -> None:
     """The numbers an operator looks for first, as a table."""
     recovered, cases = stats["recovered"], stats["cases"]
@@ -40,7 +36,8 @@ def print_summary(stats: dict[str, Any]) -> None:
         f"sent · {stats['funnel']['clicked']} cases clicked a link"
     )
     took = stats["time_to_recover_hours"]
-    click.echo(f"time to recover: median {_days(took['median'])}, 90% within {_days(took['p90'])}")
+    median, most = page.days(took["median"]), page.days(took["p90"])
+    click.echo(f"time to recover: median {median}, 90% within {most}")
     click.echo(
         f"\n{'category (why it failed)':<26}{'cases':>7}{'recovered':>11}{'rate':>8}  amount"
     )
