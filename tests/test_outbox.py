@@ -8,14 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from recovery import clock
 from recovery.config import get_settings
 from recovery.customers import delivery, links, mailer, outbox
 from recovery.db import session_scope
 from recovery.engine import scheduler
-from recovery.models import Customer, Message, RecoveryCase
+from recovery.models import Customer, Message, RecoveryAttempt, RecoveryCase
 
 from .factories import sim_post
 
@@ -197,13 +197,36 @@ def test_a_worker_lost_mid_email(world, left_as, in_doubt, then, delivered):
     with session_scope() as session:
         session.execute(update(Message).values(status=left_as, lease_until=T0, in_doubt=in_doubt))
     clock.set_now(T0 + timedelta(minutes=6))
+    assert scheduler.anything_due(clock.now())
     scheduler.run_pass(get_settings(), sync=True)
+    assert not scheduler.anything_due(clock.now())
     [row] = messages()
     assert row.status == then and len(sink.messages) == delivered
     if left_as == "sending" and delivered:
         assert sink.messages[0][1]["Message-ID"] == first["Message-ID"]
     if then == "failed":
         assert "not sent again" in row.last_error
+
+
+def test_a_pass_is_due_exactly_when_it_has_something_to_take(world):
+    sim, _sink = world
+    assert not scheduler.anything_due(T0)
+    fail(sim)
+    assert scheduler.anything_due(T0)  # the stored event
+    scheduler.run_pass(get_settings(), sync=True)
+    assert not scheduler.anything_due(T0)
+    with session_scope() as session:
+        next_step = session.scalar(
+            select(func.min(RecoveryAttempt.due_at)).where(RecoveryAttempt.status == "scheduled")
+        )
+    assert not scheduler.anything_due(next_step - timedelta(seconds=1))
+    assert scheduler.anything_due(next_step)
+    # An email waiting for its next try counts from that try's time.
+    retry_at = T0 + timedelta(minutes=30)
+    with session_scope() as session:
+        session.execute(update(Message).values(status="pending", next_attempt_at=retry_at))
+    assert not scheduler.anything_due(retry_at - timedelta(seconds=1))
+    assert scheduler.anything_due(retry_at)
 
 
 def test_logs_hold_no_address_and_no_token(world):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from recovery.db import dialect_of, insert_ignore, rows_changed, session_scope
@@ -95,6 +95,22 @@ def on_case_recovered(session: Session, case: RecoveryCase, now: datetime) -> No
 # -- claiming --------------------------------------------------------------------
 
 
+def _lapsed(now: datetime, status: MessageStatus) -> ColumnElement[bool]:
+    return (Message.status == status) & (Message.lease_until <= now)
+
+
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    return (Message.status == MessageStatus.PENDING) & (Message.next_attempt_at <= now)
+
+
+def any_due(session: Session, now: datetime) -> bool:
+    """Whether release_lapsed or claim would find an email now."""
+    due = or_(
+        _lapsed(now, MessageStatus.CLAIMED), _lapsed(now, MessageStatus.SENDING), _claimable(now)
+    )
+    return session.scalar(select(exists().where(due))) is True
+
+
 def release_lapsed(now: datetime) -> int:
     """Leases that ran out: back to pending before SMTP; after, once more with
     the same Message-ID, then failed."""
@@ -102,11 +118,11 @@ def release_lapsed(now: datetime) -> int:
         back = rows_changed(
             session.execute(
                 update(Message)
-                .where(Message.status == MessageStatus.CLAIMED, Message.lease_until <= now)
+                .where(_lapsed(now, MessageStatus.CLAIMED))
                 .values(status=MessageStatus.PENDING, lease_until=None)
             )
         )
-        lapsed_sending = (Message.status == MessageStatus.SENDING) & (Message.lease_until <= now)
+        lapsed_sending = _lapsed(now, MessageStatus.SENDING)
         again = rows_changed(
             session.execute(
                 update(Message)
@@ -137,10 +153,7 @@ def release_lapsed(now: datetime) -> int:
 def claim(now: datetime, limit: int, keys: list[str] | None = None) -> list[int]:
     with session_scope() as session:
         due = (
-            select(Message.id)
-            .where(Message.status == MessageStatus.PENDING, Message.next_attempt_at <= now)
-            .order_by(Message.next_attempt_at)
-            .limit(limit)
+            select(Message.id).where(_claimable(now)).order_by(Message.next_attempt_at).limit(limit)
         )
         if keys is not None:
             due = due.where(Message.key.in_(keys))

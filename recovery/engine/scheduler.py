@@ -137,6 +137,13 @@ class PassResult:
 Publish = Callable[[list[int]], None]
 
 
+def anything_due(now: datetime) -> bool:
+    """Whether a pass at `now` would find an event, step or email to take:
+    the same conditions the pass claims by, asked without claiming."""
+    with session_scope() as session:
+        return any(due(session, now) for due in (relay.any_due, steps.any_due, outbox.any_due))
+
+
 def run_pass(
     settings: Settings,
     sync: bool,

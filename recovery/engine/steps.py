@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, Update, func, select, update
+from sqlalchemy import ColumnElement, Update, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from recovery import clock
@@ -312,10 +312,9 @@ def retry_due_or_running(session: Session, case_id: int, now: datetime) -> bool:
 # -- claiming ----------------------------------------------------------------------
 
 
-def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:
-    """Claim up to `limit` steps that are due, or whose lease ran out."""
-    claims: list[Claim] = []
-    due_now: list[tuple[ColumnElement[bool], Any]] = [
+def _due_now(now: datetime) -> list[tuple[ColumnElement[bool], Any]]:
+    """What makes a step claimable, each with the order it is claimed in."""
+    return [
         # Leases that ran out first: their worker died mid-step.
         (
             RecoveryAttempt.status.in_((StepStatus.CLAIMED, StepStatus.EXECUTING))
@@ -327,9 +326,22 @@ def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:
             RecoveryAttempt.due_at,
         ),
     ]
+
+
+def any_due(session: Session, now: datetime) -> bool:
+    """Whether claim_due would find a step now."""
+    return (
+        session.scalar(select(exists().where(or_(*(condition for condition, _ in _due_now(now))))))
+        is True
+    )
+
+
+def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:
+    """Claim up to `limit` steps that are due, or whose lease ran out."""
+    claims: list[Claim] = []
     with session_scope() as session:
         postgres = dialect_of(session) == "postgresql"
-        for condition, order in due_now:
+        for condition, order in _due_now(now):
             wanted = limit - len(claims)
             if wanted <= 0:
                 break

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, or_, select, text, update
+from sqlalchemy import ColumnElement, exists, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from recovery import clock
@@ -55,6 +55,11 @@ def _due(now: datetime) -> ColumnElement[bool]:
         # A claim whose worker died: its lease (available_at) has run out.
         (WebhookEvent.status == EventStatus.PROCESSING) & (WebhookEvent.available_at <= now),
     )
+
+
+def any_due(session: Session, now: datetime) -> bool:
+    """Whether relay would publish an event now."""
+    return session.scalar(select(exists().where(_due(now)))) is True
 
 
 def relay(publish: Callable[[list[int]], None], now: datetime, page_size: int) -> int:

@@ -242,13 +242,15 @@ def run(
     progress: Callable[[int], None] | None = None,
     settings: dict[str, str] | None = None,
     fresh: bool = True,
+    every_hour: bool = False,
 ) -> Outcome:
     """One simulated month for `members`; the database and outbox stay in
-    `workdir`, emptied first unless the caller did (`fresh` False)."""
+    `workdir`, emptied first unless the caller did (`fresh` False). An hour
+    with nothing due gets no pass unless `every_hour`: the same run, sooner."""
     if fresh:
         clear(workdir)
     with embedded(workdir, plans_file, settings):
-        return _run(members, seed, days, workdir, progress)
+        return _run(members, seed, days, workdir, progress, every_hour)
 
 
 # Marks a directory a run made, so the next run may empty it.
@@ -287,6 +289,7 @@ def _run(
     days: int,
     workdir: Path,
     progress: Callable[[int], None] | None,
+    every_hour: bool,
 ) -> Outcome:
     upgrade(os.environ["DATABASE_URL"])
     # The simulated Stripe keeps the same simulated time as the engine.
@@ -329,8 +332,9 @@ def _run(
                 invoices[made["invoice"]] = member
             customers.act(now, sim_server.url)
             sim.flush()
-            scheduler.run_pass(settings, sync=True)
-            sim.flush()
+            if every_hour or scheduler.anything_due(now):
+                scheduler.run_pass(settings, sync=True)
+                sim.flush()
             customers.read_mail(now)
             if progress:
                 progress(1)
