@@ -318,3 +318,26 @@ def test_from_the_email_a_person_pays_on_the_invoice_page_after_authenticating(
     engine_runs(minutes=1)
     done = recovered(case.id)
     assert (done.status, done.recovery_path, done.amount_recovered) == ("recovered", "link", 2000)
+
+
+def test_a_person_pays_in_checkout_in_payment_mode(sim, browser, screenshots):
+    import stripe
+
+    client = stripe.StripeClient("sk_test_shop", base_addresses={"api": sim.url})
+    session = client.v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "line_items": [{"price_data": {"currency": "eur", "unit_amount": 1250}, "quantity": 2}],
+            # Back to Stripe's own page for the session, which then says it is paid.
+            "success_url": f"{sim.url}/hosted/checkout/{{CHECKOUT_SESSION_ID}}",
+        }
+    )
+    browser.get(session.url)
+    assert "Pay €25.00" in browser.page_source
+    fits(browser, PHONE)
+    screenshot(browser, "checkout-payment-phone", screenshots)
+    type_card(browser, "4000 0000 0000 0341")  # entered, then declined when charged
+    shows(browser, "Your card was declined.")
+    type_card(browser, "4242 4242 4242 4242")
+    shows(browser, "Payment complete")
+    assert client.v1.checkout.sessions.retrieve(session.id).payment_status == "paid"

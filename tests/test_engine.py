@@ -10,6 +10,7 @@ import sys
 import time
 from datetime import timedelta
 
+import stripe
 from sqlalchemy import select
 
 from recovery.config import get_settings
@@ -103,6 +104,36 @@ def test_card_update_retries_at_once_and_recovers(stack):
     retry = next(s for s in steps_of(case.id) if s.origin == "card_update")
     assert retry.step.startswith("retry:card-update:") and retry.outcome == "paid"
     assert retry.slot is None  # a new card teaches nothing about when the old one pays
+
+
+def test_a_one_off_checkout_payment_by_the_customer_is_not_a_new_card(stack):
+    """The business sells the customer something else through Checkout in
+    payment mode while the renewal is open: the renewal's card is unchanged,
+    so it is no reason to retry and no card becomes the default."""
+    scenario = stack.failed({"mode": "decline", "decline_code": "expired_card"})
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    before = {s.step for s in steps_of(case.id)}
+    client = stripe.StripeClient(
+        "sk_test_shop", base_addresses={"api": stack.sim.url}, max_network_retries=0
+    )
+    sale = client.v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "customer": scenario["customer"],
+            "line_items": [{"price_data": {"currency": "usd", "unit_amount": 500}, "quantity": 1}],
+            "success_url": "https://billing.acme-shop.io/thanks",
+        }
+    )
+    stack.at(T0 + timedelta(minutes=5))
+    sim_post(stack.sim.url, f"/hosted/checkout/{sale.id}", {"card": {"brand": "visa"}})
+    assert client.v1.checkout.sessions.retrieve(sale.id).payment_status == "paid"
+    stack.tick(T0 + timedelta(minutes=10))
+    case = the_case(scenario["invoice"])
+    assert case.status == "open"
+    assert {s.step for s in steps_of(case.id)} == before  # no card-update retry
+    customer = client.v1.customers.retrieve(scenario["customer"])
+    assert customer.invoice_settings.default_payment_method == scenario["payment_method"]
 
 
 def test_suspected_fraud_is_flagged_with_no_retry_and_no_email(stack):

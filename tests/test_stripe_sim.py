@@ -315,6 +315,126 @@ def test_hosted_pages_take_stripes_test_cards_and_do_what_stripe_does(sim):
     ]
 
 
+def test_checkout_in_payment_mode_charges_the_card_and_saves_it_when_asked(sim):
+    client = sdk(sim)
+    customer = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})["customer"]
+    session = client.v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "customer": customer,
+            "line_items": [
+                {
+                    "price_data": {
+                        "currency": "eur",
+                        "unit_amount": 1250,
+                        "product_data": {"name": "Extra seat"},
+                    },
+                    "quantity": 2,
+                }
+            ],
+            "payment_intent_data": {"setup_future_usage": "off_session"},
+            "success_url": "https://billing.acme-shop.io/paid?s={CHECKOUT_SESSION_ID}",
+        }
+    )
+    assert (session.amount_total, session.currency) == (2500, "eur")
+    assert (session.status, session.payment_status, session.payment_intent) == (
+        "open",
+        "unpaid",
+        None,
+    )
+    events_before = len(sim.state.events)
+    status, page, _ = form_post(session.url, {"number": "4000000000009995"})
+    assert status == 402 and "insufficient funds" in page and "Pay €25.00" in page
+    assert len(sim.state.events) == events_before  # refused when entered: nothing charged
+    # Saved cards that decline every charge decline this one: the page asks again.
+    status, page, _ = form_post(session.url, {"number": "4000000000000341"})
+    assert status == 402 and "Your card was declined." in page
+    assert [e["type"] for e in sim.state.events[events_before:]] == [
+        "charge.failed",
+        "payment_intent.payment_failed",
+    ]
+    assert client.v1.checkout.sessions.retrieve(session.id).status == "open"
+    # Authentication on the page, then paid (this card asks on every charge).
+    status, page, _ = form_post(session.url, {"number": "4000002760003184"})
+    assert status == 200 and "Complete authentication" in page
+    status, _, location = form_post(
+        session.url, {"number": "4000002760003184", "authenticate": "complete"}
+    )
+    assert status == 303 and location == f"https://billing.acme-shop.io/paid?s={session.id}"
+    paid = client.v1.checkout.sessions.retrieve(session.id)
+    assert (paid.status, paid.payment_status) == ("complete", "paid")
+    intent = client.v1.payment_intents.retrieve(paid.payment_intent)
+    assert (intent.status, intent.amount, intent.currency) == ("succeeded", 2500, "eur")
+    assert [e["type"] for e in sim.state.events[events_before + 2 :]] == [
+        "payment_method.attached",
+        "charge.succeeded",
+        "payment_intent.succeeded",
+        "checkout.session.completed",
+    ]
+    saved = client.v1.customers.payment_methods.list(customer)
+    assert intent.payment_method in [pm.id for pm in saved.data]
+    status, page, _ = form_post(session.url, {"number": "4242424242424242"})
+    assert "Payment complete" in page  # paid once; a second card pays nothing
+
+    # Without setup_future_usage the card pays and is not kept; nor without a customer.
+    for buyer in (customer, None):
+        once = client.v1.checkout.sessions.create(
+            params={
+                "mode": "payment",
+                "line_items": [{"price_data": {"currency": "usd", "unit_amount": 900}}],
+                "success_url": "https://billing.acme-shop.io/paid",
+                **({"customer": buyer} if buyer else {}),
+            }
+        )
+        before = len(sim.state.events)
+        status, _, _ = form_post(once.url, {"number": "4242 4242 4242 4242"})
+        assert status == 303
+        assert [e["type"] for e in sim.state.events[before:]] == [
+            "charge.succeeded",
+            "payment_intent.succeeded",
+            "checkout.session.completed",
+        ]
+        assert sim.state.events[-1]["data"]["object"]["customer"] == buyer
+    assert len(client.v1.customers.payment_methods.list(customer).data) == len(saved.data)
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"mode": "subscription"}, "mode"),
+        ({"mode": "payment"}, "line_items"),
+        ({"mode": "payment", "line_items": [{"price": "price_123"}]}, "line_items[0][price_data]"),
+        (
+            {"mode": "payment", "line_items": [{"price_data": {"currency": "usd"}}]},
+            "line_items[0]",
+        ),
+        (
+            {
+                "mode": "payment",
+                "line_items": [
+                    {"price_data": {"currency": "usd", "unit_amount": 100}},
+                    {"price_data": {"currency": "eur", "unit_amount": 100}},
+                ],
+            },
+            "line_items",
+        ),
+        (
+            {
+                "mode": "payment",
+                "customer": "cus_missing",
+                "line_items": [{"price_data": {"currency": "usd", "unit_amount": 100}}],
+            },
+            "customer",
+        ),
+    ],
+)
+def test_a_checkout_session_stripe_would_refuse_is_refused(sim, params, param):
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        sdk(sim).v1.checkout.sessions.create(params={"success_url": "https://x/ok", **params})
+    assert refused.value.param == param
+    assert not [o for o in sim.state.objects.values() if o.get("object") == "checkout.session"]
+
+
 def test_the_hosted_invoice_page_pays_with_the_card_on_file_or_a_new_one(sim):
     declined = sim_post(
         sim.url, "/_sim/scenarios/failed_invoice", {"behavior": {"mode": "authenticate"}}

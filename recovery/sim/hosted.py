@@ -1,12 +1,13 @@
 """The pages Stripe hosts, as a person meets them in the simulator: Checkout
-saving a card, the hosted invoice page paying one, the billing portal
-replacing one. Each takes Stripe's test card numbers and does what Stripe
-does with them (https://docs.stripe.com/testing): 4242… is approved, the
-decline cards are refused when entered, a card that asks for authentication
-shows a challenge with Stripe's two test buttons (complete, fail), and
-4000 0000 0000 0341 is saved but declines every charge. The simulator's
-server turns a submitted form into the same calls and webhooks its JSON
-routes make; this module only draws the pages and reads the card.
+saving a card (setup mode) or paying (payment mode), the hosted invoice page
+paying an invoice, the billing portal replacing a card. Each takes Stripe's
+test card numbers and does what Stripe does with them
+(https://docs.stripe.com/testing): 4242… is approved, the decline cards are
+refused when entered, a card that asks for authentication shows a challenge
+with Stripe's two test buttons (complete, fail), and 4000 0000 0000 0341 is
+saved but declines every charge. The simulator's server turns a submitted
+form into the same calls and webhooks its JSON routes make; this module only
+draws the pages and reads the card.
 """
 
 from __future__ import annotations
@@ -172,10 +173,20 @@ def challenge(number: str, extra: dict[str, str]) -> str:
 
 
 def checkout_page(session: dict, error: str | None = None) -> str:
+    paying = session["mode"] == "payment"
     if session["status"] != "open":
+        if paying and session.get("payment_status") == "paid":
+            return page("Paid", "<h1>Payment complete</h1><p>Thank you.</p>")
         return page("Checkout", "<h1>This page has expired</h1><p>Nothing was saved.</p>")
     back = session.get("cancel_url")
     cancel = f'<p class="note"><a href="{escape(back)}">← Back</a></p>' if back else ""
+    if paying:
+        amount = format_money(session["amount_total"], session["currency"], "en_US")
+        return page(
+            "Pay",
+            f'{cancel}<h1>Pay</h1><p class="amount">{escape(amount)}</p>'
+            + card_form(f"Pay {amount}", error),
+        )
     return page(
         "Save a card",
         f"{cancel}<h1>Save a card for future payments</h1>"

@@ -49,7 +49,7 @@ def customer(now: int, email: str | None, name: str | None, livemode: bool) -> d
     return obj
 
 
-def payment_method(now: int, customer_id: str, card: dict[str, Any], livemode: bool):
+def payment_method(now: int, customer_id: str | None, card: dict[str, Any], livemode: bool):
     obj = example("payment_method")
     obj.update(id=new_id("pm"), created=now, customer=customer_id, livemode=livemode, metadata={})
     obj["billing_details"].update(email=None, phone=None)
@@ -156,15 +156,17 @@ def invoice(
     return obj
 
 
-def payment_intent(now: int, invoice_obj: dict, pm_obj: dict, livemode: bool):
+def payment_intent(
+    now: int, amount: int, currency: str, customer_id: str | None, pm_obj: dict, livemode: bool
+):
     obj = example("payment_intent")
     intent_id = new_id("pi")
     obj.update(
         id=intent_id,
         created=now,
-        amount=invoice_obj["amount_due"],
-        currency=invoice_obj["currency"],
-        customer=invoice_obj["customer"],
+        amount=amount,
+        currency=currency,
+        customer=customer_id,
         payment_method=pm_obj["id"],
         livemode=livemode,
         canceled_at=None,
@@ -229,14 +231,19 @@ def invoice_payment(now: int, invoice_obj: dict, intent: dict, status: str, live
     return obj
 
 
-def checkout_session_setup(now: int, params: dict, base_url: str, livemode: bool):
+def checkout_session(
+    now: int, params: dict, base_url: str, livemode: bool, total: tuple[int, str] | None
+):
+    """Setup mode with no `total`; payment mode charging `total` (amount, currency)."""
     obj = example("checkout.session")
     session_id = f"cs_{'live' if livemode else 'test'}_{secrets.token_hex(16)}"
+    amount, currency = total if total else (None, params.get("currency"))
     obj.update(
         id=session_id,
         created=now,
         expires_at=now + 24 * 3600,
-        mode="setup",
+        mode="payment" if total else "setup",
+        payment_status="unpaid" if total else "no_payment_required",
         customer=params.get("customer"),
         success_url=params.get("success_url"),
         cancel_url=params.get("cancel_url"),
@@ -244,9 +251,12 @@ def checkout_session_setup(now: int, params: dict, base_url: str, livemode: bool
         payment_intent=None,
         status="open",
         url=f"{base_url}/hosted/checkout/{session_id}",
-        amount_subtotal=None,
-        amount_total=None,
-        currency=params.get("currency"),
+        amount_subtotal=amount,
+        amount_total=amount,
+        currency=currency,
+        total_details={"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0}
+        if total
+        else None,
         metadata=params.get("metadata") or {},
         invoice=None,
         invoice_creation=None,

@@ -50,14 +50,14 @@ _RATE_LIMITED = {
 }
 
 
-def _not_found(kind: str, object_id: str) -> ApiError:
+def _not_found(kind: str, object_id: str, param: str = "id") -> ApiError:
     return ApiError(
         404,
         {
             "type": "invalid_request_error",
             "code": "resource_missing",
             "message": f"No such {kind}: '{object_id}'",
-            "param": "id",
+            "param": param,
         },
     )
 
@@ -182,6 +182,9 @@ class State:
     write_checked: float = 0.0
     # Every API write as (monotonic time, status): what a rate benchmark reads.
     writes: list[tuple[float, int]] = field(default_factory=list)
+    # Payment-mode Checkout Sessions whose card is saved on their customer
+    # (payment_intent_data[setup_future_usage]; not on Stripe's object).
+    saves_card: set[str] = field(default_factory=set)
 
 
 class StripeSim:
@@ -209,10 +212,12 @@ class StripeSim:
         base = self._clock().timestamp() if self._clock is not None else time.time()
         return int(base + self.state.clock_offset)
 
-    def get(self, kind: str, object_id: str) -> dict[str, Any]:
+    def get(self, kind: str, object_id: str, param: str = "id") -> dict[str, Any]:
+        """The stored object, or Stripe's 404 naming `param` (the URL's id, or
+        the request parameter that named a missing object)."""
         obj = self.state.objects.get(object_id)
         if obj is None or obj.get("object") != kind:
-            raise _not_found(kind, object_id)
+            raise _not_found(kind, object_id, param)
         return obj
 
     def put(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -291,17 +296,41 @@ class StripeSim:
         """Charge `pm` for `invoice`; returns (payment_intent, charge, card error or None).
         On session (the customer on the hosted page) an authentication succeeds."""
         now = self.now()
+        intent, chg, error = self._charge(
+            invoice["amount_due"], invoice["currency"], invoice["customer"], pm, on_session
+        )
+        invoice["attempt_count"] += 1
+        invoice["attempted"] = True
+        if error is None:
+            _mark_paid(invoice, now)
+        self.put(
+            objects.invoice_payment(
+                now, invoice, intent, "paid" if error is None else "open", self.state.livemode
+            )
+        )
+        if error is None:
+            self.emit("invoice.paid", invoice)
+            self.emit("invoice.payment_succeeded", invoice)
+        else:
+            if intent["status"] == "requires_action":
+                self.emit("invoice.payment_action_required", invoice)
+            self.emit("invoice.payment_failed", invoice)
+        return intent, chg, error
+
+    def _charge(
+        self, amount: int, currency: str, customer_id: str | None, pm: dict, on_session: bool
+    ) -> tuple[dict, dict, dict | None]:
+        """One PaymentIntent and its charge for `pm`, answered as the card's
+        behaviour says; both stored. Returns (intent, charge, card error or None)."""
+        now = self.now()
         behavior = self.state.behaviors.get(pm["id"], CardBehavior())
         if on_session and behavior.mode == "authenticate":
             behavior = CardBehavior()
-        intent = objects.payment_intent(now, invoice, pm, self.state.livemode)
+        intent = objects.payment_intent(now, amount, currency, customer_id, pm, self.state.livemode)
         chg = objects.charge(now, intent, pm, self.state.livemode)
         intent["latest_charge"] = chg["id"]
-        invoice["attempt_count"] += 1
-        invoice["attempted"] = True
-        succeeds = behavior.approves(now)
         error = None
-        if succeeds:
+        if behavior.approves(now):
             chg.update(
                 status="succeeded",
                 paid=True,
@@ -318,7 +347,6 @@ class StripeSim:
                 risk_level="normal",
             )
             intent.update(status="succeeded", amount_received=intent["amount"])
-            _mark_paid(invoice, now)
         else:
             code = (
                 "authentication_required"
@@ -383,18 +411,6 @@ class StripeSim:
             error["payment_intent"] = copy.deepcopy(intent)
         self.put(intent)
         self.put(chg)
-        self.put(
-            objects.invoice_payment(
-                now, invoice, intent, "paid" if succeeds else "open", self.state.livemode
-            )
-        )
-        if succeeds:
-            self.emit("invoice.paid", invoice)
-            self.emit("invoice.payment_succeeded", invoice)
-        else:
-            if behavior.mode == "authenticate":
-                self.emit("invoice.payment_action_required", invoice)
-            self.emit("invoice.payment_failed", invoice)
         return intent, chg, error
 
     # -- the Stripe API -------------------------------------------------------
@@ -507,16 +523,7 @@ class StripeSim:
             case ("DELETE", "subscriptions", 2):
                 return 200, self._cancel_subscription(parts[1])
             case ("POST", "checkout", 2) if parts[1] == "sessions":
-                if params.get("mode") != "setup":
-                    raise _invalid(
-                        "This simulator creates Checkout Sessions in setup mode only", "mode"
-                    )
-                self.get("customer", params.get("customer") or "")
-                return 200, self.put(
-                    objects.checkout_session_setup(
-                        self.now(), params, self.state.base_url, self.state.livemode
-                    )
-                )
+                return 200, self._create_checkout_session(params)
             case ("GET", "checkout", 3) if parts[1] == "sessions":
                 return 200, self.get("checkout.session", parts[2])
             case ("POST", "billing_portal", 2) if parts[1] == "sessions":
@@ -729,10 +736,68 @@ class StripeSim:
             self.emit("customer.updated", customer, previous)
         return customer
 
-    def complete_checkout(self, session_id: str, card: dict) -> dict:
-        """The customer enters a card on the hosted setup page. Like Stripe, it
-        saves the card and completes the session but changes no default."""
+    def _create_checkout_session(self, params: dict) -> dict:
+        """Setup mode saves a card on a customer; payment mode charges its
+        line items (`price_data` ones) once, for a customer or none."""
+        mode = params.get("mode")
+        if mode not in ("setup", "payment"):
+            raise _invalid(
+                "Invalid mode: this simulator's Checkout has payment and setup mode", "mode"
+            )
+        if mode == "setup" or params.get("customer"):
+            self.get("customer", params.get("customer") or "", "customer")
+        total = _line_items_total(params.get("line_items")) if mode == "payment" else None
+        session = self.put(
+            objects.checkout_session(
+                self.now(), params, self.state.base_url, self.state.livemode, total
+            )
+        )
+        future_usage = (params.get("payment_intent_data") or {}).get("setup_future_usage")
+        if future_usage in ("on_session", "off_session"):
+            self.state.saves_card.add(session["id"])
+        return session
+
+    def complete_checkout(self, session_id: str, card: dict, on_session: bool = False) -> dict:
+        """The customer submits a card on the hosted page (`on_session` when a
+        person did, authenticating if asked). Setup mode: saves it."""
         session = self.get("checkout.session", session_id)
+        if session["mode"] == "payment":
+            return self._pay_checkout(session, card, on_session)
+        return self._save_checkout_card(session, card)
+
+    def _pay_checkout(self, session: dict, card: dict, on_session: bool) -> dict:
+        """Payment mode: a PaymentIntent charges the card for the session's
+        total. Paid, the session completes (and the card is saved on its
+        customer when `setup_future_usage` asked); declined, it stays open for
+        another card, as Checkout's page does, and the card error is raised."""
+        if session["status"] != "open":
+            raise _invalid("This Checkout Session is no longer open.")
+        saves = session["id"] in self.state.saves_card and session.get("customer")
+        pm = self.put(
+            objects.payment_method(
+                self.now(), session["customer"] if saves else None, card, self.state.livemode
+            )
+        )
+        self.state.behaviors[pm["id"]] = CardBehavior.from_json(card.get("behavior", {}))
+        intent, chg, error = self._charge(
+            session["amount_total"], session["currency"], session.get("customer"), pm, on_session
+        )
+        intent["metadata"] = dict(session.get("metadata") or {})
+        if error is not None:
+            self.emit("charge.failed", chg)
+            self.emit("payment_intent.payment_failed", intent)
+            raise ApiError(402, {k: v for k, v in error.items() if k != "payment_method"})
+        session.update(status="complete", payment_status="paid", payment_intent=intent["id"])
+        if saves:
+            self.emit("payment_method.attached", pm)
+        self.emit("charge.succeeded", chg)
+        self.emit("payment_intent.succeeded", intent)
+        self.emit("checkout.session.completed", session)
+        return session
+
+    def _save_checkout_card(self, session: dict, card: dict) -> dict:
+        """Setup mode: like Stripe, the card is saved and the session completes,
+        but no default changes."""
         if session["status"] != "open":
             raise _invalid("This Checkout Session is no longer open.")
         customer_id = session["customer"]
@@ -934,7 +999,13 @@ class StripeSim:
             return hosted.Html(hosted.checkout_page(session, str(refused)), 402)
         if asked is not None:
             return asked
-        self.complete_checkout(session_id, card.card())
+        try:
+            self.complete_checkout(session_id, card.card(), on_session=True)
+        except ApiError as declined:
+            message = hosted.DECLINE_MESSAGES.get(
+                declined.body.get("decline_code") or "", "Your card was declined."
+            )
+            return hosted.Html(hosted.checkout_page(session, message), 402)
         target = (session.get("success_url") or "").replace("{CHECKOUT_SESSION_ID}", session_id)
         if target:
             return hosted.Html(status=303, location=target)
@@ -1009,7 +1080,7 @@ class StripeSim:
             try:
                 if method == "POST":
                     card = json.loads(body or b"{}").get("card", {})
-                    return 200, self.complete_checkout(session_id, card), {}
+                    return 200, self.complete_checkout(session_id, card, on_session=True), {}
                 return 200, self.get("checkout.session", session_id), {}
             except ApiError as exc:
                 return exc.status, {"error": exc.body}, {}
@@ -1118,6 +1189,36 @@ class StripeSim:
             ],
         )
         return [data]
+
+
+def _line_items_total(items: Any) -> tuple[int, str]:
+    """A payment-mode session's total and currency, from its line items."""
+    if not isinstance(items, list) or not items:
+        raise _invalid("line_items is required in payment mode.", "line_items")
+    total, currencies = 0, set()
+    for index, item in enumerate(items):
+        data = item.get("price_data") if isinstance(item, dict) else None
+        if not isinstance(data, dict):
+            raise _invalid(
+                "This simulator takes line items with price_data, not saved prices.",
+                f"line_items[{index}][price_data]",
+            )
+        try:
+            unit, quantity = int(data.get("unit_amount", "")), int(item.get("quantity", "1"))
+        except ValueError:
+            raise _invalid(
+                "Invalid integer: unit_amount and quantity are whole numbers.",
+                f"line_items[{index}]",
+            ) from None
+        if unit < 0 or quantity < 1:
+            raise _invalid(
+                "unit_amount must be at least 0 and quantity at least 1.", f"line_items[{index}]"
+            )
+        total += unit * quantity
+        currencies.add(str(data.get("currency") or "").lower())
+    if len(currencies) != 1 or "" in currencies:
+        raise _invalid("Every line item needs the same currency.", "line_items")
+    return total, currencies.pop()
 
 
 def _mark_paid(invoice: dict, now: int, **extra) -> None:
