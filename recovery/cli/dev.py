@@ -82,7 +82,12 @@ def _post(url: str, body: dict[str, Any]) -> Any:
         ) from None
 
 
-def _wait_http(url: str, seconds: float = 30) -> None:
+# The processes' own logs (JSON lines, Celery's banner): in a file, so the
+# terminal tells the story alone.
+DEV_LOG = Path("var/dev.log")
+
+
+def _wait_http(url: str, seconds: float = 30, see: str = "") -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -90,7 +95,7 @@ def _wait_http(url: str, seconds: float = 30) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise click.ClickException(f"{url} did not come up") from None
+                raise click.ClickException(f"{url} did not come up{see}") from None
             time.sleep(0.2)
 
 
@@ -104,7 +109,14 @@ def _wait_http(url: str, seconds: float = 30) -> None:
 @click.option(
     "--sim-port", default=SIM_PORT, show_default=True, help="The Stripe-compatible server's port."
 )
-def dev(check: bool, port: int, sim_port: int) -> None:
+@click.option(
+    "--log",
+    "log_to",
+    default=str(DEV_LOG),
+    show_default=True,
+    help="Where the processes' own logs go, appended; '-' for this terminal.",
+)
+def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
     """Run everything on this machine: simulator, receiver, worker and beat.
 
     \b
@@ -112,6 +124,7 @@ def dev(check: bool, port: int, sim_port: int) -> None:
       recovery dev            # keep it running; send declines from another shell
       recovery dev --check    # decline, recover, and stop: a smoke test
       recovery dev --port 8100 --sim-port 12200
+      recovery dev --log -    # the processes' logs here too, between the story's lines
     """
     settings = get_settings()
     for option, number in (("--port", port), ("--sim-port", sim_port)):
@@ -125,30 +138,26 @@ def dev(check: bool, port: int, sim_port: int) -> None:
     env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     upgrade(settings.database_url)
     exe = [sys.executable, "-m", "recovery"]
-    children = [
-        subprocess.Popen(
-            [
-                *exe,
-                "stripe-sim",
-                "--port",
-                str(sim_port),
-                "--webhook-url",
-                f"http://127.0.0.1:{port}/webhooks/stripe",
-            ],
-            env=env,
-        ),
-        subprocess.Popen([*exe, "serve", "--dev", "--port", str(port)], env=env),
-        subprocess.Popen([*exe, "worker", "--beat"], env=env),
-    ]
+    output: dict[str, Any] = {}
+    if log_to != "-":
+        Path(log_to).parent.mkdir(parents=True, exist_ok=True)
+        # The children hold their own copy of the descriptor.
+        with open(log_to, "ab") as log:
+            output = {"stdout": log.fileno(), "stderr": subprocess.STDOUT}
+            children = _start(exe, env, port, sim_port, output)
+    else:
+        children = _start(exe, env, port, sim_port, output)
     # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     telling = threading.Event()
     try:
-        _wait_http(f"http://127.0.0.1:{port}/readyz")
-        _wait_http(f"http://127.0.0.1:{sim_port}/_sim/events")
+        see = "" if log_to == "-" else f"; see {log_to}"
+        _wait_http(f"http://127.0.0.1:{port}/readyz", see=see)
+        _wait_http(f"http://127.0.0.1:{sim_port}/_sim/events", see=see)
         click.echo(
             f"\nrecovery is running: receiver http://127.0.0.1:{port}/webhooks/stripe,"
             f" Stripe-compatible server http://127.0.0.1:{sim_port}"
+            + ("" if log_to == "-" else f"; their logs: {log_to}")
         )
         telling.set()
         story.tell_while(telling.is_set, Path(settings.outbox_dir), click.echo)
@@ -163,7 +172,7 @@ def dev(check: bool, port: int, sim_port: int) -> None:
         )
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
-        raise click.ClickException("a process of the stack stopped")
+        raise click.ClickException(f"a process of the stack stopped{see}")
     except KeyboardInterrupt:
         click.echo("stopping…")
     finally:
@@ -175,6 +184,28 @@ def dev(check: bool, port: int, sim_port: int) -> None:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _start(
+    exe: list[str], env: dict[str, str], port: int, sim_port: int, output: dict[str, Any]
+) -> list[subprocess.Popen]:
+    """The simulator, the receiver, and a worker with beat."""
+    return [
+        subprocess.Popen(
+            [
+                *exe,
+                "stripe-sim",
+                "--port",
+                str(sim_port),
+                "--webhook-url",
+                f"http://127.0.0.1:{port}/webhooks/stripe",
+            ],
+            env=env,
+            **output,
+        ),
+        subprocess.Popen([*exe, "serve", "--dev", "--port", str(port)], env=env, **output),
+        subprocess.Popen([*exe, "worker", "--beat"], env=env, **output),
+    ]
 
 
 def _port_free(port: int) -> bool:
