@@ -79,12 +79,38 @@ def test_the_failure_day_itself_is_not_retried_as_a_payday():
 
 def test_monthly_paydays_pull_a_near_retry_when_the_plan_asks():
     plan = plans.DEFAULT_PLANS[Category.RETRY_CAPPED]
-    anchor = datetime(2026, 11, 10, 12, tzinfo=UTC)  # try 1 (day 1) is the 11th
+    anchor = datetime(2026, 12, 10, 12, tzinfo=UTC)  # try 2 (day 3) is Sunday the 13th
     pulled = moments(plan, anchor=anchor)
     plain = moments(replace(plan, payday_aware=False), anchor=anchor)
-    assert date(2026, 11, 13) in {m.date() for m in plain}  # day 3 without the pull
-    assert date(2026, 11, 15) in {m.date() for m in pulled}  # pulled to the 15th
+    assert date(2026, 12, 13) in {m.date() for m in plain}
+    assert date(2026, 12, 15) in {m.date() for m in pulled}  # pulled to Tuesday the 15th
     assert len(pulled) == len(plain)
+
+
+def test_a_month_is_paid_on_business_days():
+    # November 2026: the 1st is a Sunday (no payday), the 15th a Sunday (paid
+    # Friday the 13th), the 30th a Monday.
+    assert plans.monthly_paydays(2026, 11) == {date(2026, 11, 13), date(2026, 11, 30)}
+    assert plans.monthly_paydays(2026, 12) == {
+        date(2026, 12, 1),
+        date(2026, 12, 15),
+        date(2026, 12, 31),
+    }
+    # Pulled toward the 15th of November, a retry goes to the 13th, not the Sunday.
+    assert plans.paydays_after(date(2026, 11, 12))[0] == date(2026, 11, 13)
+    assert plans.paydays_after(date(2026, 11, 14))[0] == date(2026, 11, 30)
+
+
+@given(hours=st.integers(min_value=0, max_value=24 * 800))
+def test_a_pull_to_payday_never_puts_two_tries_on_one_day(hours):
+    plan = plans.DEFAULT_PLANS[Category.RETRY_CAPPED]
+    anchor = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=hours)
+    pulled = [m.date() for m in moments(plan, anchor=anchor)]
+    plain = [m.date() for m in moments(replace(plan, payday_aware=False), anchor=anchor)]
+    assert len(pulled) == len(plain)
+    assert all(a < b for a, b in zip(pulled, pulled[1:], strict=False)), pulled
+    for moved, was in zip(pulled, plain, strict=True):
+        assert moved == was or (moved > was and moved.weekday() < 5), (moved, was)
 
 
 def test_every_default_plan_leaves_its_last_email_time_to_work():

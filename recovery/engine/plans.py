@@ -275,44 +275,53 @@ def zone(name: str | None) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
-def last_business_day(year: int, month: int) -> date:
-    day = date(year, month, calendar.monthrange(year, month)[1])
+def _business_day_on_or_before(day: date) -> date:
     while day.weekday() >= 5:
         day -= timedelta(days=1)
     return day
 
 
+def last_business_day(year: int, month: int) -> date:
+    return _business_day_on_or_before(date(year, month, calendar.monthrange(year, month)[1]))
+
+
+def monthly_paydays(year: int, month: int) -> set[date]:
+    """A month's common paydays [bls]: the 1st when it is a business day, the
+    15th (or the business day before) and the last business day."""
+    found = {
+        _business_day_on_or_before(date(year, month, 15)),
+        last_business_day(year, month),
+    }
+    first = date(year, month, 1)
+    if first.weekday() < 5:
+        found.add(first)
+    return found
+
+
+def _months(first: date, last: date) -> list[tuple[int, int]]:
+    found = []
+    year, month = first.year, first.month
+    while (year, month) <= (last.year, last.month):
+        found.append((year, month))
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return found
+
+
 def paydays_after(day: date) -> list[date]:
     """The monthly paydays on or after `day`, within about a month."""
-    found = []
-    year, month = day.year, day.month
-    for _ in range(2):
-        for candidate in (
-            date(year, month, 1),
-            date(year, month, 15),
-            last_business_day(year, month),
-        ):
-            if candidate >= day:
-                found.append(candidate)
-        month = 1 if month == 12 else month + 1
-        year = year + 1 if month == 1 else year
-    return sorted(found)
+    later = day + timedelta(days=31)
+    found = set().union(*(monthly_paydays(y, m) for y, m in _months(day, later)))
+    return sorted(d for d in found if d >= day)
 
 
 def common_paydays(first: date, last: date) -> list[date]:
     """The days from `first` to `last` when many people are paid [bls]:
-    Fridays (weekly and biweekly pay), the 1st when it is a business day, the
-    15th (or the business day before) and the last business day."""
-    found = set()
-    day = first
-    while day <= last:
-        if day.weekday() == 4 or (day.day == 1 and day.weekday() < 5):
-            found.add(day)
-        fifteenth = date(day.year, day.month, 15)
-        while fifteenth.weekday() >= 5:
-            fifteenth -= timedelta(days=1)
-        found.update({fifteenth, last_business_day(day.year, day.month)})
-        day += timedelta(days=1)
+    Fridays (weekly and biweekly pay) and each month's paydays."""
+    found = set().union(*(monthly_paydays(y, m) for y, m in _months(first, last)))
+    friday = first + timedelta(days=(4 - first.weekday()) % 7)
+    while friday <= last:
+        found.add(friday)
+        friday += timedelta(days=7)
     return sorted(d for d in found if first <= d <= last)
 
 
@@ -338,7 +347,16 @@ def retry_moment(
         local = (anchor + timedelta(days=offset)).astimezone(where)
         if plan.payday_aware and offset >= 1:
             nearest = paydays_after(local.date())[0]
-            if datetime.combine(nearest, time(), where) - local <= PAYDAY_PULL:
+            # Never onto or past the next try's day: two tries on one payday
+            # would spend a try where one does the job.
+            following = (
+                (anchor + timedelta(days=plan.retry_days[try_number])).astimezone(where).date()
+                if try_number < len(plan.retry_days)
+                else None
+            )
+            if datetime.combine(nearest, time(), where) - local <= PAYDAY_PULL and (
+                following is None or nearest < following
+            ):
                 local = datetime.combine(nearest, local.timetz().replace(tzinfo=None), where)
         if plan.local_hour is not None and offset >= 1:
             local = datetime.combine(local.date(), time(plan.local_hour), where)
