@@ -8,7 +8,8 @@ outbox wrote, open some, click the links in them over HTTP and, on Stripe's
 pages, save a new card or authenticate. Recoveries are whatever follows.
 
     members ─▶ simulator: renewal declined ─signed webhook─▶ receiver ─▶ inbox
-    every simulated hour: tick (events, steps, emails) ─▶ .eml ─▶ customers act
+    every simulated hour: customers act; tick if anything is due (events,
+    steps, emails) ─▶ .eml ─▶ customers read
 """
 
 from __future__ import annotations
