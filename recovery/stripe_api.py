@@ -225,7 +225,13 @@ def mark_uncollectible(invoice_id: str, idempotency_key: str) -> dict[str, Any]:
 
 
 def list_invoice_payments(invoice_id: str) -> dict[str, Any]:
-    return _request("get", _path("invoice_payments"), {"invoice": invoice_id})
+    """The invoice's payments, each with its PaymentIntent and that intent's
+    latest charge expanded: a decline's facts in one read, not three."""
+    return _request(
+        "get",
+        _path("invoice_payments"),
+        {"invoice": invoice_id, "expand": ["data.payment.payment_intent.latest_charge"]},
+    )
 
 
 def retrieve_charge(charge_id: str) -> dict[str, Any]:
@@ -388,14 +394,12 @@ def _latest_payment(
             payments = [p for p in payments if (p.get("created") or 0) <= at.timestamp()]
         if payments:
             payment = max(payments, key=lambda p: p.get("created") or 0).get("payment") or {}
-            intent_id, charge_id = (
-                id_of(payment.get("payment_intent")),
-                id_of(payment.get("charge")),
-            )
-            if intent_id:
-                intent = retrieve_payment_intent(intent_id)
-            elif charge_id:
-                charge = retrieve_charge(charge_id)
+            intent, charge = payment.get("payment_intent"), payment.get("charge")
+            # Expanded by the listing; ids only if Stripe did not expand them.
+            if isinstance(intent, str):
+                intent = retrieve_payment_intent(intent)
+            elif intent is None and isinstance(charge, str):
+                charge = retrieve_charge(charge)
     if charge is None and isinstance(intent, dict):
         latest = intent.get("latest_charge")
         charge = (

@@ -66,6 +66,10 @@ def test_failed_payment_opens_case_with_decline_details_fetched_from_stripe(even
     assert case.charge_id == scenario["charge"]
     assert case.subscription_id == scenario["subscription"]
     assert case.hosted_invoice_url.endswith(scenario["invoice"])
+    # Two reads: the invoice as it stands, and its payments with each one's
+    # intent and charge expanded.
+    reads = [path for method, path, _ in event_stack.sim.state.requests_seen if method == "GET"]
+    assert sorted(path.split("/")[2] for path in reads) == ["invoice_payments", "invoices"]
     with session_scope() as session:
         customer = session.scalars(select(Customer)).one()
         assert customer.stripe_customer_id == scenario["customer"]

@@ -225,6 +225,29 @@ def test_sessions_customers_subscriptions_and_events(sim):
         )
 
 
+def test_expand_reaches_into_list_items_at_most_four_levels_deep(sim):
+    failed = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    client = sdk(sim)
+    listed = client.v1.invoice_payments.list(
+        params={
+            "invoice": failed["invoice"],
+            "expand": ["data.payment.payment_intent.latest_charge"],
+        }
+    )
+    intent = listed.data[0].payment.payment_intent
+    assert intent.object == "payment_intent" and intent.latest_charge.id == failed["charge"]
+    plain = client.v1.invoice_payments.list(params={"invoice": failed["invoice"]})
+    assert isinstance(plain.data[0].payment.payment_intent, str)
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        client.v1.invoice_payments.list(
+            params={
+                "invoice": failed["invoice"],
+                "expand": ["data.payment.payment_intent.latest_charge.customer"],
+            }
+        )
+    assert refused.value.param == "expand"
+
+
 def test_unauthenticated_requests_are_refused(sim):
     with pytest.raises(stripe.AuthenticationError):
         stripe.StripeClient(

@@ -417,16 +417,31 @@ class StripeSim:
 
     def _expand(self, obj: dict, expand: list[str]) -> dict:
         """Stripe's `expand`: ids become objects, along dotted paths
-        ("customer.invoice_settings.default_payment_method")."""
+        ("customer.invoice_settings.default_payment_method"), through every
+        item of a list ("data.payment.payment_intent" on a list), at most
+        four levels deep."""
         obj = copy.deepcopy(obj)
         for path in expand:
-            node: Any = obj
-            for name in path.split("."):
-                value = node.get(name) if isinstance(node, dict) else None
-                if isinstance(value, str) and value in self.state.objects:
-                    value = node[name] = copy.deepcopy(self.state.objects[value])
-                node = value
+            names = path.split(".")
+            if len(names) > 4:
+                raise _invalid(
+                    f"You cannot expand more than 4 levels of a property. Property: {path}",
+                    "expand",
+                )
+            self._expand_along(obj, names)
         return obj
+
+    def _expand_along(self, node: Any, names: list[str]) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self._expand_along(item, names)
+            return
+        if not names or not isinstance(node, dict):
+            return
+        value = node.get(names[0])
+        if isinstance(value, str) and value in self.state.objects:
+            value = node[names[0]] = copy.deepcopy(self.state.objects[value])
+        self._expand_along(value, names[1:])
 
     def _list_events(self, params: dict, since: int) -> dict[str, Any]:
         kind = params.get("type")
@@ -489,12 +504,13 @@ class StripeSim:
                 self.emit("invoice.marked_uncollectible", invoice)
                 return 200, invoice
             case ("GET", "invoice_payments", 1):
-                return 200, self._list(
+                listed = self._list(
                     "invoice_payment",
                     params,
                     "/v1/invoice_payments",
                     lambda o: params.get("invoice") in (None, o["invoice"]),
                 )
+                return 200, self._expand(listed, expand)
             case ("GET", "charges", 2):
                 return 200, self._expand(self.get("charge", parts[1]), expand)
             case ("GET", "payment_intents", 2):
