@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 import stripe
 from sqlalchemy import select
 
 from recovery.config import get_settings
 from recovery.db import session_scope
-from recovery.models import AuditEntry, Message, RecoveryAttempt
+from recovery.models import AuditEntry, Customer, Message, RecoveryAttempt
 
 from .conftest import ROOT, T0
 from .factories import sim_post, steps_of, the_case
@@ -52,6 +53,21 @@ def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
     assert len(charges) == len(retries) and len({c[2] for c in charges}) == len(charges)
     later = [s for s in steps_of(case.id) if s.status == "scheduled"]
     assert later == []  # recovery canceled the rest of the plan
+
+
+def test_retries_go_at_the_morning_of_the_customers_billing_address(stack):
+    scenario = stack.failed(
+        {"mode": "decline", "decline_code": "insufficient_funds"},
+        address={"country": "US", "state": "CA", "postal_code": "94107"},
+    )
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    with session_scope() as session:
+        customer = session.get(Customer, case.customer_id)
+        assert customer.timezone == "America/Los_Angeles"
+    retry = next(s for s in steps_of(case.id) if s.step == "retry:1")
+    local = retry.due_at.astimezone(ZoneInfo("America/Los_Angeles"))
+    assert local.hour == 9  # a payday morning in California, 17:00 UTC
 
 
 def test_a_retry_due_with_a_reminder_goes_first_and_the_reminder_is_not_sent(stack):

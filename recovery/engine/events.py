@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from recovery import clock, stripe_api
 from recovery.config import Settings
-from recovery.customers import outbox
+from recovery.customers import outbox, zones
 from recovery.db import insert_ignore
 from recovery.engine import cases
 from recovery.models import (
@@ -115,6 +115,7 @@ def _open_case(session: Session, invoice: Event, now: datetime) -> RecoveryCase:
             customer_id,
             email=invoice.get("customer_email"),
             name=invoice.get("customer_name"),
+            timezone=zones.zone_of_address(invoice.get("customer_address")),
         )
         if customer_id
         else None

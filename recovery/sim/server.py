@@ -859,6 +859,10 @@ class StripeSim:
                 "next_payment_attempt": body.get("next_payment_attempt"),
             },
         )
+        if body.get("address"):
+            # Stripe copies the customer's address onto the invoice it finalizes.
+            customer["address"].update(body["address"])
+            invoice["customer_address"] = dict(customer["address"])
         declining = customer["invoice_settings"]["default_payment_method"]
         if body.get("card_on") in ("subscription", "invoice"):
             owner = (
