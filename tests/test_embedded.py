@@ -67,7 +67,7 @@ def test_dev_tells_the_story_as_it_happens_with_the_emails_link(tmp_path):
     assert "their logs: var/dev.log" in told
     logged = (tmp_path / "var" / "dev.log").read_text()
     assert "celery@" in logged and "[recovery.access]" in logged
-    for noise in ("celery@", "[recovery.access]", "[tasks]"):
+    for noise in ("celery@", "[recovery.access]", "[tasks]", "alembic"):
         assert noise not in told + ran.stderr, noise
     story = [line.strip() for line in told.splitlines() if line.strip().startswith("·")]
     assert story[0].startswith("· event received: invoice.payment_failed (evt_"), told

@@ -4,6 +4,7 @@ stack live on this machine, the month-long demo and the backtest."""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -136,7 +137,14 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
     env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{sim_port}")
     # Links in the emails (var/outbox) open this receiver.
     env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
-    upgrade(settings.database_url)
+    # The migrations' own lines are no part of the story.
+    migrations = logging.getLogger("alembic")
+    level = migrations.level
+    migrations.setLevel(logging.WARNING)
+    try:
+        upgrade(settings.database_url)
+    finally:
+        migrations.setLevel(level)
     exe = [sys.executable, "-m", "recovery"]
     output: dict[str, Any] = {}
     if log_to != "-":
