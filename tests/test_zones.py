@@ -25,6 +25,8 @@ from recovery.customers import zones
         ("AQ", None, None),  # many zones, none most populous: unknown
         ("", None, None),
         (None, "CA", None),
+        (49, None, None),  # not what Stripe sends: unknown, not an error
+        ("US", ["CA"], "America/New_York"),
     ],
 )
 def test_a_zone_from_an_address(country, region, zone):

@@ -64,14 +64,15 @@ MOST_POPULOUS = {
 }
 
 
-def zone_for(country: str | None, region: str | None = None) -> str | None:
+def zone_for(country: Any, region: Any = None) -> str | None:
     """The IANA zone for an address's country (ISO 3166 alpha-2) and region
-    (a US state's two letters); None when it cannot be told."""
-    if not country:
+    (a US state's two letters); None when it cannot be told, whatever the
+    payload holds."""
+    if not isinstance(country, str) or not country.strip():
         return None
     country = country.strip().upper()
     found = None
-    if country == "US" and region:
+    if country == "US" and isinstance(region, str):
         found = US_STATES.get(region.strip().upper())
     if found is None:
         found = MOST_POPULOUS.get(country)
