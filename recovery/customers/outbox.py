@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import ColumnElement, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from recovery.db import dialect_of, insert_ignore, rows_changed, session_scope
@@ -103,12 +103,11 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
     return (Message.status == MessageStatus.PENDING) & (Message.next_attempt_at <= now)
 
 
-def any_due(session: Session, now: datetime) -> bool:
-    """Whether release_lapsed or claim would find an email now."""
-    due = or_(
+def due(now: datetime) -> ColumnElement[bool]:
+    """The emails release_lapsed or claim take at `now`."""
+    return or_(
         _lapsed(now, MessageStatus.CLAIMED), _lapsed(now, MessageStatus.SENDING), _claimable(now)
     )
-    return session.scalar(select(exists().where(due))) is True
 
 
 def release_lapsed(now: datetime) -> int:

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, Update, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Update, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from recovery import clock
@@ -328,12 +328,9 @@ def _due_now(now: datetime) -> list[tuple[ColumnElement[bool], Any]]:
     ]
 
 
-def any_due(session: Session, now: datetime) -> bool:
-    """Whether claim_due would find a step now."""
-    return (
-        session.scalar(select(exists().where(or_(*(condition for condition, _ in _due_now(now))))))
-        is True
-    )
+def due(now: datetime) -> ColumnElement[bool]:
+    """The steps claim_due takes at `now`."""
+    return or_(*(condition for condition, _ in _due_now(now)))
 
 
 def claim_due(now: datetime, limit: int, lease: timedelta) -> list[Claim]:

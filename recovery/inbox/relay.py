@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, exists, or_, select, text, update
+from sqlalchemy import ColumnElement, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from recovery import clock
@@ -47,7 +47,8 @@ EVENT_RETRY_CAP = timedelta(hours=1)
 Handler = Callable[[Session, dict[str, Any], datetime, Settings], EventStatus]
 
 
-def _due(now: datetime) -> ColumnElement[bool]:
+def due(now: datetime) -> ColumnElement[bool]:
+    """The events relay publishes at `now`."""
     return or_(
         (WebhookEvent.status == EventStatus.PENDING)
         & (WebhookEvent.available_at <= now)
@@ -55,11 +56,6 @@ def _due(now: datetime) -> ColumnElement[bool]:
         # A claim whose worker died: its lease (available_at) has run out.
         (WebhookEvent.status == EventStatus.PROCESSING) & (WebhookEvent.available_at <= now),
     )
-
-
-def any_due(session: Session, now: datetime) -> bool:
-    """Whether relay would publish an event now."""
-    return session.scalar(select(exists().where(_due(now)))) is True
 
 
 def relay(publish: Callable[[list[int]], None], now: datetime, page_size: int) -> int:
@@ -83,7 +79,7 @@ def _relay_page(
 ) -> tuple[int, bool]:
     """One page: how many were published, and whether to go on."""
     with session_scope() as session:
-        query = select(WebhookEvent.id).where(_due(now)).order_by(WebhookEvent.id)
+        query = select(WebhookEvent.id).where(due(now)).order_by(WebhookEvent.id)
         query = query.limit(page_size)
         if dialect_of(session) == "postgresql":
             # Two relays (two beats) never publish the same rows at once.
