@@ -105,12 +105,15 @@ PAGES = (
 
 @lru_cache(maxsize=4)
 def _pages(templates_dir: Path) -> Environment:
-    return i18n.install(
+    pages = i18n.install(
         Environment(
             loader=FileSystemLoader(str(templates_dir / "pages")),
             autoescape=select_autoescape(default=True),
         )
     )
+    # Amounts are written in the page's locale, which each render passes.
+    pages.globals["format_money"] = format_money
+    return pages
 
 
 def render_page(name: str, settings: Settings, locale: str = i18n.ENGLISH, **values: Any) -> bytes:
@@ -120,11 +123,8 @@ def render_page(name: str, settings: Settings, locale: str = i18n.ENGLISH, **val
         "accent": settings.brand_accent_color,
     }
     page = _pages(settings.templates_dir).get_template(f"{name}.html")
-    minor, currency = values.pop("money", (None, None))
-    if minor is not None and currency:
-        values["amount"] = format_money(minor, currency, locale)
     with i18n.speaking(settings.templates_dir / "locales", locale) as lang:
-        return page.render(brand=brand, lang=lang, **values).encode()
+        return page.render(brand=brand, lang=lang, locale=locale, **values).encode()
 
 
 class ClientLimiter:

@@ -133,3 +133,20 @@ def test_an_email_in_english_reads_its_own_words():
     assert rendered.subject == "Our service: your payment did not go through"
     assert "We tried to collect $29.00 from your Visa ending in 4242" in rendered.text
     assert 'lang="en"' in rendered.html
+
+
+@pytest.mark.parametrize(
+    ("locale", "values", "says"),
+    [
+        ("de", {"amount_due": 2900, "currency": "eur"}, "29,00\xa0€"),
+        ("en", {"amount_due": 2900, "currency": "usd"}, "$29.00"),
+        # A link with no amount on record names it in words, in the page's language.
+        ("de", {}, "den fälligen Betrag"),
+        ("en", {"amount_due": None, "currency": None}, "the amount due"),
+    ],
+)
+def test_the_choice_page_writes_the_amount_in_its_locale(locale, values, says):
+    from recovery.web import render_page
+
+    page = render_page("choose", load_settings({}), locale, **values).decode()
+    assert says in page

@@ -315,8 +315,10 @@ def redeem(token: str, now: datetime, settings: Settings, choice: Choice | None 
 
 
 def _choose(found: Clicked) -> Answer:
-    # The page writes the amount in its reader's language (web.render_page).
-    return Answer(200, "choose", values={"money": (found.amount_due, found.currency)})
+    # The page writes the amount in its reader's locale.
+    return Answer(
+        200, "choose", values={"amount_due": found.amount_due, "currency": found.currency}
+    )
 
 
 def _stripe_page(found: Clicked, settings: Settings, choice: Choice | None) -> str | None:
