@@ -434,6 +434,13 @@ def test_checkout_in_payment_mode_charges_the_card_and_saves_it_when_asked(sim):
         (
             {
                 "mode": "payment",
+                "line_items": [{"price_data": {"currency": "usd", "unit_amount": {"x": "1"}}}],
+            },
+            "line_items[0]",
+        ),
+        (
+            {
+                "mode": "payment",
                 "line_items": [
                     {"price_data": {"currency": "usd", "unit_amount": 100}},
                     {"price_data": {"currency": "eur", "unit_amount": 100}},

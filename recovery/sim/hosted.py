@@ -81,6 +81,11 @@ DECLINE_MESSAGES = {
 }
 
 
+def decline_message(decline_code: str | None) -> str:
+    """What Stripe's page says for a declined card."""
+    return DECLINE_MESSAGES.get(decline_code or "", DECLINE_MESSAGES["generic_decline"])
+
+
 class CardRefused(Exception):
     """What the page says under the card form."""
 
@@ -96,7 +101,7 @@ def read_card(number: str) -> TestCard:
             " Try 4242 4242 4242 4242."
         )
     if found.declines_at_entry:
-        raise CardRefused(DECLINE_MESSAGES[found.declines_at_entry])
+        raise CardRefused(decline_message(found.declines_at_entry))
     return found
 
 

@@ -1022,9 +1022,7 @@ class StripeSim:
         try:
             self.complete_checkout(session_id, card.card(), on_session=True)
         except ApiError as declined:
-            message = hosted.DECLINE_MESSAGES.get(
-                declined.body.get("decline_code") or "", "Your card was declined."
-            )
+            message = hosted.decline_message(declined.body.get("decline_code"))
             return hosted.Html(hosted.checkout_page(session, message), 402)
         target = (session.get("success_url") or "").replace("{CHECKOUT_SESSION_ID}", session_id)
         if target:
@@ -1062,9 +1060,7 @@ class StripeSim:
             return asked
         _intent, _charge, error = self.attempt_payment(invoice, pm, on_session=True)
         if error is not None:
-            message = hosted.DECLINE_MESSAGES.get(
-                error.get("decline_code") or "", "Your card was declined."
-            )
+            message = hosted.decline_message(error.get("decline_code"))
             return hosted.Html(hosted.invoice_page(invoice, on_file, message), 402)
         return hosted.Html(hosted.invoice_page(invoice, on_file))
 
@@ -1225,7 +1221,7 @@ def _line_items_total(items: Any) -> tuple[int, str]:
             )
         try:
             unit, quantity = int(data.get("unit_amount", "")), int(item.get("quantity", "1"))
-        except ValueError:
+        except (TypeError, ValueError):
             raise _invalid(
                 "Invalid integer: unit_amount and quantity are whole numbers.",
                 f"line_items[{index}]",
