@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -145,27 +145,24 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
         upgrade(settings.database_url)
     finally:
         migrations.setLevel(level)
-    exe = [sys.executable, "-m", "recovery"]
-    output: dict[str, Any] = {}
-    if log_to != "-":
-        Path(log_to).parent.mkdir(parents=True, exist_ok=True)
-        # The children hold their own copy of the descriptor.
-        with open(log_to, "ab") as log:
-            output = {"stdout": log.fileno(), "stderr": subprocess.STDOUT}
-            children = _start(exe, env, port, sim_port, output)
-    else:
-        children = _start(exe, env, port, sim_port, output)
+    log = None if log_to == "-" else Path(log_to)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    # The children hold their own copy of the log's descriptor.
+    with open(log, "ab") if log is not None else nullcontext() as written:
+        output = {"stdout": written.fileno(), "stderr": subprocess.STDOUT} if written else {}
+        children = _start([sys.executable, "-m", "recovery"], env, port, sim_port, output)
+    see = f"; see {log}" if log is not None else ""
     # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     telling = threading.Event()
     try:
-        see = "" if log_to == "-" else f"; see {log_to}"
         _wait_http(f"http://127.0.0.1:{port}/readyz", see=see)
         _wait_http(f"http://127.0.0.1:{sim_port}/_sim/events", see=see)
         click.echo(
             f"\nrecovery is running: receiver http://127.0.0.1:{port}/webhooks/stripe,"
             f" Stripe-compatible server http://127.0.0.1:{sim_port}"
-            + ("" if log_to == "-" else f"; their logs: {log_to}")
+            + (f"; their logs: {log}" if log is not None else "")
         )
         telling.set()
         story.tell_while(telling.is_set, Path(settings.outbox_dir), click.echo)
