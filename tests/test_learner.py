@@ -60,6 +60,33 @@ def test_cold_it_follows_the_plan_more_than_any_other_moment():
     assert picks.most_common(1)[0][0] == PLAN
 
 
+def test_a_slot_is_drawn_once_however_many_candidate_moments_it_holds():
+    earliest = ANCHOR + timedelta(hours=20)
+    moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
+    held = Counter(learner.slot_of("funds", ANCHOR, moment, UTC_ZONE) for moment in moments)
+    assert max(held.values()) >= 2 and min(held.values()) == 1  # slots unequal in moments
+    # Every slot believed alike, strongly: each should win about as often.
+    same = {slot: learner.Counts(paid=3000, declined=7000) for slot in held}
+    wins = Counter(_choose(same, seed).slot for seed in range(3000))
+    assert set(wins) == set(held)
+    assert max(wins.values()) / min(wins.values()) < 1.4
+
+
+def test_within_the_winning_slot_the_moment_nearest_the_plans():
+    earliest = ANCHOR + timedelta(hours=20)
+    moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
+    plan_slot = learner.slot_of("funds", ANCHOR, PLAN, UTC_ZONE)
+    twins = [m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE) == plan_slot]
+    assert len(twins) == 2 and twins[0] < PLAN  # 09:00 that morning, and the plan's 09:05
+    only_plan = {plan_slot: learner.Counts(paid=900, declined=100)}
+    assert {_choose(only_plan, seed).moment for seed in range(20)} == {PLAN}
+    early = "funds/d1-3/p3+/morning"
+    only_early = {early: learner.Counts(paid=900, declined=100)}
+    last = max(m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE) == early)
+    assert last == datetime(2026, 11, 5, 9, tzinfo=UTC)  # Thursday, the eve of payday
+    assert {_choose(only_early, seed).moment for seed in range(20)} == {last}
+
+
 def test_warm_it_goes_where_retries_have_paid():
     paying = "funds/d3-7/p1/morning"  # Saturday morning, the day after payday
     counts = {

@@ -7,13 +7,14 @@ slot a Beta distribution holds what is known. It starts from a prior that
 favours the moment the static plan would choose (plans.py, with its sources)
 and moves with every outcome.
 
-To time a case's next retry, one chance is drawn from the Beta of each
-allowed candidate moment (Thompson sampling) and the best draw wins: a slot
-that has paid is chosen more, a slot nobody has tried is still tried now and
-then, and as outcomes pile up the draws settle on what works. Candidates lie
-between the earliest moment the case may be tried again and a little after
-the static plan's own moment, so the plan's budget of tries, its window and
-the networks' limits (applied by the planner afterwards) still bound it.
+To time a case's next retry, one chance is drawn from the Beta of each slot
+the allowed candidate moments fall in (Thompson sampling) and the best draw
+wins: a slot that has paid is chosen more, a slot nobody has tried is still
+tried now and then, and as outcomes pile up the draws settle on what works.
+Candidates lie between the earliest moment the case may be tried again and a
+little after the static plan's own moment, so the plan's budget of tries, its
+window and the networks' limits (applied by the planner afterwards) still
+bound it.
 
 Nothing here reads the clock or a random source of its own: the caller passes
 `now` and a seeded generator, so the same inputs choose the same moment.
@@ -116,7 +117,7 @@ class Choice:
     outcomes: int  # behind that belief
     plan_moment: datetime
     plan_slot: str
-    candidates: int
+    candidates: int  # slots drawn
 
     def why(self) -> str:
         if self.moment == self.plan_moment:
@@ -126,7 +127,7 @@ class Choice:
         return (
             f"{reason}; slot {self.slot}: {self.mean:.0%} of retries paid"
             f" (over {self.outcomes} outcome(s) and the plan's prior), best of"
-            f" {self.candidates} candidate moment(s) drawn"
+            f" {self.candidates} candidate slot(s) drawn"
         )
 
 
@@ -160,23 +161,35 @@ def choose(
     counts: Mapping[str, Counts],
     rng: random.Random,
 ) -> Choice | None:
-    """The next retry's moment by Thompson sampling over the candidates;
-    None when there is none (the plan's moment is past the window)."""
+    """The next retry's moment by Thompson sampling over the candidates'
+    slots; None when there is none (the plan's moment is past the window).
+
+    One chance is drawn per slot, not per moment: a slot that holds many
+    candidate moments (a long stretch between paydays) would otherwise win by
+    the sheer number of its draws, not by what is believed of it. Within the
+    winning slot the moment nearest the plan's own is taken: the slot cannot
+    tell its moments apart, the plan's reasons still can."""
     moments = candidates(plan_moment, earliest, latest, zone)
     if not moments:
         return None
     plan_slot = slot_of(category, anchor, plan_moment, zone)
-    best: tuple[float, datetime, Belief] | None = None
+    by_slot: dict[str, list[datetime]] = {}
     for moment in moments:
-        held = belief(slot_of(category, anchor, moment, zone), counts, plan_slot)
+        slot = slot_of(category, anchor, moment, zone)
+        by_slot.setdefault(slot, []).append(moment)
+    best: tuple[float, Belief] | None = None
+    # Slots in order of their first moment, so the draws are reproducible.
+    for slot in by_slot:
+        held = belief(slot, counts, plan_slot)
         drawn = rng.betavariate(held.paid, held.declined)
-        # Ties (rare with continuous draws) go to the earlier moment.
         if best is None or drawn > best[0]:
-            best = (drawn, moment, held)
+            best = (drawn, held)
     assert best is not None
-    drawn, moment, held = best
+    drawn, held = best
+    found = by_slot[held.slot]
+    moment = min(found, key=lambda at: (abs(at - plan_moment), at))
     return Choice(
-        moment, held.slot, drawn, held.mean, held.outcomes, plan_moment, plan_slot, len(moments)
+        moment, held.slot, drawn, held.mean, held.outcomes, plan_moment, plan_slot, len(by_slot)
     )
 
 
