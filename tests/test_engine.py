@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from recovery.config import get_settings
 from recovery.db import session_scope
+from recovery.engine import learner, plans
 from recovery.models import AuditEntry, Customer, Message, RecoveryAttempt
 
 from .conftest import ROOT, T0
@@ -47,7 +48,12 @@ def test_soft_decline_is_retried_on_plan_until_it_pays(stack):
     assert all(s.outcome == "declined" for s in retries[:-1])
     assert all(s.executed_at >= pays_from for s in retries[-1:])
     # Each answer is counted where the retry learner will look for it.
-    assert all(s.slot and s.slot.startswith("funds/") for s in retries)
+    # Each in the slot of the bet it made: after the decline before it.
+    declined_before = [case.first_failed_at] + [s.executed_at for s in retries[:-1]]
+    assert [s.slot for s in retries] == [
+        learner.slot_of("funds", case.first_failed_at, s.executed_at, plans.zone(None), before)
+        for s, before in zip(retries, declined_before, strict=True)
+    ]
     # One API charge per retry, each with its own key.
     charges = stack.charges(scenario["invoice"])
     assert len(charges) == len(retries) and len({c[2] for c in charges}) == len(charges)

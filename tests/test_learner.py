@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from recovery.engine import cases, learner, plans
+from recovery.engine import cases, learner, planner, plans
 from recovery.models import RecoveryAttempt, StepKind, StepOutcome, StepStatus
 
 from .factories import make_case
@@ -20,19 +20,44 @@ PLAN = datetime(2026, 11, 6, 9, 5, tzinfo=UTC)  # the plan's try 1: Friday's pay
 
 
 def test_a_slot_names_the_category_the_wait_the_payday_and_the_part_of_day():
-    assert learner.slot_of("funds", ANCHOR, PLAN, UTC_ZONE) == "funds/d3-7/p0/morning"
+    assert learner.slot_of("funds", ANCHOR, PLAN, UTC_ZONE, ANCHOR) == "funds/d3-7/p0/fresh/morning"
     saturday_evening = datetime(2026, 11, 7, 19, tzinfo=UTC)
-    assert learner.slot_of("funds", ANCHOR, saturday_evening, UTC_ZONE) == "funds/d3-7/p1/evening"
+    assert (
+        learner.slot_of("funds", ANCHOR, saturday_evening, UTC_ZONE, ANCHOR)
+        == "funds/d3-7/p1/fresh/evening"
+    )
     wednesday = datetime(2026, 11, 25, 3, tzinfo=UTC)  # five days after Friday the 20th
-    assert learner.slot_of("retry", ANCHOR, wednesday, UTC_ZONE) == "retry/d21+/p3+/night"
+    assert (
+        learner.slot_of("retry", ANCHOR, wednesday, UTC_ZONE, ANCHOR)
+        == "retry/d21+/p3+/fresh/night"
+    )
     # The same instant is another part of the day in another zone.
     tokyo = plans.zone("Asia/Tokyo")
-    assert learner.slot_of("funds", ANCHOR, PLAN, tokyo).endswith("/evening")
+    assert learner.slot_of("funds", ANCHOR, PLAN, tokyo, ANCHOR).endswith("/evening")
+
+
+def test_a_slot_tells_a_first_try_on_a_paydays_money_from_another():
+    # Declined on Friday's payday morning: Saturday's try is on the same money.
+    declined_friday = datetime(2026, 11, 6, 9, 5, tzinfo=UTC)
+    saturday = datetime(2026, 11, 7, 9, tzinfo=UTC)
+    assert learner.slot_of("funds", ANCHOR, saturday, UTC_ZONE, declined_friday).endswith(
+        "/p1/again/morning"
+    )
+    # Declined on Thursday, the day before: Saturday's try is on new money.
+    declined_thursday = declined_friday - timedelta(days=1)
+    assert learner.slot_of("funds", ANCHOR, saturday, UTC_ZONE, declined_thursday).endswith(
+        "/p1/fresh/morning"
+    )
+    # The customer's own calendar decides: Thursday 20:00 UTC is Friday in Tokyo.
+    tokyo = plans.zone("Asia/Tokyo")
+    thursday_evening = datetime(2026, 11, 5, 20, tzinfo=UTC)
+    assert "/p1/again/" in learner.slot_of("funds", ANCHOR, saturday, tokyo, thursday_evening)
+    assert "/p1/fresh/" in learner.slot_of("funds", ANCHOR, saturday, UTC_ZONE, thursday_evening)
 
 
 def _choose(counts, seed, earliest=ANCHOR + timedelta(hours=20)):
     return learner.choose(
-        "funds", ANCHOR, PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE, counts,
+        "funds", ANCHOR, PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE, ANCHOR, counts,
         random.Random(seed),
     )  # fmt: skip
 
@@ -50,7 +75,7 @@ def test_candidates_lie_between_the_earliest_moment_and_a_little_after_the_plans
 
 
 def test_the_same_seed_and_outcomes_choose_the_same_moment():
-    counts = {"funds/d3-7/p1/morning": learner.Counts(3, 4)}
+    counts = {"funds/d3-7/p1/fresh/morning": learner.Counts(3, 4)}
     assert _choose(counts, 7) == _choose(counts, 7)
     assert len({_choose(counts, seed).moment for seed in range(50)}) > 1  # it does explore
 
@@ -63,7 +88,7 @@ def test_cold_it_follows_the_plan_more_than_any_other_moment():
 def test_a_slot_is_drawn_once_however_many_candidate_moments_it_holds():
     earliest = ANCHOR + timedelta(hours=20)
     moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
-    held = Counter(learner.slot_of("funds", ANCHOR, moment, UTC_ZONE) for moment in moments)
+    held = Counter(learner.slot_of("funds", ANCHOR, moment, UTC_ZONE, ANCHOR) for moment in moments)
     assert max(held.values()) >= 2 and min(held.values()) == 1  # slots unequal in moments
     # Every slot believed alike, strongly: each should win about as often.
     same = {slot: learner.Counts(paid=3000, declined=7000) for slot in held}
@@ -75,28 +100,30 @@ def test_a_slot_is_drawn_once_however_many_candidate_moments_it_holds():
 def test_within_the_winning_slot_the_moment_nearest_the_plans():
     earliest = ANCHOR + timedelta(hours=20)
     moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
-    plan_slot = learner.slot_of("funds", ANCHOR, PLAN, UTC_ZONE)
-    twins = [m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE) == plan_slot]
+    plan_slot = learner.slot_of("funds", ANCHOR, PLAN, UTC_ZONE, ANCHOR)
+    twins = [
+        m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE, ANCHOR) == plan_slot
+    ]
     assert len(twins) == 2 and twins[0] < PLAN  # 09:00 that morning, and the plan's 09:05
     only_plan = {plan_slot: learner.Counts(paid=900, declined=100)}
     assert {_choose(only_plan, seed).moment for seed in range(20)} == {PLAN}
-    early = "funds/d1-3/p3+/morning"
+    early = "funds/d1-3/p3+/again/morning"
     only_early = {early: learner.Counts(paid=900, declined=100)}
-    last = max(m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE) == early)
+    last = max(m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE, ANCHOR) == early)
     assert last == datetime(2026, 11, 5, 9, tzinfo=UTC)  # Thursday, the eve of payday
     assert {_choose(only_early, seed).moment for seed in range(20)} == {last}
 
 
 def test_warm_it_goes_where_retries_have_paid():
-    paying = "funds/d3-7/p1/morning"  # Saturday morning, the day after payday
+    paying = "funds/d3-7/p1/fresh/morning"  # Saturday morning, the day after payday
     counts = {
         paying: learner.Counts(paid=60, declined=40),
-        "funds/d3-7/p0/morning": learner.Counts(paid=5, declined=95),
+        "funds/d3-7/p0/fresh/morning": learner.Counts(paid=5, declined=95),
     }
     picks = [_choose(counts, seed) for seed in range(200)]
     share = sum(choice.slot == paying for choice in picks) / len(picks)
     assert share > 0.9
-    assert "slot funds/d3-7/p1/morning" in picks[0].why() and "moved from" in picks[0].why()
+    assert "slot funds/d3-7/p1/fresh/morning" in picks[0].why() and "moved from" in picks[0].why()
 
 
 def _retry_step(session, case):
@@ -129,8 +156,8 @@ def _teach(session, slot: str, paid: int, declined: int) -> None:
 
 
 def test_the_planner_times_the_retry_by_what_has_paid_and_says_why(session, settings):
-    _teach(session, "funds/d3-7/p1/morning", paid=80, declined=20)
-    _teach(session, "funds/d3-7/p0/morning", paid=2, declined=98)
+    _teach(session, "funds/d3-7/p1/fresh/morning", paid=80, declined=20)
+    _teach(session, "funds/d3-7/p0/fresh/morning", paid=2, declined=98)
     case = make_case(session, at=ANCHOR, category="funds")
     cases.replan(session, case, ANCHOR, replace(settings, retry_learning=True))
     step = _retry_step(session, case)
@@ -138,8 +165,22 @@ def test_the_planner_times_the_retry_by_what_has_paid_and_says_why(session, sett
     assert step.why.startswith("learned: moved from the plan's 2026-11-06")
 
 
+def test_after_a_decline_on_payday_the_planner_knows_that_paydays_money_failed(session, settings):
+    _teach(session, "funds/d3-7/p1/fresh/morning", paid=90, declined=10)
+    _teach(session, "funds/d3-7/p1/again/morning", paid=0, declined=100)
+    friday = PLAN  # try 1 declined on Friday's payday morning
+    case = make_case(session, at=ANCHOR, category="funds", last_failure_at=friday)
+    # The learner counts a retry on Saturday as another go at Friday's money.
+    saturday = datetime(2026, 11, 7, 9, tzinfo=UTC)
+    assert planner.slot_of_retry(session, case, saturday) == "funds/d3-7/p1/again/morning"
+    cases.replan(session, case, friday + timedelta(hours=1), replace(settings, retry_learning=True))
+    step = _retry_step(session, case)
+    assert step.why.startswith("learned:")
+    assert step.due_at > friday and step.due_at != saturday
+
+
 def test_with_learning_off_the_plan_alone_times_the_retry(session, settings):
-    _teach(session, "funds/d3-7/p1/morning", paid=80, declined=20)
+    _teach(session, "funds/d3-7/p1/fresh/morning", paid=80, declined=20)
     case = make_case(session, at=ANCHOR, category="funds")
     cases.replan(session, case, ANCHOR, replace(settings, retry_learning=False))
     step = _retry_step(session, case)
@@ -152,10 +193,10 @@ def test_with_learning_off_the_plan_alone_times_the_retry(session, settings):
 def test_only_the_plans_own_answered_retries_teach(session, settings):
     from recovery.engine import planner
 
-    _teach(session, "funds/d3-7/p1/morning", paid=3, declined=1)
-    _teach(session, "retry/d3-7/p1/morning", paid=9, declined=0)
+    _teach(session, "funds/d3-7/p1/fresh/morning", paid=3, declined=1)
+    _teach(session, "retry/d3-7/p1/fresh/morning", paid=9, declined=0)
     counts = planner.learned_counts(session, "funds")
-    assert counts == {"funds/d3-7/p1/morning": learner.Counts(3, 1)}
+    assert counts == {"funds/d3-7/p1/fresh/morning": learner.Counts(3, 1)}
 
 
 def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
@@ -167,16 +208,16 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
     from recovery.db import session_scope
 
     with session_scope() as session:
-        _teach(session, "funds/d3-7/p1/morning", paid=30, declined=10)
-        _teach(session, "funds/d0-1/p3+/night", paid=0, declined=5)
+        _teach(session, "funds/d3-7/p1/fresh/morning", paid=30, declined=10)
+        _teach(session, "funds/d0-1/p3+/fresh/night", paid=0, declined=5)
     text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
     assert "retry learning: off (RETRY_LEARNING=on turns it on)" in text
     assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
-    assert "from 45 retry outcome(s)" in text and "funds/d3-7/p1/morning" in text
+    assert "from 45 retry outcome(s)" in text and "funds/d3-7/p1/fresh/morning" in text
     shown = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json"]).output)
     funds = next(p for p in shown["plans"] if p["plan"] == "funds")
     assert [s["slot"] for s in funds["learned"]] == [
-        "funds/d3-7/p1/morning",
-        "funds/d0-1/p3+/night",
+        "funds/d3-7/p1/fresh/morning",
+        "funds/d0-1/p3+/fresh/night",
     ]
     assert funds["learned"][0]["outcomes"] == 40 and funds["learned"][0]["paid_share"] > 0.5

@@ -2,10 +2,11 @@
 
 Every plan retry that reached the issuer is one outcome, paid or declined, in
 a slot: the failure's category, how long after the failure it ran, how many
-days after the last common payday, and the part of the customer's day. Per
-slot a Beta distribution holds what is known. It starts from a prior that
-favours the moment the static plan would choose (plans.py, with its sources)
-and moves with every outcome.
+days after the last common payday and whether that payday came after the
+card's last decline, and the part of the customer's day. Per slot a Beta
+distribution holds what is known. It starts from a prior that favours the
+moment the static plan would choose (plans.py, with its sources) and moves
+with every outcome.
 
 To time a case's next retry, one chance is drawn from the Beta of each slot
 the allowed candidate moments fall in (Thompson sampling) and the best draw
@@ -64,23 +65,31 @@ def _since_failure(days: float) -> str:
     return f"d{low}+"
 
 
-def _since_payday(day: date) -> str:
-    recent = common_paydays(day - timedelta(days=3), day)
-    if not recent:
-        return "p3+"
-    return f"p{(day - recent[-1]).days}"
+def _since_payday(day: date, declined_on: date) -> str:
+    """How many days since the last common payday, and whether that payday
+    came after the case's last decline ("fresh") or not ("again"): a second
+    try on the money of a payday that did not cover the first is a different
+    bet from a first try on it."""
+    # Fridays are paydays, so there is one in any seven days.
+    payday = common_paydays(day - timedelta(days=6), day)[-1]
+    since = (day - payday).days
+    return f"p{since if since < 3 else '3+'}/{'fresh' if declined_on < payday else 'again'}"
 
 
 def _part_of_day(hour: int) -> str:
     return next(name for end, name in PARTS_OF_DAY if hour < end)
 
 
-def slot_of(category: str, anchor: datetime, moment: datetime, zone: ZoneInfo) -> str:
-    """The slot a retry at `moment` falls in, for a case failed at `anchor`."""
+def slot_of(
+    category: str, anchor: datetime, moment: datetime, zone: ZoneInfo, last_declined: datetime
+) -> str:
+    """The slot a retry at `moment` falls in, for a case failed at `anchor`
+    whose card last declined at `last_declined`."""
     local = moment.astimezone(zone)
     days = (moment - anchor).total_seconds() / 86_400
+    declined_on = last_declined.astimezone(zone).date()
     return (
-        f"{category}/{_since_failure(days)}/{_since_payday(local.date())}"
+        f"{category}/{_since_failure(days)}/{_since_payday(local.date(), declined_on)}"
         f"/{_part_of_day(local.hour)}"
     )
 
@@ -158,6 +167,7 @@ def choose(
     earliest: datetime,
     latest: datetime,
     zone: ZoneInfo,
+    last_declined: datetime,
     counts: Mapping[str, Counts],
     rng: random.Random,
 ) -> Choice | None:
@@ -172,10 +182,10 @@ def choose(
     moments = candidates(plan_moment, earliest, latest, zone)
     if not moments:
         return None
-    plan_slot = slot_of(category, anchor, plan_moment, zone)
+    plan_slot = slot_of(category, anchor, plan_moment, zone, last_declined)
     by_slot: dict[str, list[datetime]] = {}
     for moment in moments:
-        slot = slot_of(category, anchor, moment, zone)
+        slot = slot_of(category, anchor, moment, zone, last_declined)
         by_slot.setdefault(slot, []).append(moment)
     best: tuple[float, Belief] | None = None
     # Slots in order of their first moment, so the draws are reproducible.
@@ -189,7 +199,14 @@ def choose(
     found = by_slot[held.slot]
     moment = min(found, key=lambda at: (abs(at - plan_moment), at))
     return Choice(
-        moment, held.slot, drawn, held.mean, held.outcomes, plan_moment, plan_slot, len(by_slot)
+        moment,
+        held.slot,
+        drawn,
+        held.mean,
+        held.outcomes,
+        plan_moment,
+        plan_slot,
+        len(by_slot),
     )
 
 

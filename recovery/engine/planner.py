@@ -406,15 +406,21 @@ def _learned(
         earliest,
         anchor + plan.window,
         plans.zone(tz),
+        last,
         learned_counts(session, category),
         rng,
     )
 
 
 def slot_of_retry(session: Session, case: RecoveryCase, at: datetime) -> str:
-    """The slot a plan retry run `at` is counted in."""
+    """The slot a plan retry run `at` is counted in: called before its own
+    decline is recorded, so it names the bet as it was made."""
     customer = session.get(Customer, case.customer_id) if case.customer_id else None
     anchor = case.first_failed_at or case.opened_at
     return learner.slot_of(
-        case.category or "unknown", anchor, at, plans.zone(customer.timezone if customer else None)
+        case.category or "unknown",
+        anchor,
+        at,
+        plans.zone(customer.timezone if customer else None),
+        case.last_failure_at or anchor,
     )
