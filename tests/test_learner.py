@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import select
 
 from recovery.engine import cases, learner, planner, plans
@@ -105,19 +106,49 @@ def test_within_the_winning_slot_the_moment_nearest_the_plans():
         m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE, ANCHOR) == plan_slot
     ]
     assert len(twins) == 2 and twins[0] < PLAN  # 09:00 that morning, and the plan's 09:05
+    unpaid = learner.Counts(paid=0, declined=1000)
+    # The winning slot's kin are taught otherwise, so the slot alone wins.
     only_plan = {plan_slot: learner.Counts(paid=900, declined=100)}
+    only_plan["funds/d3-7/p0/fresh/afternoon"] = unpaid
     assert {_choose(only_plan, seed).moment for seed in range(20)} == {PLAN}
     early = "funds/d1-3/p3+/again/morning"
-    only_early = {early: learner.Counts(paid=900, declined=100)}
+    only_early = {
+        early: learner.Counts(paid=900, declined=100),
+        "funds/d1-3/p3+/again/afternoon": unpaid,
+        "funds/d3-7/p3+/again/afternoon": unpaid,
+    }
     last = max(m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE, ANCHOR) == early)
     assert last == datetime(2026, 11, 5, 9, tzinfo=UTC)  # Thursday, the eve of payday
     assert {_choose(only_early, seed).moment for seed in range(20)} == {last}
+
+
+def test_a_slot_never_tried_starts_from_what_its_family_has_learned():
+    morning, afternoon = "funds/d3-7/p1/fresh/morning", "funds/d3-7/p1/fresh/afternoon"
+    assert learner.family_of(morning) == learner.family_of(afternoon) == "funds/p1/fresh"
+    counts = {morning: learner.Counts(paid=2, declined=98)}
+    untried = learner.belief(afternoon, counts, plan_slot="")
+    assert untried.outcomes == 0 and untried.kin == 100
+    assert untried.mean == pytest.approx(
+        (0.1 * 12 + 2) / (12 + 100)
+    )  # the family's record is its prior
+    # Another family knows nothing of it: the plan's prior alone.
+    assert learner.belief(
+        "funds/d3-7/p0/fresh/morning", counts, plan_slot=""
+    ).mean == pytest.approx(0.1)
+    # A slot's own outcomes count once, not again through its family.
+    tried = learner.belief(morning, counts, plan_slot="")
+    assert tried.kin == 0 and tried.mean == pytest.approx((0.1 * 12 + 2) / (12 + 100))
+    # The family of the plan's own slot starts from the plan's better prior.
+    assert learner.belief(afternoon, {}, plan_slot=morning).mean == pytest.approx(0.2)
+    # A slot stored in another shape is a family of its own.
+    assert learner.family_of("funds/d3-7/p1/morning") == "funds/d3-7/p1/morning"
 
 
 def test_warm_it_goes_where_retries_have_paid():
     paying = "funds/d3-7/p1/fresh/morning"  # Saturday morning, the day after payday
     counts = {
         paying: learner.Counts(paid=60, declined=40),
+        "funds/d3-7/p1/fresh/afternoon": learner.Counts(paid=3, declined=97),
         "funds/d3-7/p0/fresh/morning": learner.Counts(paid=5, declined=95),
     }
     picks = [_choose(counts, seed) for seed in range(200)]
@@ -157,6 +188,7 @@ def _teach(session, slot: str, paid: int, declined: int) -> None:
 
 def test_the_planner_times_the_retry_by_what_has_paid_and_says_why(session, settings):
     _teach(session, "funds/d3-7/p1/fresh/morning", paid=80, declined=20)
+    _teach(session, "funds/d3-7/p1/fresh/afternoon", paid=2, declined=98)
     _teach(session, "funds/d3-7/p0/fresh/morning", paid=2, declined=98)
     case = make_case(session, at=ANCHOR, category="funds")
     cases.replan(session, case, ANCHOR, replace(settings, retry_learning=True))

@@ -48,8 +48,9 @@ def explain(top: int, as_json: bool) -> None:
         for category in Category:
             plan = planner.plan_for(category, settings)
             counts = planner.learned_counts(session, category.value) if plan.max_tries else {}
+            kin = learner.families(counts)
             beliefs = sorted(
-                (learner.belief(slot, counts, plan_slot="") for slot in counts),
+                (learner.belief(slot, counts, "", kin) for slot in counts),
                 key=lambda b: (-b.mean, -b.outcomes),
             )
             rows.append(

@@ -4,9 +4,11 @@ Every plan retry that reached the issuer is one outcome, paid or declined, in
 a slot: the failure's category, how long after the failure it ran, how many
 days after the last common payday and whether that payday came after the
 card's last decline, and the part of the customer's day. Per slot a Beta
-distribution holds what is known. It starts from a prior that favours the
-moment the static plan would choose (plans.py, with its sources) and moves
-with every outcome.
+distribution holds what is known. Its prior is its family's (the slots of one
+category and one relation to a payday), and the family's prior favours the
+moment the static plan would choose (plans.py, with its sources); both move
+with every outcome. The families are why a business of a few hundred failures
+a month learns at all: there are hundreds of slots, a handful of families.
 
 To time a case's next retry, one chance is drawn from the Beta of each slot
 the allowed candidate moments fall in (Thompson sampling) and the best draw
@@ -99,21 +101,59 @@ class Belief:
     slot: str
     paid: float  # the Beta's parameters: prior plus outcomes
     declined: float
-    outcomes: int  # outcomes seen, without the prior
+    outcomes: int  # outcomes seen in the slot itself
+    kin: int  # and in the other slots of its family, behind its prior
 
     @property
     def mean(self) -> float:
         return self.paid / (self.paid + self.declined)
 
 
-def belief(slot: str, counts: Mapping[str, Counts], plan_slot: str) -> Belief:
-    prior = PRIOR_PLAN if slot == plan_slot else PRIOR_OTHER
+def family_of(slot: str) -> str:
+    """The slots that share a category and the same relation to a payday
+    (days since it, fresh or again) learn as a family: a retry's chance
+    hangs first on whether the money has come, and a family gathers
+    outcomes many times faster than any one of its slots. A slot of another
+    shape (stored by an earlier version) is a family of its own."""
+    parts = slot.split("/")
+    if len(parts) != 5:
+        return slot
+    category, _since_failure, since_payday, fresh, _part_of_day = parts
+    return f"{category}/{since_payday}/{fresh}"
+
+
+def families(counts: Mapping[str, Counts]) -> dict[str, Counts]:
+    """The outcomes of each family, summed over its slots."""
+    found: dict[str, Counts] = {}
+    for slot, seen in counts.items():
+        family = found.get(family_of(slot), Counts())
+        found[family_of(slot)] = Counts(family.paid + seen.paid, family.declined + seen.declined)
+    return found
+
+
+def belief(
+    slot: str,
+    counts: Mapping[str, Counts],
+    plan_slot: str,
+    kin: Mapping[str, Counts] | None = None,
+) -> Belief:
+    """What is believed of a slot, in two levels: its family's outcomes
+    (without the slot's own) move the plan's prior for the family, and that
+    is the slot's prior, which its own outcomes move. `kin` is
+    `families(counts)`, passed when many slots are asked at once."""
+    kin = families(counts) if kin is None else kin
+    family = family_of(slot)
     seen = counts.get(slot, Counts())
+    whole = kin.get(family, Counts())
+    others = Counts(whole.paid - seen.paid, whole.declined - seen.declined)
+    prior = PRIOR_PLAN if plan_slot and family == family_of(plan_slot) else PRIOR_OTHER
+    mean = (prior * PRIOR_STRENGTH + others.paid) / (PRIOR_STRENGTH + others.n)
     return Belief(
         slot,
-        prior * PRIOR_STRENGTH + seen.paid,
-        (1 - prior) * PRIOR_STRENGTH + seen.declined,
+        mean * PRIOR_STRENGTH + seen.paid,
+        (1 - mean) * PRIOR_STRENGTH + seen.declined,
         seen.n,
+        others.n,
     )
 
 
@@ -123,7 +163,8 @@ class Choice:
     slot: str
     drawn: float  # the chance drawn for it
     mean: float  # what is believed of its slot
-    outcomes: int  # behind that belief
+    outcomes: int  # behind that belief: the slot's own
+    kin: int  # and its family's
     plan_moment: datetime
     plan_slot: str
     candidates: int  # slots drawn
@@ -135,7 +176,8 @@ class Choice:
             reason = f"moved from the plan's {self.plan_moment:%Y-%m-%d %H:%M} UTC"
         return (
             f"{reason}; slot {self.slot}: {self.mean:.0%} of retries paid"
-            f" (over {self.outcomes} outcome(s) and the plan's prior), best of"
+            f" (over {self.outcomes} outcome(s) of its own, {self.kin} of slots like it"
+            f" and the plan's prior), best of"
             f" {self.candidates} candidate slot(s) drawn"
         )
 
@@ -187,10 +229,11 @@ def choose(
     for moment in moments:
         slot = slot_of(category, anchor, moment, zone, last_declined)
         by_slot.setdefault(slot, []).append(moment)
+    kin = families(counts)
     best: tuple[float, Belief] | None = None
     # Slots in order of their first moment, so the draws are reproducible.
     for slot in by_slot:
-        held = belief(slot, counts, plan_slot)
+        held = belief(slot, counts, plan_slot, kin)
         drawn = rng.betavariate(held.paid, held.declined)
         if best is None or drawn > best[0]:
             best = (drawn, held)
@@ -204,6 +247,7 @@ def choose(
         drawn,
         held.mean,
         held.outcomes,
+        held.kin,
         plan_moment,
         plan_slot,
         len(by_slot),
