@@ -253,3 +253,5 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
         "funds/d0-1/p3+/fresh/night",
     ]
     assert funds["learned"][0]["outcomes"] == 40 and funds["learned"][0]["paid_share"] > 0.5
+    assert funds["learned"][0]["family_outcomes"] == 0  # its family holds no other slot
+    assert "(40 outcome(s), 0 of its family + prior)" in text

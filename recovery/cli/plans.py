@@ -62,7 +62,12 @@ def explain(top: int, as_json: bool) -> None:
                     "final_action": plan.final_action.value,
                     "outcomes": sum(c.n for c in counts.values()),
                     "learned": [
-                        {"slot": b.slot, "paid_share": round(b.mean, 3), "outcomes": b.outcomes}
+                        {
+                            "slot": b.slot,
+                            "paid_share": round(b.mean, 3),
+                            "outcomes": b.outcomes,
+                            "family_outcomes": b.kin,
+                        }
                         for b in beliefs[:top]
                     ],
                 }
@@ -81,7 +86,8 @@ def explain(top: int, as_json: bool) -> None:
             for item in row["learned"]:
                 click.echo(
                     f"    {item['slot']:<40} {item['paid_share']:>6.1%} paid"
-                    f" ({item['outcomes']} outcome(s) + prior)"
+                    f" ({item['outcomes']} outcome(s), {item['family_outcomes']} of its"
+                    " family + prior)"
                 )
         click.echo()
 
