@@ -126,8 +126,9 @@ def families(counts: Mapping[str, Counts]) -> dict[str, Counts]:
     """The outcomes of each family, summed over its slots."""
     found: dict[str, Counts] = {}
     for slot, seen in counts.items():
-        family = found.get(family_of(slot), Counts())
-        found[family_of(slot)] = Counts(family.paid + seen.paid, family.declined + seen.declined)
+        family = family_of(slot)
+        so_far = found.get(family, Counts())
+        found[family] = Counts(so_far.paid + seen.paid, so_far.declined + seen.declined)
     return found
 
 
@@ -160,14 +161,15 @@ def belief(
 @dataclass(frozen=True)
 class Choice:
     moment: datetime
-    slot: str
+    held: Belief  # what is believed of its slot
     drawn: float  # the chance drawn for it
-    mean: float  # what is believed of its slot
-    outcomes: int  # behind that belief: the slot's own
-    kin: int  # and its family's
     plan_moment: datetime
     plan_slot: str
     candidates: int  # slots drawn
+
+    @property
+    def slot(self) -> str:
+        return self.held.slot
 
     def why(self) -> str:
         if self.moment == self.plan_moment:
@@ -175,8 +177,8 @@ class Choice:
         else:
             reason = f"moved from the plan's {self.plan_moment:%Y-%m-%d %H:%M} UTC"
         return (
-            f"{reason}; slot {self.slot}: {self.mean:.0%} of retries paid"
-            f" (over {self.outcomes} outcome(s) of its own, {self.kin} of slots like it"
+            f"{reason}; slot {self.slot}: {self.held.mean:.0%} of retries paid"
+            f" (over {self.held.outcomes} outcome(s) of its own, {self.held.kin} of slots like it"
             f" and the plan's prior), best of"
             f" {self.candidates} candidate slot(s) drawn"
         )
@@ -241,17 +243,7 @@ def choose(
     drawn, held = best
     found = by_slot[held.slot]
     moment = min(found, key=lambda at: (abs(at - plan_moment), at))
-    return Choice(
-        moment,
-        held.slot,
-        drawn,
-        held.mean,
-        held.outcomes,
-        held.kin,
-        plan_moment,
-        plan_slot,
-        len(by_slot),
-    )
+    return Choice(moment, held, drawn, plan_moment, plan_slot, len(by_slot))
 
 
 def min_gap(plan_offset_gap: timedelta) -> timedelta:
