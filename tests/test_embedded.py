@@ -144,12 +144,13 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
     from .conftest import free_port
 
     port, sim_port = free_port(), free_port()
+    said = (tmp_path / "stderr").open("w")
     dev = subprocess.Popen(
         [sys.executable, "-m", "recovery", "dev", "--port", str(port), "--sim-port", str(sim_port)],
         cwd=tmp_path,
         env=clean_environment(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=said,
         text=True,
         start_new_session=True,  # its own group, like a terminal's foreground job
     )
@@ -164,7 +165,7 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
             os.killpg(dev.pid, signal.SIGINT)
         else:
             dev.send_signal(signal.SIGTERM)
-        assert dev.wait(timeout=45) == 0
+        assert dev.wait(timeout=45) == 0, (tmp_path / "stderr").read_text()[-4000:]
         deadline = time.monotonic() + 20
         while running_in_group(dev.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -175,5 +176,6 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(dev.pid, signal.SIGKILL)
         dev.wait()
+        said.close()
         if dev.stdout is not None:
             dev.stdout.close()
