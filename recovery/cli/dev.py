@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -61,6 +60,7 @@ def stripe_sim(host: str, port: int, webhook_url: str | None, webhook_secret: st
 
 
 SIM_PORT, WEB_PORT = 12111, 8000
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _post(url: str, body: dict[str, Any]) -> Any:
@@ -88,7 +88,31 @@ def _post(url: str, body: dict[str, Any]) -> Any:
 DEV_LOG = Path("var/dev.log")
 
 
-def _wait_http(url: str, seconds: float = 30, see: str = "") -> None:
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM, raised only where `recovery dev` waits."""
+
+
+class _Signals:
+    """Ctrl-C and SIGTERM, noted rather than raised. A KeyboardInterrupt
+    thrown at an arbitrary point can leave a lock held (an Event's, as
+    `with` gives no guarantee between taking a lock and entering its block),
+    and the stop then hangs on it; a note is read where it is safe."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self.count += 1
+
+    def nap(self, seconds: float) -> None:
+        """Sleep, then stop here if a signal came (it cuts the sleep short)."""
+        if not self.count:
+            time.sleep(seconds)
+        if self.count:
+            raise _Stopped
+
+
+def _wait_http(url: str, signals: _Signals, seconds: float = 30, see: str = "") -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -97,7 +121,7 @@ def _wait_http(url: str, seconds: float = 30, see: str = "") -> None:
         except OSError:
             if time.monotonic() > deadline:
                 raise click.ClickException(f"{url} did not come up{see}") from None
-            time.sleep(0.2)
+            signals.nap(0.2)
 
 
 @click.command()
@@ -148,27 +172,27 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
     log = None if log_to == "-" else Path(log_to)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
+    signals = _Signals()
+    previous = {number: signal.signal(number, signals) for number in STOP_SIGNALS}
     # The children hold their own copy of the log's descriptor.
     with open(log, "ab") if log is not None else nullcontext() as written:
         output = {"stdout": written.fileno(), "stderr": subprocess.STDOUT} if written else {}
         children = _start([sys.executable, "-m", "recovery"], env, port, sim_port, output)
     see = f"; see {log}" if log is not None else ""
-    # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
-    telling = threading.Event()
+    over = False
     try:
-        _wait_http(f"http://127.0.0.1:{port}/readyz", see=see)
-        _wait_http(f"http://127.0.0.1:{sim_port}/_sim/events", see=see)
+        _wait_http(f"http://127.0.0.1:{port}/readyz", signals, see=see)
+        _wait_http(f"http://127.0.0.1:{sim_port}/_sim/events", signals, see=see)
         click.echo(
             f"\nrecovery is running: receiver http://127.0.0.1:{port}/webhooks/stripe,"
             f" Stripe-compatible server http://127.0.0.1:{sim_port}"
             + (f"; their logs: {log}" if log is not None else "")
         )
-        telling.set()
-        story.tell_while(telling.is_set, Path(settings.outbox_dir), click.echo)
+        story.tell_while(lambda: not (over or signals.count), Path(settings.outbox_dir), click.echo)
         if check:
-            _check_round_trip(f"http://127.0.0.1:{sim_port}")
-            time.sleep(1.5)  # the story's last lines
+            _check_round_trip(f"http://127.0.0.1:{sim_port}", signals)
+            signals.nap(1.5)  # the story's last lines
             return
         click.echo(
             "send a failed payment: recovery send-test-event   (Ctrl-C stops)\n"
@@ -176,12 +200,12 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
             f" {settings.outbox_dir}, their links open here\n"
         )
         while all(child.poll() is None for child in children):
-            time.sleep(0.5)
+            signals.nap(0.5)
         raise click.ClickException(f"a process of the stack stopped{see}")
-    except KeyboardInterrupt:
+    except _Stopped:
         click.echo("stopping…")
     finally:
-        telling.clear()
+        over = True
         for child in children:
             child.send_signal(signal.SIGTERM)
         for child in children:
@@ -189,6 +213,8 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 child.kill()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _start(
@@ -224,11 +250,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _wait_case(invoice_id: str, status: CaseStatus, seconds: float = 60) -> RecoveryCase:
+def _wait_case(
+    invoice_id: str, status: CaseStatus, signals: _Signals, seconds: float = 60
+) -> RecoveryCase:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with session_scope() as session:
@@ -237,11 +261,11 @@ def _wait_case(invoice_id: str, status: CaseStatus, seconds: float = 60) -> Reco
             ).one_or_none()
             if case is not None and case.status == status:
                 return case
-        time.sleep(0.25)
+        signals.nap(0.25)
     raise click.ClickException(f"no {status} case for {invoice_id} after {seconds:.0f}s")
 
 
-def _wait_email(case_id: int, seconds: float = 60) -> Message:
+def _wait_email(case_id: int, signals: _Signals, seconds: float = 60) -> Message:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with session_scope() as session:
@@ -252,28 +276,28 @@ def _wait_email(case_id: int, seconds: float = 60) -> Message:
             ).first()
             if sent is not None:
                 return sent
-        time.sleep(0.25)
+        signals.nap(0.25)
     raise click.ClickException(f"no email sent for case {case_id} after {seconds:.0f}s")
 
 
-def _check_round_trip(sim_url: str) -> None:
+def _check_round_trip(sim_url: str, signals: _Signals) -> None:
     scenario = _post(
         f"{sim_url}/_sim/scenarios/failed_invoice",
         {"behavior": {"decline_code": "insufficient_funds"}},
     )
     invoice_id = scenario["invoice"]
     click.echo(f"simulated a declined renewal: invoice {invoice_id}")
-    case = _wait_case(invoice_id, CaseStatus.OPEN)
+    case = _wait_case(invoice_id, CaseStatus.OPEN, signals)
     click.echo(
         f"case {case.id} opened: {amount(case.amount_due, case.currency)}, "
         f"decline {case.decline_code}, card {case.card_brand}"
     )
     # The customer hears of it before paying: the smoke test covers the email.
-    email = _wait_email(case.id)
+    email = _wait_email(case.id, signals)
     click.echo(f"email sent: {email.template} (var/outbox)")
     _post(f"{sim_url}/_sim/customers/{scenario['customer']}/cards", {"brand": "visa"})
     _post(f"{sim_url}/_sim/invoices/{invoice_id}/attempt", {})
-    case = _wait_case(invoice_id, CaseStatus.RECOVERED)
+    case = _wait_case(invoice_id, CaseStatus.RECOVERED, signals)
     click.echo(f"case {case.id} recovered: {amount(case.amount_recovered or 0, case.currency)}")
     click.echo("check passed")
 
