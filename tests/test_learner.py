@@ -126,20 +126,19 @@ def test_a_slot_never_tried_starts_from_what_its_family_has_learned():
     morning, afternoon = "funds/d3-7/p1/fresh/morning", "funds/d3-7/p1/fresh/afternoon"
     assert learner.family_of(morning) == learner.family_of(afternoon) == "funds/p1/fresh"
     counts = {morning: learner.Counts(paid=2, declined=98)}
-    untried = learner.belief(afternoon, counts, plan_slot="")
+    untried = learner.belief(afternoon, counts, learner.families(counts))
     assert untried.outcomes == 0 and untried.kin == 100
     assert untried.mean == pytest.approx(
         (0.1 * 12 + 2) / (12 + 100)
     )  # the family's record is its prior
     # Another family knows nothing of it: the plan's prior alone.
-    assert learner.belief(
-        "funds/d3-7/p0/fresh/morning", counts, plan_slot=""
-    ).mean == pytest.approx(0.1)
+    other_family = learner.belief("funds/d3-7/p0/fresh/morning", counts, learner.families(counts))
+    assert other_family.mean == pytest.approx(0.1)
     # A slot's own outcomes count once, not again through its family.
-    tried = learner.belief(morning, counts, plan_slot="")
+    tried = learner.belief(morning, counts, learner.families(counts))
     assert tried.kin == 0 and tried.mean == pytest.approx((0.1 * 12 + 2) / (12 + 100))
     # The family of the plan's own slot starts from the plan's better prior.
-    assert learner.belief(afternoon, {}, plan_slot=morning).mean == pytest.approx(0.2)
+    assert learner.belief(afternoon, {}, {}, plan_slot=morning).mean == pytest.approx(0.2)
     # A slot stored in another shape is a family of its own.
     assert learner.family_of("funds/d3-7/p1/morning") == "funds/d3-7/p1/morning"
 

@@ -50,7 +50,7 @@ def explain(top: int, as_json: bool) -> None:
             counts = planner.learned_counts(session, category.value) if plan.max_tries else {}
             kin = learner.families(counts)
             beliefs = sorted(
-                (learner.belief(slot, counts, "", kin) for slot in counts),
+                (learner.belief(slot, counts, kin) for slot in counts),
                 key=lambda b: (-b.mean, -b.outcomes),
             )
             rows.append(

@@ -135,19 +135,19 @@ def families(counts: Mapping[str, Counts]) -> dict[str, Counts]:
 def belief(
     slot: str,
     counts: Mapping[str, Counts],
-    plan_slot: str,
-    kin: Mapping[str, Counts] | None = None,
+    kin: Mapping[str, Counts],
+    plan_slot: str | None = None,
 ) -> Belief:
     """What is believed of a slot, in two levels: its family's outcomes
     (without the slot's own) move the plan's prior for the family, and that
     is the slot's prior, which its own outcomes move. `kin` is
-    `families(counts)`, passed when many slots are asked at once."""
-    kin = families(counts) if kin is None else kin
+    `families(counts)`, computed once for the many slots asked at a time;
+    without a `plan_slot` every family starts from the same prior."""
     family = family_of(slot)
     seen = counts.get(slot, Counts())
     whole = kin.get(family, Counts())
     others = Counts(whole.paid - seen.paid, whole.declined - seen.declined)
-    prior = PRIOR_PLAN if plan_slot and family == family_of(plan_slot) else PRIOR_OTHER
+    prior = PRIOR_PLAN if plan_slot is not None and family == family_of(plan_slot) else PRIOR_OTHER
     mean = (prior * PRIOR_STRENGTH + others.paid) / (PRIOR_STRENGTH + others.n)
     return Belief(
         slot,
@@ -235,7 +235,7 @@ def choose(
     best: tuple[float, Belief] | None = None
     # Slots in order of their first moment, so the draws are reproducible.
     for slot in by_slot:
-        held = belief(slot, counts, plan_slot, kin)
+        held = belief(slot, counts, kin, plan_slot)
         drawn = rng.betavariate(held.paid, held.declined)
         if best is None or drawn > best[0]:
             best = (drawn, held)
