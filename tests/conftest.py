@@ -200,6 +200,21 @@ def receiver(db) -> Iterator[str]:
     server.stop()
 
 
+def running_in_group(group: int) -> list[str]:
+    """Live processes in a process group (zombies awaiting a reaper do not run)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name_end = text.rindex(")")
+        state, _parent, pgrp = text[name_end + 2 :].split()[:3]
+        if int(pgrp) == group and state != "Z":
+            found.append(text[: name_end + 1])
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

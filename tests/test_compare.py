@@ -3,6 +3,7 @@ emulation of Stripe's schedule, and the command on a small population."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -138,3 +139,67 @@ def test_the_share_over_some_cases_weighs_currencies_as_the_stats_do():
     ]
     assert compare.share_of(rows) == pytest.approx(0.75 * 0.5)
     assert compare.share_of([]) == 0
+
+
+def test_ctrl_c_stops_a_comparison_at_once_and_leaves_no_process(tmp_path):
+    """Queued runs are dropped, running ones ended: minutes of runs are
+    left when the person presses Ctrl-C, and none of them may go on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import running_in_group
+
+    simulate = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recovery",
+            "simulate",
+            "--policy",
+            "defaults",
+            "--seeds",
+            "40",
+            "--jobs",
+            "2",
+            "--size",
+            "40",
+            "--days",
+            "30",
+            "--dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, like a terminal's foreground job
+    )
+    try:
+        assert simulate.stderr is not None
+        for line in simulate.stderr:
+            if "policies x 40 seeds" in line:
+                break
+        else:
+            raise AssertionError("recovery simulate did not start")
+        # Both processes are inside a run.
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("defaults/seed-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(simulate.pid, signal.SIGINT)
+        # Forty runs take minutes here; a stop that waited for them would
+        # not end within this.
+        _out, err = simulate.communicate(timeout=60)
+        assert simulate.returncode == 1 and "Aborted!" in err
+        assert "Traceback" not in err
+        deadline = time.monotonic() + 20
+        while running_in_group(simulate.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running_in_group(simulate.pid)
+        assert len(list(tmp_path.glob("defaults/seed-*"))) < 10  # the queued never began
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(simulate.pid, signal.SIGKILL)
+        simulate.communicate()

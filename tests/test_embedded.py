@@ -6,7 +6,6 @@ import contextlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -121,21 +120,6 @@ def test_dev_says_which_port_is_taken(tmp_path):
         assert sim_busy.returncode == 2 and "--sim-port" in sim_busy.stderr
 
 
-def running_in_group(group: int) -> list[str]:
-    """Live processes in a process group (zombies awaiting a reaper do not run)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name_end = text.rindex(")")
-        state, _parent, pgrp = text[name_end + 2 :].split()[:3]
-        if int(pgrp) == group and state != "Z":
-            found.append(text[: name_end + 1])
-    return found
-
-
 @pytest.mark.parametrize(
     "how",
     [
@@ -148,7 +132,7 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
     import signal
     import time
 
-    from .conftest import free_port
+    from .conftest import free_port, running_in_group
 
     port, sim_port = free_port(), free_port()
     said = (tmp_path / "stderr").open("w")

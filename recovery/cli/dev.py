@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -14,7 +13,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -376,16 +374,16 @@ def demo(
         if compare_to_stripe:
             # The same subscribers under Stripe's schedule, in a process of its
             # own (a run owns its process's clock), while this one runs.
-            pool = stack.enter_context(
-                ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-            )
-            baseline = pool.submit(
+            pool = stack.enter_context(compare.processes(1))
+            baseline = pool.apply_async(
                 compare.run_one,
-                seed,
-                compare.Population(size, days),
-                STRIPE,
-                compare.BUILT_IN[STRIPE],
-                where / "compare",
+                (
+                    seed,
+                    compare.Population(size, days),
+                    STRIPE,
+                    compare.BUILT_IN[STRIPE],
+                    where / "compare",
+                ),
             )
         with click.progressbar(
             length=hours,
@@ -393,7 +391,7 @@ def demo(
             file=sys.stderr,
         ) as bar:
             outcome = month.run(members, seed, days, where, progress=bar.update, fresh=False)
-        against = _against(compare.figures_of(outcome), baseline.result()) if baseline else None
+        against = _against(compare.figures_of(outcome), baseline.get()) if baseline else None
     report_path = workdir / "report.html"
     write_report(outcome.stats, report_path, f"Recovery demo: {size} subscribers, seed {seed}")
     if as_json:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.pool
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -212,19 +212,27 @@ def compare(
             if progress:
                 progress(hours)
     else:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [
-                pool.submit(run_one, seed, shape, name, policy, workdir)
+        with processes(jobs) as pool:
+            pending = [
+                pool.apply_async(run_one, (seed, shape, name, policy, workdir))
                 for seed, name, policy in work
             ]
             done = []
-            for future in futures:
-                done.append(future.result())
+            for result in pending:
+                done.append(result.get())
                 if progress:
                     progress(hours)
     for (_seed, name, _policy), figures in zip(work, done, strict=True):
         runs[name].append(figures)
     return Comparison(list(policies), list(seeds), runs, shape.warm_days)
+
+
+def processes(jobs: int) -> multiprocessing.pool.Pool:
+    """Processes for runs (a run owns its process's clock and settings).
+    Leaving its `with` ends them at once, so Ctrl-C or a failed run stops
+    the comparison there; leaving a ProcessPoolExecutor's would first run
+    every run still queued, minutes of them."""
+    return multiprocessing.get_context("spawn").Pool(jobs)
 
 
 def run_one(seed: int, shape: Population, name: str, policy: Policy, workdir: Path) -> RunFigures:
