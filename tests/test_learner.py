@@ -86,40 +86,52 @@ def test_cold_it_follows_the_plan_more_than_any_other_moment():
     assert picks.most_common(1)[0][0] == PLAN
 
 
-def test_a_slot_is_drawn_once_however_many_candidate_moments_it_holds():
+def _family(moment: datetime) -> str:
+    return learner.family_of(learner.slot_of("funds", ANCHOR, moment, UTC_ZONE, ANCHOR))
+
+
+def test_a_family_is_drawn_once_however_many_slots_and_moments_it_holds():
     earliest = ANCHOR + timedelta(hours=20)
     moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
-    held = Counter(learner.slot_of("funds", ANCHOR, moment, UTC_ZONE, ANCHOR) for moment in moments)
-    assert max(held.values()) >= 2 and min(held.values()) == 1  # slots unequal in moments
-    # Every slot believed alike, strongly: each should win about as often.
-    same = {slot: learner.Counts(paid=3000, declined=7000) for slot in held}
-    wins = Counter(_choose(same, seed).slot for seed in range(3000))
+    held = Counter(_family(moment) for moment in moments)
+    assert max(held.values()) >= 4 and min(held.values()) == 1  # families unequal in moments
+    # Every family believed alike, strongly: each should win about as often.
+    first_slots = {
+        _family(m): learner.slot_of("funds", ANCHOR, m, UTC_ZONE, ANCHOR) for m in moments
+    }
+    same = {slot: learner.Counts(3000, 7000) for slot in first_slots.values()}
+    wins = Counter(_family(_choose(same, seed).moment) for seed in range(3000))
     assert set(wins) == set(held)
     assert max(wins.values()) / min(wins.values()) < 1.4
 
 
-def test_within_the_winning_slot_the_moment_nearest_the_plans():
+def test_within_the_winning_family_the_moment_nearest_the_plans():
     earliest = ANCHOR + timedelta(hours=20)
     moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
-    plan_slot = learner.slot_of("funds", ANCHOR, PLAN, UTC_ZONE, ANCHOR)
-    twins = [
-        m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE, ANCHOR) == plan_slot
-    ]
-    assert len(twins) == 2 and twins[0] < PLAN  # 09:00 that morning, and the plan's 09:05
+    twins = [m for m in moments if _family(m) == _family(PLAN)]
+    assert len(twins) >= 3 and twins[0] < PLAN  # 09:00 that morning, the plan's 09:05, 17:00
     unpaid = learner.Counts(paid=0, declined=1000)
-    # The winning slot's kin are taught otherwise, so the slot alone wins.
-    only_plan = {plan_slot: learner.Counts(paid=900, declined=100)}
-    only_plan["funds/d3-7/p0/fresh/afternoon"] = unpaid
-    assert {_choose(only_plan, seed).moment for seed in range(20)} == {PLAN}
-    early = "funds/d1-3/p3+/again/morning"
-    only_early = {
-        early: learner.Counts(paid=900, declined=100),
-        "funds/d1-3/p3+/again/afternoon": unpaid,
-        "funds/d3-7/p3+/again/afternoon": unpaid,
+    # The plan's family has paid, the others not: the plan's own moment.
+    only_plan = {
+        "funds/d3-7/p0/fresh/afternoon": learner.Counts(paid=900, declined=100),
+        "funds/d3-7/p1/fresh/morning": unpaid,
+        "funds/d3-7/p3+/again/morning": unpaid,
     }
-    last = max(m for m in moments if learner.slot_of("funds", ANCHOR, m, UTC_ZONE, ANCHOR) == early)
-    assert last == datetime(2026, 11, 5, 9, tzinfo=UTC)  # Thursday, the eve of payday
-    assert {_choose(only_early, seed).moment for seed in range(20)} == {last}
+    assert {_choose(only_plan, seed).moment for seed in range(20)} == {PLAN}
+    # Only the days before payday have paid: the last of them.
+    only_early = {
+        "funds/d1-3/p3+/again/morning": learner.Counts(paid=900, declined=100),
+        "funds/d3-7/p0/fresh/morning": unpaid,
+        "funds/d3-7/p1/fresh/morning": unpaid,
+    }
+    last = max(m for m in moments if _family(m) == "funds/p3+/again")
+    assert last == datetime(2026, 11, 5, 17, tzinfo=UTC)  # Thursday, the eve of payday
+    chosen = {_choose(only_early, seed) for seed in range(20)}
+    assert {c.moment for c in chosen} == {last}
+    assert {c.slot for c in chosen} == {"funds/d3-7/p3+/again/afternoon"}
+    assert "of family funds/p3+/again: 89% of retries paid (over 1000 outcome(s)" in (
+        chosen.pop().why()
+    )
 
 
 def test_a_slot_never_tried_starts_from_what_its_family_has_learned():

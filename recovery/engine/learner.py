@@ -10,10 +10,11 @@ moment the static plan would choose (plans.py, with its sources); both move
 with every outcome. The families are why a business of a few hundred failures
 a month learns at all: there are hundreds of slots, a handful of families.
 
-To time a case's next retry, one chance is drawn from the Beta of each slot
+To time a case's next retry, one chance is drawn from the Beta of each family
 the allowed candidate moments fall in (Thompson sampling) and the best draw
-wins: a slot that has paid is chosen more, a slot nobody has tried is still
+wins: a family that has paid is chosen more, one nobody has tried is still
 tried now and then, and as outcomes pile up the draws settle on what works.
+Within the winning family the moment nearest the plan's own is taken.
 Candidates lie between the earliest moment the case may be tried again and a
 little after the static plan's own moment, so the plan's budget of tries, its
 window and the networks' limits (applied by the planner afterwards) still
@@ -132,6 +133,26 @@ def families(counts: Mapping[str, Counts]) -> dict[str, Counts]:
     return found
 
 
+def _prior(family: str, plans_family: str | None) -> float:
+    return PRIOR_PLAN if family == plans_family else PRIOR_OTHER
+
+
+def family_belief(
+    family: str, kin: Mapping[str, Counts], plans_family: str | None = None
+) -> Belief:
+    """What is believed of a family: the plan's prior for it, moved by all
+    the outcomes of its slots (`kin` is `families(counts)`)."""
+    seen = kin.get(family, Counts())
+    prior = _prior(family, plans_family)
+    return Belief(
+        family,
+        prior * PRIOR_STRENGTH + seen.paid,
+        (1 - prior) * PRIOR_STRENGTH + seen.declined,
+        seen.n,
+        0,
+    )
+
+
 def belief(
     slot: str,
     counts: Mapping[str, Counts],
@@ -147,7 +168,7 @@ def belief(
     seen = counts.get(slot, Counts())
     whole = kin.get(family, Counts())
     others = Counts(whole.paid - seen.paid, whole.declined - seen.declined)
-    prior = PRIOR_PLAN if plan_slot is not None and family == family_of(plan_slot) else PRIOR_OTHER
+    prior = _prior(family, family_of(plan_slot) if plan_slot is not None else None)
     mean = (prior * PRIOR_STRENGTH + others.paid) / (PRIOR_STRENGTH + others.n)
     return Belief(
         slot,
@@ -161,15 +182,12 @@ def belief(
 @dataclass(frozen=True)
 class Choice:
     moment: datetime
-    held: Belief  # what is believed of its slot
-    drawn: float  # the chance drawn for it
+    slot: str  # the slot the moment falls in, where its outcome will count
+    family: Belief  # what is believed of the slot's family, which won the draw
+    drawn: float  # the chance drawn for the family
     plan_moment: datetime
     plan_slot: str
-    candidates: int  # slots drawn
-
-    @property
-    def slot(self) -> str:
-        return self.held.slot
+    candidates: int  # families drawn
 
     def why(self) -> str:
         if self.moment == self.plan_moment:
@@ -177,10 +195,9 @@ class Choice:
         else:
             reason = f"moved from the plan's {self.plan_moment:%Y-%m-%d %H:%M} UTC"
         return (
-            f"{reason}; slot {self.slot}: {self.held.mean:.0%} of retries paid"
-            f" (over {self.held.outcomes} outcome(s) of its own, {self.held.kin} of slots like it"
-            f" and the plan's prior), best of"
-            f" {self.candidates} candidate slot(s) drawn"
+            f"{reason}; slot {self.slot}, of family {self.family.slot}:"
+            f" {self.family.mean:.0%} of retries paid (over {self.family.outcomes} outcome(s)"
+            f" and the plan's prior), best of {self.candidates} candidate famil(ies) drawn"
         )
 
 
@@ -216,34 +233,35 @@ def choose(
     rng: random.Random,
 ) -> Choice | None:
     """The next retry's moment by Thompson sampling over the candidates'
-    slots; None when there is none (the plan's moment is past the window).
+    families; None when there is none (the plan's moment is past the window).
 
-    One chance is drawn per slot, not per moment: a slot that holds many
-    candidate moments (a long stretch between paydays) would otherwise win by
-    the sheer number of its draws, not by what is believed of it. Within the
-    winning slot the moment nearest the plan's own is taken: the slot cannot
-    tell its moments apart, the plan's reasons still can."""
+    One chance is drawn per family, not per slot or moment: among many slots
+    believed alike the luckiest draw would win over the plan's, try after
+    try, and a family that holds many candidate moments would win by the
+    sheer number of its draws. Within the winning family the moment nearest
+    the plan's own is taken: the family cannot tell its moments apart, the
+    plan's reasons still can."""
     moments = candidates(plan_moment, earliest, latest, zone)
     if not moments:
         return None
     plan_slot = slot_of(category, anchor, plan_moment, zone, last_declined)
-    by_slot: dict[str, list[datetime]] = {}
+    by_family: dict[str, list[datetime]] = {}
     for moment in moments:
         slot = slot_of(category, anchor, moment, zone, last_declined)
-        by_slot.setdefault(slot, []).append(moment)
+        by_family.setdefault(family_of(slot), []).append(moment)
     kin = families(counts)
     best: tuple[float, Belief] | None = None
-    # Slots in order of their first moment, so the draws are reproducible.
-    for slot in by_slot:
-        held = belief(slot, counts, kin, plan_slot)
+    # Families in order of their first moment, so the draws are reproducible.
+    for family in by_family:
+        held = family_belief(family, kin, family_of(plan_slot))
         drawn = rng.betavariate(held.paid, held.declined)
         if best is None or drawn > best[0]:
             best = (drawn, held)
     assert best is not None
     drawn, held = best
-    found = by_slot[held.slot]
-    moment = min(found, key=lambda at: (abs(at - plan_moment), at))
-    return Choice(moment, held, drawn, plan_moment, plan_slot, len(by_slot))
+    moment = min(by_family[held.slot], key=lambda at: (abs(at - plan_moment), at))
+    slot = slot_of(category, anchor, moment, zone, last_declined)
+    return Choice(moment, slot, held, drawn, plan_moment, plan_slot, len(by_family))
 
 
 def min_gap(plan_offset_gap: timedelta) -> timedelta:
