@@ -150,7 +150,8 @@ def test_a_slot_never_tried_starts_from_what_its_family_has_learned():
     tried = learner.belief(morning, counts, learner.families(counts))
     assert tried.kin == 0 and tried.mean == pytest.approx((0.1 * 12 + 2) / (12 + 100))
     # The family of the plan's own slot starts from the plan's better prior.
-    assert learner.belief(afternoon, {}, {}, plan_slot=morning).mean == pytest.approx(0.2)
+    family = learner.family_of(afternoon)
+    assert learner.family_belief(family, {}, plans_family=family).mean == pytest.approx(0.2)
     # A slot stored in another shape is a family of its own.
     assert learner.family_of("funds/d3-7/p1/morning") == "funds/d3-7/p1/morning"
 

@@ -133,8 +133,10 @@ def families(counts: Mapping[str, Counts]) -> dict[str, Counts]:
     return found
 
 
-def _prior(family: str, plans_family: str | None) -> float:
-    return PRIOR_PLAN if family == plans_family else PRIOR_OTHER
+def _beta(mean: float, seen: Counts) -> tuple[float, float]:
+    """A Beta's parameters: a prior of `mean`, worth PRIOR_STRENGTH outcomes,
+    moved by the outcomes seen."""
+    return mean * PRIOR_STRENGTH + seen.paid, (1 - mean) * PRIOR_STRENGTH + seen.declined
 
 
 def family_belief(
@@ -143,40 +145,21 @@ def family_belief(
     """What is believed of a family: the plan's prior for it, moved by all
     the outcomes of its slots (`kin` is `families(counts)`)."""
     seen = kin.get(family, Counts())
-    prior = _prior(family, plans_family)
-    return Belief(
-        family,
-        prior * PRIOR_STRENGTH + seen.paid,
-        (1 - prior) * PRIOR_STRENGTH + seen.declined,
-        seen.n,
-        0,
-    )
+    prior = PRIOR_PLAN if family == plans_family else PRIOR_OTHER
+    return Belief(family, *_beta(prior, seen), seen.n, 0)
 
 
-def belief(
-    slot: str,
-    counts: Mapping[str, Counts],
-    kin: Mapping[str, Counts],
-    plan_slot: str | None = None,
-) -> Belief:
+def belief(slot: str, counts: Mapping[str, Counts], kin: Mapping[str, Counts]) -> Belief:
     """What is believed of a slot, in two levels: its family's outcomes
-    (without the slot's own) move the plan's prior for the family, and that
-    is the slot's prior, which its own outcomes move. `kin` is
-    `families(counts)`, computed once for the many slots asked at a time;
-    without a `plan_slot` every family starts from the same prior."""
+    (without the slot's own, so none counts twice) make the slot's prior,
+    which its own outcomes move. `kin` is `families(counts)`, computed once
+    for the many slots asked at a time."""
     family = family_of(slot)
     seen = counts.get(slot, Counts())
     whole = kin.get(family, Counts())
     others = Counts(whole.paid - seen.paid, whole.declined - seen.declined)
-    prior = _prior(family, family_of(plan_slot) if plan_slot is not None else None)
-    mean = (prior * PRIOR_STRENGTH + others.paid) / (PRIOR_STRENGTH + others.n)
-    return Belief(
-        slot,
-        mean * PRIOR_STRENGTH + seen.paid,
-        (1 - mean) * PRIOR_STRENGTH + seen.declined,
-        seen.n,
-        others.n,
-    )
+    mean = family_belief(family, {family: others}).mean
+    return Belief(slot, *_beta(mean, seen), seen.n, others.n)
 
 
 @dataclass(frozen=True)
