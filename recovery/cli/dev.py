@@ -13,13 +13,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from recovery.cli import story
 from recovery.cli.common import DEMO_DIR, Unavailable, amount, emit_json
@@ -57,6 +59,7 @@ def stripe_sim(host: str, port: int, webhook_url: str | None, webhook_secret: st
 # -- the embedded stack ----------------------------------------------------------
 
 
+T = TypeVar("T")
 SIM_PORT, WEB_PORT = 12111, 8000
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -248,34 +251,35 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _wait_case(
-    invoice_id: str, status: CaseStatus, signals: _Signals, seconds: float = 60
-) -> RecoveryCase:
-    deadline = time.monotonic() + seconds
+def _wait_for(find: Callable[[Session], T | None], signals: _Signals, missing: str) -> T:
+    """Ask the database with `find` until it answers, for up to a minute."""
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with session_scope() as session:
-            case = session.scalars(
-                select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
-            ).one_or_none()
-            if case is not None and case.status == status:
-                return case
+            found = find(session)
+            if found is not None:
+                return found
         signals.nap(0.25)
-    raise click.ClickException(f"no {status} case for {invoice_id} after {seconds:.0f}s")
+    raise click.ClickException(f"{missing} after 60s")
 
 
-def _wait_email(case_id: int, signals: _Signals, seconds: float = 60) -> Message:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with session_scope() as session:
-            sent = session.scalars(
-                select(Message).where(
-                    Message.case_id == case_id, Message.status == MessageStatus.SENT
-                )
-            ).first()
-            if sent is not None:
-                return sent
-        signals.nap(0.25)
-    raise click.ClickException(f"no email sent for case {case_id} after {seconds:.0f}s")
+def _wait_case(invoice_id: str, status: CaseStatus, signals: _Signals) -> RecoveryCase:
+    def find(session: Session) -> RecoveryCase | None:
+        case = session.scalars(
+            select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id)
+        ).one_or_none()
+        return case if case is not None and case.status == status else None
+
+    return _wait_for(find, signals, f"no {status} case for {invoice_id}")
+
+
+def _wait_email(case_id: int, signals: _Signals) -> Message:
+    def find(session: Session) -> Message | None:
+        return session.scalars(
+            select(Message).where(Message.case_id == case_id, Message.status == MessageStatus.SENT)
+        ).first()
+
+    return _wait_for(find, signals, f"no email sent for case {case_id}")
 
 
 def _check_round_trip(sim_url: str, signals: _Signals) -> None:
