@@ -215,6 +215,22 @@ def running_in_group(group: int) -> list[str]:
     return found
 
 
+def left_in_group(group: int, seconds: float = 20) -> list[str]:
+    """What still runs in a process group once it has had `seconds` to end."""
+    deadline = time.monotonic() + seconds
+    while running_in_group(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return running_in_group(group)
+
+
+def read_until(stream: Iterator[str], text: str, what: str) -> None:
+    """Read a child's output up to a line holding `text`."""
+    for line in stream:
+        if text in line:
+            return
+    raise AssertionError(f"{what} did not start")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

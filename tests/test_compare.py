@@ -150,7 +150,7 @@ def test_ctrl_c_stops_a_comparison_at_once_and_leaves_no_process(tmp_path):
     import sys
     import time
 
-    from .conftest import running_in_group
+    from .conftest import left_in_group, read_until
 
     simulate = subprocess.Popen(
         [
@@ -179,11 +179,7 @@ def test_ctrl_c_stops_a_comparison_at_once_and_leaves_no_process(tmp_path):
     )
     try:
         assert simulate.stderr is not None
-        for line in simulate.stderr:
-            if "policies x 40 seeds" in line:
-                break
-        else:
-            raise AssertionError("recovery simulate did not start")
+        read_until(simulate.stderr, "policies x 40 seeds", "recovery simulate")
         # Both processes are inside a run.
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("defaults/seed-*"))) < 2 and time.monotonic() < deadline:
@@ -194,10 +190,7 @@ def test_ctrl_c_stops_a_comparison_at_once_and_leaves_no_process(tmp_path):
         _out, err = simulate.communicate(timeout=60)
         assert simulate.returncode == 1 and "Aborted!" in err
         assert "Traceback" not in err
-        deadline = time.monotonic() + 20
-        while running_in_group(simulate.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not running_in_group(simulate.pid)
+        assert not left_in_group(simulate.pid)
         assert len(list(tmp_path.glob("defaults/seed-*"))) < 10  # the queued never began
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -132,7 +132,7 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
     import signal
     import time
 
-    from .conftest import free_port, running_in_group
+    from .conftest import free_port, left_in_group, read_until
 
     port, sim_port = free_port(), free_port()
     said = (tmp_path / "stderr").open("w")
@@ -147,11 +147,7 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
     )
     try:
         assert dev.stdout is not None
-        for line in dev.stdout:
-            if "recovery is running" in line:
-                break
-        else:
-            raise AssertionError("recovery dev did not start")
+        read_until(dev.stdout, "recovery is running", "recovery dev")
         if how.endswith("again and again"):
             # An impatient person: the stop must neither break nor hang on
             # a second Ctrl-C landing while the first is being handled.
@@ -163,10 +159,7 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
         else:
             dev.send_signal(signal.SIGTERM)
         assert dev.wait(timeout=45) == 0, (tmp_path / "stderr").read_text()[-4000:]
-        deadline = time.monotonic() + 20
-        while running_in_group(dev.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = running_in_group(dev.pid)
+        left = left_in_group(dev.pid)
         assert not left, f"processes of recovery dev are still running: {left}"
     finally:
         # Whatever is left of its group, so a failure leaves nothing running.
