@@ -175,7 +175,8 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
     # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
     signals = _Signals()
-    previous = {number: signal.signal(number, signals) for number in STOP_SIGNALS}
+    for number in STOP_SIGNALS:
+        signal.signal(number, signals)
     # The children hold their own copy of the log's descriptor.
     with open(log, "ab") if log is not None else nullcontext() as written:
         output = {"stdout": written.fileno(), "stderr": subprocess.STDOUT} if written else {}
@@ -214,8 +215,12 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 child.kill()
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        # The stack is down and this process is ending. Python puts its own
+        # handlers back to the default while it finalizes, and a Ctrl-C
+        # still landing then (an impatient person) would kill it with no
+        # word; from here on they change nothing, so they are ignored.
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
 
 
 def _start(
