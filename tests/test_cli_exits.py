@@ -64,6 +64,33 @@ def test_reading_commands_without_a_database_say_where_the_demos_data_is(tmp_pat
     assert told.returncode == 0 and "cases" in told.stdout
 
 
+def test_every_command_of_a_database_group_gives_its_help_without_one(tmp_path, monkeypatch):
+    """A new user reads `recovery cases list --help` before making any
+    database; the commands themselves still refuse to run without one."""
+    from click.testing import CliRunner
+
+    from recovery.cli import cli
+    from recovery.cli.common import DatabaseGroup
+    from recovery.config import get_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        groups = {n: g for n, g in cli.commands.items() if isinstance(g, DatabaseGroup)}
+        assert {"cases", "events", "plans", "links"} <= set(groups)
+        for name, group in groups.items():
+            for sub in group.commands:
+                shown = CliRunner().invoke(cli, [name, sub, "--help"])
+                assert shown.exit_code == 0, (name, sub, shown.output)
+                assert f"Usage: cli {name} {sub}" in shown.output
+        listed = CliRunner().invoke(cli, ["cases", "list"])
+        assert listed.exit_code == 3 and "no database at var/recovery.sqlite3" in listed.output
+        assert not (tmp_path / "var").exists()
+    finally:
+        get_settings.cache_clear()
+
+
 def test_send_test_event_with_the_simulator_down_is_one_line_and_exit_3(tmp_path):
     down = f"http://127.0.0.1:{free_port()}"
     result = recovery(tmp_path, "send-test-event", "--sim-url", down)

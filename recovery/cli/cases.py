@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from recovery import clock
 from recovery.cli.common import (
+    DatabaseGroup,
     Unavailable,
     amount,
     emit_json,
@@ -150,8 +151,7 @@ def classify(
 # -- cases ------------------------------------------------------------------------
 
 
-@click.group()
-@needs_database
+@click.group(cls=DatabaseGroup)
 def cases() -> None:
     """Recovery cases: one per failed invoice."""
 

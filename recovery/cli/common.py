@@ -59,6 +59,17 @@ def needs_database(command: Command) -> Command:
     return checked  # type: ignore[return-value]
 
 
+class DatabaseGroup(click.Group):
+    """A group whose every command needs the database. The check goes on
+    the commands, not the group's own callback: that runs before a
+    command's --help is read, and help needs no database."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if cmd.callback is not None:
+            cmd.callback = needs_database(cmd.callback)
+        super().add_command(cmd, name)
+
+
 def amount(minor: int, currency: str) -> str:
     """How every command writes money: $99.00, €12.50, ¥500 (JSON keeps the
     integer minor units and the currency)."""

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from recovery import clock
 from recovery.cli.common import (
+    DatabaseGroup,
     Unavailable,
     emit_json,
     find_case,
@@ -152,8 +153,7 @@ def emails_list(status: str | None, limit: int, as_json: bool) -> None:
         )
 
 
-@click.group("links")
-@needs_database
+@click.group("links", cls=DatabaseGroup)
 def links_group() -> None:
     """Customers' recovery links."""
 

@@ -11,14 +11,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery import clock, stripe_api
-from recovery.cli.common import first, instant_option, needs_database
+from recovery.cli.common import DatabaseGroup, first, instant_option, needs_database
 from recovery.db import session_scope
 from recovery.inbox import backfill, relay
 from recovery.models import EventStatus, WebhookEvent
 
 
-@click.group()
-@needs_database
+@click.group(cls=DatabaseGroup)
 def events() -> None:
     """Stored Stripe events: the inbox."""
 

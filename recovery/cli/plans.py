@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from recovery.cli.common import emit_json, needs_database
+from recovery.cli.common import DatabaseGroup, emit_json
 from recovery.config import get_settings
 from recovery.db import session_scope
 from recovery.engine import learner, planner
@@ -15,8 +15,7 @@ from recovery.engine.classify import Category
 from recovery.engine.plans import Plan, RetryOn
 
 
-@click.group()
-@needs_database
+@click.group(cls=DatabaseGroup)
 def plans() -> None:
     """The recovery plans in force."""
 
