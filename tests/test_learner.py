@@ -134,21 +134,20 @@ def test_within_the_winning_family_the_moment_nearest_the_plans():
     )
 
 
-def test_a_slot_never_tried_starts_from_what_its_family_has_learned():
+def test_a_slot_never_tried_is_believed_what_its_family_has_learned():
     morning, afternoon = "funds/d3-7/p1/fresh/morning", "funds/d3-7/p1/fresh/afternoon"
     assert learner.family_of(morning) == learner.family_of(afternoon) == "funds/p1/fresh"
-    counts = {morning: learner.Counts(paid=2, declined=98)}
-    untried = learner.belief(afternoon, counts, learner.families(counts))
-    assert untried.outcomes == 0 and untried.kin == 100
-    assert untried.mean == pytest.approx(
-        (0.1 * 12 + 2) / (12 + 100)
-    )  # the family's record is its prior
-    # Another family knows nothing of it: the plan's prior alone.
-    other_family = learner.belief("funds/d3-7/p0/fresh/morning", counts, learner.families(counts))
-    assert other_family.mean == pytest.approx(0.1)
-    # A slot's own outcomes count once, not again through its family.
-    tried = learner.belief(morning, counts, learner.families(counts))
-    assert tried.kin == 0 and tried.mean == pytest.approx((0.1 * 12 + 2) / (12 + 100))
+    counts = {
+        morning: learner.Counts(paid=2, declined=58),
+        "funds/d7-14/p1/fresh/evening": learner.Counts(paid=0, declined=40),
+    }
+    kin = learner.families(counts)
+    assert kin == {"funds/p1/fresh": learner.Counts(paid=2, declined=98)}
+    held = learner.family_belief(learner.family_of(afternoon), kin)
+    assert held.outcomes == 100
+    assert held.mean == pytest.approx((0.1 * 12 + 2) / (12 + 100))  # every slot's outcomes
+    # Another family knows nothing of it: the prior alone.
+    assert learner.family_belief("funds/p0/fresh", kin).mean == pytest.approx(0.1)
     # The family of the plan's own slot starts from the plan's better prior.
     family = learner.family_of(afternoon)
     assert learner.family_belief(family, {}, plans_family=family).mean == pytest.approx(0.2)
@@ -253,17 +252,28 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
 
     with session_scope() as session:
         _teach(session, "funds/d3-7/p1/fresh/morning", paid=30, declined=10)
+        _teach(session, "funds/d7-14/p1/fresh/evening", paid=2, declined=0)
         _teach(session, "funds/d0-1/p3+/fresh/night", paid=0, declined=5)
     text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
+    told = " ".join(CliRunner().invoke(cli, ["plans", "explain", "--help"]).output.split())
+    assert "prior of 10%, worth 12 retries" in told and "starts from 20%" in told
     assert "retry learning: off (RETRY_LEARNING=on turns it on)" in text
     assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
-    assert "from 45 retry outcome(s)" in text and "funds/d3-7/p1/fresh/morning" in text
+    assert "from 47 retry outcome(s)" in text
+    assert "family funds/p1/fresh" in text and "(32 of 42 paid + prior)" in text
+    assert "funds/d3-7/p1/fresh/morning" in text and "30 of 40 paid" in text
     shown = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json"]).output)
     funds = next(p for p in shown["plans"] if p["plan"] == "funds")
-    assert [s["slot"] for s in funds["learned"]] == [
+    # What the draws weigh, best first: the family, with its slots of most outcomes.
+    assert [f["family"] for f in funds["learned"]] == ["funds/p1/fresh", "funds/p3+/fresh"]
+    best = funds["learned"][0]
+    assert (best["paid"], best["outcomes"]) == (32, 42)
+    assert best["believed_paid_share"] == pytest.approx((0.1 * 12 + 32) / (12 + 42), abs=1e-3)
+    assert [s["slot"] for s in best["slots"]] == [
         "funds/d3-7/p1/fresh/morning",
-        "funds/d0-1/p3+/fresh/night",
+        "funds/d7-14/p1/fresh/evening",
     ]
-    assert funds["learned"][0]["outcomes"] == 40 and funds["learned"][0]["paid_share"] > 0.5
-    assert funds["learned"][0]["family_outcomes"] == 0  # its family holds no other slot
-    assert "(40 outcome(s), 0 of its family + prior)" in text
+    assert best["slots"][0] == {"slot": "funds/d3-7/p1/fresh/morning", "paid": 30, "outcomes": 40}
+    top = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json", "--top", "1"]).output)
+    funds = next(p for p in top["plans"] if p["plan"] == "funds")
+    assert [(f["family"], len(f["slots"])) for f in funds["learned"]] == [("funds/p1/fresh", 1)]

@@ -30,28 +30,58 @@ def _retries(plan: Plan) -> str:
     return f"{plan.max_tries} on days {days}{pulled}"
 
 
-@plans.command("explain")
-@click.option("--top", default=5, show_default=True, help="Learned slots shown per plan.")
+def _learned(counts: dict[str, learner.Counts], top: int) -> list[dict[str, Any]]:
+    """The best believed families, each with its slots of most outcomes:
+    the draws weigh families, the outcomes fall in slots."""
+    kin = learner.families(counts)
+    beliefs = sorted(
+        (learner.family_belief(family, kin) for family in kin),
+        key=lambda b: (-b.mean, -b.outcomes, b.family),
+    )
+    found = []
+    for held in beliefs[:top]:
+        slots = sorted(
+            (slot for slot in counts if learner.family_of(slot) == held.family),
+            key=lambda slot: (-counts[slot].n, slot),
+        )
+        found.append(
+            {
+                "family": held.family,
+                "believed_paid_share": round(held.mean, 3),
+                "paid": kin[held.family].paid,
+                "outcomes": held.outcomes,
+                "slots": [
+                    {"slot": slot, "paid": counts[slot].paid, "outcomes": counts[slot].n}
+                    for slot in slots[:top]
+                ],
+            }
+        )
+    return found
+
+
+_EXPLAIN_HELP = f"""Each plan's retries, emails, window and final action; then, per plan,
+the families of retries that have paid best so far, with their slots.
+
+A family's believed share is its paid outcomes over a prior of
+{learner.PRIOR_OTHER:.0%}, worth {learner.PRIOR_STRENGTH:g} retries; the family of the plan's own
+moment starts from {learner.PRIOR_PLAN:.0%} when a case's retry is drawn.
+
+\b
+Example:
+  recovery plans explain --top 3
+"""
+
+
+@plans.command("explain", help=_EXPLAIN_HELP)
+@click.option("--top", default=5, show_default=True, help="Families, and slots of each, shown.")
 @click.option("--json", "as_json", is_flag=True)
 def explain(top: int, as_json: bool) -> None:
-    """Each plan's retries, emails, window and final action; then, per plan,
-    the slots where retries have paid best so far and how sure that is.
-
-    \b
-    Example:
-      recovery plans explain --top 3
-    """
     settings = get_settings()
     rows: list[dict[str, Any]] = []
     with session_scope() as session:
         for category in Category:
             plan = planner.plan_for(category, settings)
             counts = planner.learned_counts(session, category.value) if plan.max_tries else {}
-            kin = learner.families(counts)
-            beliefs = sorted(
-                (learner.belief(slot, counts, kin) for slot in counts),
-                key=lambda b: (-b.mean, -b.outcomes),
-            )
             rows.append(
                 {
                     "plan": category.value,
@@ -60,15 +90,7 @@ def explain(top: int, as_json: bool) -> None:
                     "window_days": plan.window_days,
                     "final_action": plan.final_action.value,
                     "outcomes": sum(c.n for c in counts.values()),
-                    "learned": [
-                        {
-                            "slot": b.slot,
-                            "paid_share": round(b.mean, 3),
-                            "outcomes": b.outcomes,
-                            "family_outcomes": b.kin,
-                        }
-                        for b in beliefs[:top]
-                    ],
+                    "learned": _learned(counts, top),
                 }
             )
     if as_json:
@@ -82,12 +104,14 @@ def explain(top: int, as_json: bool) -> None:
         click.echo(f"  window:   {row['window_days']:g} days, then {row['final_action']}")
         if row["retries"] != "none":
             click.echo(f"  learned:  from {row['outcomes']} retry outcome(s)")
-            for item in row["learned"]:
+            for family in row["learned"]:
                 click.echo(
-                    f"    {item['slot']:<40} {item['paid_share']:>6.1%} paid"
-                    f" ({item['outcomes']} outcome(s), {item['family_outcomes']} of its"
-                    " family + prior)"
+                    f"    family {family['family']:<33} {family['believed_paid_share']:>6.1%}"
+                    f" believed ({family['paid']} of {family['outcomes']} paid + prior)"
                 )
+                for slot in family["slots"]:
+                    paid = f"{slot['paid']} of {slot['outcomes']} paid"
+                    click.echo(f"      {slot['slot']:<38} {paid}")
         click.echo()
 
 

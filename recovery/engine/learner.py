@@ -3,12 +3,14 @@
 Every plan retry that reached the issuer is one outcome, paid or declined, in
 a slot: the failure's category, how long after the failure it ran, how many
 days after the last common payday and whether that payday came after the
-card's last decline, and the part of the customer's day. Per slot a Beta
-distribution holds what is known. Its prior is its family's (the slots of one
-category and one relation to a payday), and the family's prior favours the
-moment the static plan would choose (plans.py, with its sources); both move
-with every outcome. The families are why a business of a few hundred failures
-a month learns at all: there are hundreds of slots, a handful of families.
+card's last decline, and the part of the customer's day. What is believed is
+held per family, the slots of one category and one relation to a payday: a
+Beta distribution whose prior favours the family of the moment the static
+plan would choose (plans.py, with its sources), moved by every outcome of the
+family's slots. Families are why a business of a few hundred failures a
+month learns at all: there are hundreds of slots, a handful of families.
+Outcomes are kept per slot all the same, so a finer split can be read from
+them later without losing what was learned.
 
 To time a case's next retry, one chance is drawn from the Beta of each family
 the allowed candidate moments fall in (Thompson sampling) and the best draw
@@ -99,11 +101,10 @@ def slot_of(
 
 @dataclass(frozen=True)
 class Belief:
-    slot: str
+    family: str
     paid: float  # the Beta's parameters: prior plus outcomes
     declined: float
-    outcomes: int  # outcomes seen in the slot itself
-    kin: int  # and in the other slots of its family, behind its prior
+    outcomes: int  # outcomes behind it, besides the prior
 
     @property
     def mean(self) -> float:
@@ -146,27 +147,14 @@ def family_belief(
     the outcomes of its slots (`kin` is `families(counts)`)."""
     seen = kin.get(family, Counts())
     prior = PRIOR_PLAN if family == plans_family else PRIOR_OTHER
-    return Belief(family, *_beta(prior, seen), seen.n, 0)
-
-
-def belief(slot: str, counts: Mapping[str, Counts], kin: Mapping[str, Counts]) -> Belief:
-    """What is believed of a slot, in two levels: its family's outcomes
-    (without the slot's own, so none counts twice) make the slot's prior,
-    which its own outcomes move. `kin` is `families(counts)`, computed once
-    for the many slots asked at a time."""
-    family = family_of(slot)
-    seen = counts.get(slot, Counts())
-    whole = kin.get(family, Counts())
-    others = Counts(whole.paid - seen.paid, whole.declined - seen.declined)
-    mean = family_belief(family, {family: others}).mean
-    return Belief(slot, *_beta(mean, seen), seen.n, others.n)
+    return Belief(family, *_beta(prior, seen), seen.n)
 
 
 @dataclass(frozen=True)
 class Choice:
     moment: datetime
     slot: str  # the slot the moment falls in, where its outcome will count
-    family: Belief  # what is believed of the slot's family, which won the draw
+    belief: Belief  # what is believed of the slot's family, which won the draw
     drawn: float  # the chance drawn for the family
     plan_moment: datetime
     plan_slot: str
@@ -178,8 +166,8 @@ class Choice:
         else:
             reason = f"moved from the plan's {self.plan_moment:%Y-%m-%d %H:%M} UTC"
         return (
-            f"{reason}; slot {self.slot}, of family {self.family.slot}:"
-            f" {self.family.mean:.0%} of retries paid (over {self.family.outcomes} outcome(s)"
+            f"{reason}; slot {self.slot}, of family {self.belief.family}:"
+            f" {self.belief.mean:.0%} of retries paid (over {self.belief.outcomes} outcome(s)"
             f" and the plan's prior), best of {self.candidates} candidate famil(ies) drawn"
         )
 
@@ -242,7 +230,7 @@ def choose(
             best = (drawn, held)
     assert best is not None
     drawn, held = best
-    moment = min(by_family[held.slot], key=lambda at: (abs(at - plan_moment), at))
+    moment = min(by_family[held.family], key=lambda at: (abs(at - plan_moment), at))
     slot = slot_of(category, anchor, moment, zone, last_declined)
     return Choice(moment, slot, held, drawn, plan_moment, plan_slot, len(by_family))
 
