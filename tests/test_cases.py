@@ -340,6 +340,20 @@ def test_an_operator_retry_moments_after_a_decline_is_refused(session, settings)
         cases.request_retry(session, case, T0 + timedelta(seconds=20), "op", None, False, settings)
 
 
+def test_an_operator_retry_the_networks_deferred_is_replaced_not_joined(session, settings):
+    """Deferred by a network limit, an operator's retry is due hours later:
+    a new request (forced, say) makes its own instead of joining it."""
+    case = make_case(session)
+    now = T0 + timedelta(hours=1)
+    deferred = make_step(session, case, name="retry:manual:1", due_at=now + timedelta(hours=5))
+    deferred.origin = StepOrigin.OPERATOR
+    session.flush()
+    request = cases.request_retry(session, case, now, "op", "asked", True, settings)
+    assert not request.joined and request.step != deferred.step
+    retries = {s.step: s.status for s in steps_of(session, case) if s.kind is StepKind.RETRY}
+    assert retries == {deferred.step: StepStatus.CANCELED, request.step: StepStatus.SCHEDULED}
+
+
 def test_operator_retries_join_the_one_in_flight(session, settings):
     case = make_case(session)
     later = T0 + timedelta(hours=1)
@@ -348,6 +362,12 @@ def test_operator_retries_join_the_one_in_flight(session, settings):
         session, case, later + timedelta(seconds=3), "b", None, False, settings
     )
     assert (again.step, again.joined) == (first.step, True)
+    # One who read the clock a moment before the first, then waited for the
+    # case, joins it too rather than replacing it.
+    earlier = cases.request_retry(
+        session, case, later - timedelta(seconds=1), "d", None, False, settings
+    )
+    assert (earlier.step, earlier.joined) == (first.step, True)
     session.execute(
         update(RecoveryAttempt)
         .where(RecoveryAttempt.step == first.step)

@@ -204,15 +204,30 @@ def has_live_retry(session: Session, case: RecoveryCase, origin: StepOrigin | No
     return bool(session.scalar(query))
 
 
+# How much later than another process's clock an operator's retry, made due
+# "now" by its own, may look: the wait for the case's lock, clocks apart.
+OPERATOR_CLOCK_SLACK = timedelta(minutes=1)
+
+
 def retry_in_flight(session: Session, case: RecoveryCase, now: datetime) -> str | None:
-    """The name of the case's retry that is claimed, running, or due by `now`."""
+    """The name of the case's retry that is claimed, running, due by `now`,
+    or an operator's just made. An operator's retry is due when it is made,
+    but by the clock of the process that made it: another that read its
+    clock a moment earlier, then waited for the case, would see it as due
+    later and replace it. One the networks or a backoff deferred is due
+    later by more than that, and a new request replaces it."""
     return session.scalar(
         select(RecoveryAttempt.step)
         .where(
             RecoveryAttempt.case_id == case.id,
             RecoveryAttempt.kind == StepKind.RETRY,
             RecoveryAttempt.status.in_(LIVE),
-            (RecoveryAttempt.status != StepStatus.SCHEDULED) | (RecoveryAttempt.due_at <= now),
+            (RecoveryAttempt.status != StepStatus.SCHEDULED)
+            | (RecoveryAttempt.due_at <= now)
+            | (
+                (RecoveryAttempt.origin == StepOrigin.OPERATOR)
+                & (RecoveryAttempt.due_at <= now + OPERATOR_CLOCK_SLACK)
+            ),
         )
         .order_by(RecoveryAttempt.id)
         .limit(1)
