@@ -163,6 +163,19 @@ def db(pg_url) -> Iterator[str]:
 
 
 @pytest.fixture
+def sqlite(tmp_path) -> Iterator[Path]:
+    """SQLite, the embedded default, migrated and configured as DATABASE_URL;
+    yields the directory it is in."""
+    from recovery.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'recovery.sqlite3'}"
+    upgrade(url)
+    reload_settings(DATABASE_URL=url, BROKER_URL="memory://", OUTBOX_DIR=str(tmp_path / "out"))
+    yield tmp_path
+    reload_settings()
+
+
+@pytest.fixture
 def sim() -> Iterator:
     """The Stripe-compatible server on a free port, with STRIPE_API_BASE pointing at it."""
     from recovery import clock

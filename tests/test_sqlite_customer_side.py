@@ -6,25 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 
-import pytest
+from sqlalchemy import select
 
 from recovery.config import get_settings
 from recovery.customers import delivery, links, outbox
-from recovery.db import get_engine, session_scope, upgrade
-from recovery.models import Customer, LinkPurpose, RecoveryCase
-
-from .conftest import reload_settings
+from recovery.db import get_engine, session_scope
+from recovery.models import Customer, LinkPurpose, RecoveryCase, RecoveryLink
 
 NOW = datetime(2026, 11, 2, 9, tzinfo=UTC)
-
-
-@pytest.fixture
-def sqlite(tmp_path):
-    url = f"sqlite:///{tmp_path / 'recovery.sqlite3'}"
-    upgrade(url)
-    reload_settings(DATABASE_URL=url, BROKER_URL="memory://", OUTBOX_DIR=str(tmp_path / "out"))
-    yield tmp_path
-    reload_settings()
 
 
 def test_outbox_and_links_on_sqlite(sqlite):
