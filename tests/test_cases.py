@@ -3,10 +3,11 @@ stack: each test builds its rows in a transaction rolled back afterwards."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from recovery import stripe_api
 from recovery.engine import cases, planner
@@ -378,6 +379,74 @@ def test_operator_retries_join_the_one_in_flight(session, settings):
     )
     assert (third.step, third.joined) == (first.step, True)
     assert [s.step for s in steps_of(session, case) if s.kind is StepKind.RETRY] == [first.step]
+
+
+def _until_the_operator_waits(database: str) -> None:
+    from recovery.db import get_engine
+
+    if database == "sqlite":
+        time.sleep(0.5)  # SQLite does not say who waits for its lock
+        return
+    with get_engine().connect() as watch:
+        waiting = (
+            "select count(*) from pg_stat_activity"
+            " where wait_event_type = 'Lock' and datname = current_database()"
+        )
+        for _ in range(500):
+            if watch.execute(text(waiting)).scalar():
+                return
+            time.sleep(0.01)
+    pytest.fail("the operator's cancel never waited on the worker's claim")
+
+
+@pytest.mark.parametrize("database", ["db", "sqlite"])
+def test_an_operator_retry_joins_a_plan_retry_a_worker_claims_while_it_cancels(
+    database, settings, request
+):
+    """The worker's clock is a second ahead of the operator's: to the
+    operator the plan's retry is not yet due, while the worker claims it.
+    The claim holds the step's row (PostgreSQL) or the database (SQLite)
+    until it commits; the operator's cancel waits for it, finds the step
+    claimed, and joins it."""
+    import threading
+
+    from recovery.db import get_engine, session_scope
+    from recovery.models import RecoveryCase
+
+    request.getfixturevalue(database)
+    now = T0 + timedelta(hours=1)
+    with session_scope() as session:
+        case = make_case(session)
+        step = make_step(session, case, due_at=now + timedelta(seconds=1))
+        case_id, step_id, plan_step = case.id, step.id, step.step
+
+    worker = get_engine().connect()
+    claiming = worker.begin()
+    worker.execute(
+        update(RecoveryAttempt)
+        .where(RecoveryAttempt.id == step_id)
+        .values(status=StepStatus.CLAIMED, claims=1)
+    )
+    answers: list[cases.RetryRequest] = []
+
+    def operator() -> None:
+        with session_scope() as session:
+            held = session.get(RecoveryCase, case_id, with_for_update=True)
+            answers.append(cases.request_retry(session, held, now, "op", None, False, settings))
+
+    asking = threading.Thread(target=operator)
+    asking.start()
+    _until_the_operator_waits(database)
+    claiming.commit()
+    worker.close()
+    asking.join(timeout=30)
+
+    assert [(a.step, a.joined) for a in answers] == [(plan_step, True)]
+    with session_scope() as session:
+        held = session.get(RecoveryCase, case_id)
+        assert [(s.step, s.status) for s in steps_of(session, held)] == [
+            (plan_step, StepStatus.CLAIMED)
+        ]
 
 
 def test_closed_steps_outcomes_are_told_apart(session):

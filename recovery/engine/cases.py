@@ -493,9 +493,15 @@ def request_retry(
         raise CaseRefused("refused: " + "; ".join(refusals) + " (use --force --reason to override)")
     if dry_run:
         return RetryRequest(tuple(refusals), None)
+    steps.cancel(session, case, StepKind.RETRY)
+    # A worker whose clock is ahead may have claimed a retry that looked not
+    # yet due here. Its claim either came before the cancel, and is seen now,
+    # or it finds the step canceled: either way the card is charged once.
+    claimed = steps.retry_in_flight(session, case, now)
+    if claimed is not None:
+        return RetryRequest((), claimed, joined=True)
     forced = bool(refusals)
     name = steps.operator_retry_name(now, forced)
-    steps.cancel(session, case, StepKind.RETRY)
     steps.schedule(
         session,
         case,
