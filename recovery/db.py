@@ -56,8 +56,9 @@ def make_engine(url: str, statement_timeout_ms: int | None = None) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            # WAL lets the receiver write while workers read; the foreign keys
-            # pragma makes SQLite enforce what PostgreSQL enforces.
+            # WAL: a commit is one append and a reader outside a transaction
+            # never waits for a writer; the foreign keys pragma makes SQLite
+            # enforce what PostgreSQL enforces.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             # WAL's recommended pairing: a commit survives the process dying,
@@ -68,6 +69,21 @@ def make_engine(url: str, statement_timeout_ms: int | None = None) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # The driver's own BEGIN comes only before a write, so what a
+            # transaction read before it could change under it: SELECT ... FOR
+            # UPDATE, which PostgreSQL honours, locks nothing here. As in
+            # SQLAlchemy's recipe for SQLite (its dialect docs, "Serializable
+            # isolation / Savepoints / Transactional DDL") the transaction
+            # begins at once, and IMMEDIATE takes the write lock then: one
+            # transaction at a time, so an operator's cancel waits for a charge
+            # in flight, as on PostgreSQL, instead of overwriting its result.
+            # A connection asked to autocommit (a link's click, one statement)
+            # commits each statement itself; a BEGIN would leave it uncommitted.
+            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     # A database that stops answering (a partition, not a refused connection)

@@ -429,6 +429,20 @@ def stack(sim, receiver) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def sqlite_stack(sim, sqlite) -> Iterator[Stack]:
+    """The whole stack on SQLite, the embedded default, with the clock at T0."""
+    from recovery import clock
+    from recovery.config import get_settings
+    from recovery.sim.servers import start_asgi_in_thread
+    from recovery.web import make_app
+
+    server = start_asgi_in_thread(make_app(get_settings()))
+    yield Stack(sim, server.url, T0)
+    server.stop()
+    clock.set_now(None)
+
+
+@pytest.fixture
 def event_stack(sim, receiver) -> Stack:
     """The whole stack on the real clock, for the event path."""
     return Stack(sim, receiver, None)

@@ -172,7 +172,9 @@ def test_twenty_operator_retries_at_once_make_one_charge(stack):
         assert code == 0 or "moments ago" in err, (code, out, err)
 
 
-def test_a_cancel_while_a_retry_charges_is_recorded_after_the_charge(stack):
+@pytest.mark.parametrize("database", ["stack", "sqlite_stack"])
+def test_a_cancel_while_a_retry_charges_is_recorded_after_the_charge(database, request):
+    stack = request.getfixturevalue(database)
     stack.at(datetime.now(UTC) - timedelta(hours=1))  # the commands run on the real clock
     scenario = stack.failed({"mode": "decline", "decline_code": "do_not_honor"})
     stack.tick()

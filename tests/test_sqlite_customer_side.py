@@ -58,3 +58,8 @@ def test_outbox_and_links_on_sqlite(sqlite):
     answer = links.redeem(token, NOW, get_settings(), links.Choice.PAY)
     assert (answer.status, answer.location) == (303, "https://invoice.stripe.com/i/acct_1/test_1")
     assert links.redeem(token, NOW + timedelta(days=2), get_settings()).status == 404
+    # Every live click counted, the autocommitted ones of redeem as well.
+    with session_scope() as session:
+        mine = RecoveryLink.token_hash == links.token_hash(token)
+        link = session.scalars(select(RecoveryLink).where(mine)).one()
+        assert (link.click_count, link.first_clicked_at) == (3, NOW)
