@@ -63,15 +63,18 @@ def test_retry_refuses_a_dead_card_unless_forced_with_a_reason(stack):
 def test_pause_stops_the_plan_and_resume_plans_again(stack):
     scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
     stack.tick()
-    assert run("pause", scenario["invoice"], "--reason", "dispute").exit_code == 0
+    paused = run("pause", scenario["invoice"], "--reason", "dispute")
+    assert paused.exit_code == 0 and paused.output.splitlines()[-1] == "case 1: paused"
     again = run("pause", scenario["invoice"], "--reason", "dispute")
     assert again.exit_code == 1 and "already paused" in again.output
     result = stack.tick(T0 + timedelta(days=2))
     assert result.outcomes.get("declined") is None
-    assert run("resume", scenario["invoice"], "--reason", "settled").exit_code == 0
+    resumed = run("resume", scenario["invoice"], "--reason", "settled")
+    assert resumed.exit_code == 0 and resumed.output.splitlines()[-1] == "case 1: resumed"
     shown = json.loads(run("cases", "show", scenario["invoice"], "--json").output)
     assert shown["next_step"] is not None and not shown["paused"]
-    assert run("cancel", scenario["invoice"], "--reason", "refunded").exit_code == 0
+    canceled = run("cancel", scenario["invoice"], "--reason", "refunded")
+    assert canceled.exit_code == 0 and canceled.output.splitlines()[-1] == "case 1: canceled"
     assert json.loads(run("cases", "show", scenario["invoice"], "--json").output)["status"] == (
         "canceled"
     )

@@ -381,6 +381,7 @@ def retry(ref: str, dry_run: bool, force: bool, reason: str | None) -> None:
     click.echo(f"case {case_id}: {outcome or 'the retry is under way in a worker'}{joined}")
 
 
+_DONE = {"pause": "paused", "cancel": "canceled", "resume": "resumed"}
 _ACTIONS: dict[str, Callable[..., None]] = {
     "pause": case_machine.pause,
     "cancel": case_machine.cancel,
@@ -402,7 +403,7 @@ def _case_action(ref: str, reason: str, action: str) -> None:
             error = click.ClickException(str(refused))
         else:
             error = None
-            click.echo(f"case {case.id}: {action}d")
+            click.echo(f"case {case.id}: {_DONE[action]}")
     if error is not None:
         raise error
 
