@@ -45,6 +45,15 @@ BASE_ENV = {
 }
 
 
+# Redis keeps 16 databases; each worker takes its own, from 15 down.
+MOST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`--numprocesses=auto`: one worker per core, up to MOST_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MOST_WORKERS))
+
+
 def _missing(what: str) -> None:
     message = f"{what} is not reachable"
     if REQUIRE_SERVICES:
@@ -135,7 +144,9 @@ def settings():
 def redis_url() -> str:
     if not _reachable(REDIS_HOST, REDIS_PORT):
         _missing("Redis")
-    return f"redis://{REDIS_HOST}:{REDIS_PORT}/15"
+    # The worker's own database: gw0 15, gw1 14, ...
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{15 - worker}"
 
 
 @pytest.fixture
