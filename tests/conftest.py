@@ -239,6 +239,20 @@ def running_in_group(group: int) -> list[str]:
     return found
 
 
+def groups_of_children(parent: int) -> set[int]:
+    """The process groups of a process's children."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        _state, ppid, pgrp = text[text.rindex(")") + 2 :].split()[:3]
+        if int(ppid) == parent:
+            found.add(int(pgrp))
+    return found
+
+
 def left_in_group(group: int, seconds: float = 20) -> list[str]:
     """What still runs in a process group once it has had `seconds` to end."""
     deadline = time.monotonic() + seconds

@@ -120,19 +120,63 @@ def test_dev_says_which_port_is_taken(tmp_path):
         assert sim_busy.returncode == 2 and "--sim-port" in sim_busy.stderr
 
 
+def test_the_stop_ends_what_a_process_of_the_stack_forked_and_left_behind():
+    """A process of the stack forks one deaf to SIGTERM (as the worker forks
+    its beat) and ends without stopping it: the stop ends that one too."""
+    import signal
+
+    from recovery.cli.dev import _spawn, _stop
+
+    from .conftest import left_in_group
+
+    leaves_one = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "left = os.fork()\n"
+        "if left == 0:\n"
+        "    time.sleep(600)\n"
+        "    os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "print(left, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = _spawn(
+        [sys.executable, "-c", leaves_one], dict(os.environ), {"stdout": subprocess.PIPE}
+    )
+    left = 0
+    try:
+        assert child.stdout is not None
+        left = int(child.stdout.readline())
+        assert os.getpgid(left) == child.pid
+        _stop([child], grace=2)
+        assert child.returncode == -signal.SIGTERM
+        assert not left_in_group(child.pid, seconds=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+        if left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(left, signal.SIGKILL)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
 @pytest.mark.parametrize(
     "how",
     [
         "SIGINT to the terminal's group",
         "SIGINT to the terminal's group, again and again",
         "SIGTERM to recovery dev",
+        "SIGHUP to recovery dev, its terminal closed",
     ],
 )
 def test_dev_stops_every_process_it_started(tmp_path, how):
     import signal
     import time
 
-    from .conftest import free_port, left_in_group, read_until
+    from .conftest import free_port, groups_of_children, left_in_group, read_until
 
     port, sim_port = free_port(), free_port()
     said = (tmp_path / "stderr").open("w")
@@ -145,9 +189,13 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
         text=True,
         start_new_session=True,  # its own group, like a terminal's foreground job
     )
+    groups = {dev.pid}
     try:
         assert dev.stdout is not None
         read_until(dev.stdout, "recovery is running", "recovery dev")
+        # And the groups of the processes it started, which hold what those
+        # fork in turn.
+        groups |= groups_of_children(dev.pid)
         if how.endswith("again and again"):
             # An impatient person: the stop must neither break nor hang on
             # a Ctrl-C landing while the first is being handled, nor die of
@@ -159,15 +207,18 @@ def test_dev_stops_every_process_it_started(tmp_path, how):
                 time.sleep(0.03)
         elif how.startswith("SIGINT"):
             os.killpg(dev.pid, signal.SIGINT)
+        elif how.startswith("SIGHUP"):
+            dev.send_signal(signal.SIGHUP)
         else:
             dev.send_signal(signal.SIGTERM)
         assert dev.wait(timeout=45) == 0, (tmp_path / "stderr").read_text()[-4000:]
-        left = left_in_group(dev.pid)
+        left = [process for group in groups for process in left_in_group(group)]
         assert not left, f"processes of recovery dev are still running: {left}"
     finally:
-        # Whatever is left of its group, so a failure leaves nothing running.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(dev.pid, signal.SIGKILL)
+        # Whatever is left of its groups, so a failure leaves nothing running.
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
         dev.wait()
         said.close()
         if dev.stdout is not None:

@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,7 +61,9 @@ def stripe_sim(host: str, port: int, webhook_url: str | None, webhook_secret: st
 
 T = TypeVar("T")
 SIM_PORT, WEB_PORT = 12111, 8000
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal closed. The processes of the stack are in groups of
+# their own, out of the terminal's reach; they stop when this one does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _post(url: str, body: dict[str, Any]) -> Any:
@@ -173,7 +175,7 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
     log = None if log_to == "-" else Path(log_to)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-    # SIGTERM (a supervisor, `kill`) stops the stack as Ctrl-C does.
+    # SIGTERM (a supervisor, `kill`) and SIGHUP stop the stack as Ctrl-C does.
     signals = _Signals()
     for number in STOP_SIGNALS:
         signal.signal(number, signals)
@@ -208,13 +210,7 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
         click.echo("stopping…")
     finally:
         over = True
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop(children)
         # The stack is down and this process is ending. Python puts its own
         # handlers back to the default while it finalizes, and a Ctrl-C
         # still landing then (an impatient person) would kill it with no
@@ -223,12 +219,39 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
             signal.signal(number, signal.SIG_IGN)
 
 
+def _spawn(argv: list[str], env: dict[str, str], output: dict[str, Any]) -> subprocess.Popen:
+    """A process of the stack, in a process group of its own, so the stop
+    reaches what it forks too (the worker's embedded beat)."""
+    return subprocess.Popen(argv, env=env, start_new_session=True, **output)
+
+
+def _signal_group(child: subprocess.Popen, number: int) -> None:
+    with suppress(ProcessLookupError):  # the group has ended
+        os.killpg(child.pid, number)
+
+
+def _stop(children: list[subprocess.Popen], grace: float = 15) -> None:
+    """SIGTERM to each process's group; `grace` seconds for them to end;
+    then SIGKILL to whatever is left in their groups: a process one of them
+    forked and did not stop (the worker forks its embedded beat) would
+    otherwise run on alone once the stack is gone."""
+    for child in children:
+        _signal_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        with suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for child in children:
+        _signal_group(child, signal.SIGKILL)
+        child.wait()
+
+
 def _start(
     exe: list[str], env: dict[str, str], port: int, sim_port: int, output: dict[str, Any]
 ) -> list[subprocess.Popen]:
     """The simulator, the receiver, and a worker with beat."""
     return [
-        subprocess.Popen(
+        _spawn(
             [
                 *exe,
                 "stripe-sim",
@@ -237,11 +260,11 @@ def _start(
                 "--webhook-url",
                 f"http://127.0.0.1:{port}/webhooks/stripe",
             ],
-            env=env,
-            **output,
+            env,
+            output,
         ),
-        subprocess.Popen([*exe, "serve", "--dev", "--port", str(port)], env=env, **output),
-        subprocess.Popen([*exe, "worker", "--beat"], env=env, **output),
+        _spawn([*exe, "serve", "--dev", "--port", str(port)], env, output),
+        _spawn([*exe, "worker", "--beat"], env, output),
     ]
 
 
