@@ -224,33 +224,26 @@ def receiver(db) -> Iterator[str]:
     server.stop()
 
 
-def running_in_group(group: int) -> list[str]:
-    """Live processes in a process group (zombies awaiting a reaper do not run)."""
-    found = []
+def _processes() -> Iterator[tuple[str, str, int, int]]:
+    """Each process as /proc tells it: "pid (name)", state, parent, group."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
-        except OSError:
+        except OSError:  # it ended while we looked
             continue
         name_end = text.rindex(")")
-        state, _parent, pgrp = text[name_end + 2 :].split()[:3]
-        if int(pgrp) == group and state != "Z":
-            found.append(text[: name_end + 1])
-    return found
+        state, parent, group = text[name_end + 2 :].split()[:3]
+        yield text[: name_end + 1], state, int(parent), int(group)
+
+
+def running_in_group(group: int) -> list[str]:
+    """Live processes in a process group (zombies awaiting a reaper do not run)."""
+    return [who for who, state, _, of in _processes() if of == group and state != "Z"]
 
 
 def groups_of_children(parent: int) -> set[int]:
     """The process groups of a process's children."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        _state, ppid, pgrp = text[text.rindex(")") + 2 :].split()[:3]
-        if int(ppid) == parent:
-            found.add(int(pgrp))
-    return found
+    return {of for _, _, child_of, of in _processes() if child_of == parent}
 
 
 def left_in_group(group: int, seconds: float = 20) -> list[str]:
