@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from recovery.engine import cases, learner, planner, plans
+from recovery.engine.classify import Category
 from recovery.models import RecoveryAttempt, StepKind, StepOutcome, StepStatus
 
 from .factories import make_case
@@ -58,21 +59,84 @@ def test_a_slot_tells_a_first_try_on_a_paydays_money_from_another():
 
 def _choose(counts, seed, earliest=ANCHOR + timedelta(hours=20)):
     return learner.choose(
-        "funds", ANCHOR, PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE, ANCHOR, counts,
+        "funds", ANCHOR, PLAN, earliest, PLAN + learner.LATER_BY, UTC_ZONE, ANCHOR, counts,
         random.Random(seed),
     )  # fmt: skip
 
 
-def test_candidates_lie_between_the_earliest_moment_and_a_little_after_the_plans():
+def test_candidates_lie_between_the_earliest_moment_and_the_last():
     earliest = ANCHOR + timedelta(hours=20)
-    found = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
+    found = learner.candidates(PLAN, earliest, PLAN + learner.LATER_BY, UTC_ZONE)
     assert PLAN in found and found == sorted(found)
-    assert min(found) >= earliest and max(found) <= PLAN + learner.LATER_BY
-    # Never past the window, even when the plan's own moment would allow it.
+    assert min(found) >= earliest and max(found) == datetime(2026, 11, 8, 9, tzinfo=UTC)
+    # Never past the last moment, even when the plan's own would allow it.
     assert max(learner.candidates(PLAN, earliest, PLAN, UTC_ZONE)) == PLAN
     assert (
         learner.candidates(PLAN, PLAN + timedelta(days=5), PLAN + timedelta(days=4), UTC_ZONE) == []
     )
+
+
+WINDOW_END = ANCHOR + timedelta(days=28)
+
+
+def test_a_plan_of_paydays_moves_a_retry_at_most_a_little_past_its_payday():
+    assert learner.last_moment(learner.Axis.PAYDAY, PLAN, WINDOW_END, 7) == PLAN + learner.LATER_BY
+    assert learner.last_moment(learner.Axis.PAYDAY, PLAN, PLAN, 0) == PLAN  # nor past the window
+
+
+def test_a_plan_of_offsets_may_spend_a_try_late_leaving_room_for_its_later_tries():
+    gap = learner.MIN_GAP
+    assert learner.last_moment(learner.Axis.TIME, PLAN, WINDOW_END, 7) == WINDOW_END - 7 * gap
+    assert learner.last_moment(learner.Axis.TIME, PLAN, WINDOW_END, 0) == WINDOW_END
+    # No room left late: as far as a plan of paydays may go, no further.
+    late_plan = WINDOW_END - timedelta(days=3)
+    assert learner.last_moment(learner.Axis.TIME, late_plan, WINDOW_END, 7) == (
+        late_plan + learner.LATER_BY
+    )
+
+
+def test_on_the_time_axis_a_family_is_a_span_of_days_since_the_failure():
+    monday, friday = "retry_capped/d14-21/p3+/again/morning", "retry_capped/d14-21/p0/fresh/evening"
+    assert learner.family_of(monday, learner.Axis.TIME) == "retry_capped/d14-21"
+    assert learner.family_of(friday, learner.Axis.TIME) == "retry_capped/d14-21"
+    assert learner.family_of(friday) == "retry_capped/p0/fresh"  # the payday axis, by default
+    counts = {
+        monday: learner.Counts(1, 9),
+        friday: learner.Counts(2, 8),
+        "retry_capped/d21+/p0/fresh/morning": learner.Counts(5, 5),
+    }
+    assert learner.families(counts, learner.Axis.TIME) == {
+        "retry_capped/d14-21": learner.Counts(3, 17),
+        "retry_capped/d21+": learner.Counts(5, 5),
+    }
+
+
+def test_warm_an_offsets_plan_spends_its_first_try_where_late_retries_have_paid():
+    tries_after = 7
+    last = learner.last_moment(learner.Axis.TIME, PLAN, WINDOW_END, tries_after)
+    late = {
+        "retry_capped/d21+/p3+/again/morning": learner.Counts(paid=30, declined=70),
+        "retry_capped/d1-3/p3+/again/morning": learner.Counts(paid=1, declined=99),
+        "retry_capped/d3-7/p0/fresh/morning": learner.Counts(paid=1, declined=99),
+        "retry_capped/d7-14/p3+/again/morning": learner.Counts(paid=2, declined=98),
+        "retry_capped/d14-21/p3+/again/morning": learner.Counts(paid=5, declined=95),
+    }
+    earliest = ANCHOR + timedelta(hours=20)
+
+    def choose(counts, seed, axis):
+        return learner.choose(
+            "retry_capped", ANCHOR, PLAN, earliest, last, UTC_ZONE, ANCHOR, counts,
+            random.Random(seed), axis,
+        )  # fmt: skip
+
+    chosen = [choose(late, seed, learner.Axis.TIME) for seed in range(50)]
+    assert {c.belief.family for c in chosen} == {"retry_capped/d21+"}
+    # The first moment of the paying span: the room after it is the later tries'.
+    assert {c.moment for c in chosen} == {datetime(2026, 11, 23, 17, tzinfo=UTC)}
+    assert all(c.moment <= last for c in chosen)
+    # Cold, the plan's own moment stays the likeliest.
+    cold = Counter(choose({}, seed, learner.Axis.TIME).moment for seed in range(600))
+    assert cold.most_common(1)[0][0] == PLAN
 
 
 def test_the_same_seed_and_outcomes_choose_the_same_moment():
@@ -92,7 +156,7 @@ def _family(moment: datetime) -> str:
 
 def test_a_family_is_drawn_once_however_many_slots_and_moments_it_holds():
     earliest = ANCHOR + timedelta(hours=20)
-    moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
+    moments = learner.candidates(PLAN, earliest, PLAN + learner.LATER_BY, UTC_ZONE)
     held = Counter(_family(moment) for moment in moments)
     assert max(held.values()) >= 4 and min(held.values()) == 1  # families unequal in moments
     # Every family believed alike, strongly: each should win about as often.
@@ -107,7 +171,7 @@ def test_a_family_is_drawn_once_however_many_slots_and_moments_it_holds():
 
 def test_within_the_winning_family_the_moment_nearest_the_plans():
     earliest = ANCHOR + timedelta(hours=20)
-    moments = learner.candidates(PLAN, earliest, ANCHOR + timedelta(days=33), UTC_ZONE)
+    moments = learner.candidates(PLAN, earliest, PLAN + learner.LATER_BY, UTC_ZONE)
     twins = [m for m in moments if _family(m) == _family(PLAN)]
     assert len(twins) >= 3 and twins[0] < PLAN  # 09:00 that morning, the plan's 09:05, 17:00
     unpaid = learner.Counts(paid=0, declined=1000)
@@ -220,6 +284,38 @@ def test_after_a_decline_on_payday_the_planner_knows_that_paydays_money_failed(s
     step = _retry_step(session, case)
     assert step.why.startswith("learned:")
     assert step.due_at > friday and step.due_at != saturday
+
+
+def test_the_planner_spends_an_opaque_declines_try_late_when_late_tries_paid(session, settings):
+    _teach(session, "retry_capped/d21+/p3+/again/morning", paid=40, declined=60)
+    _teach(session, "retry_capped/d1-3/p3+/again/morning", paid=1, declined=99)
+    _teach(session, "retry_capped/d3-7/p0/fresh/morning", paid=1, declined=99)
+    case = make_case(session, at=ANCHOR, category="retry_capped", decline_code="generic_decline")
+    plan = planner.plan_for(Category.RETRY_CAPPED, settings)
+    cases.replan(session, case, ANCHOR, replace(settings, retry_learning=True))
+    step = _retry_step(session, case)
+    tries_after = plan.max_tries - 1
+    assert ANCHOR + timedelta(days=21) <= step.due_at
+    assert step.due_at <= ANCHOR + plan.window - tries_after * learner.MIN_GAP
+    assert step.why.startswith("learned: moved from the plan's 2026-11-0")
+    assert "of family retry_capped/d21+" in step.why
+
+
+def test_a_late_try_leaves_room_for_the_plans_later_tries(session, settings, tmp_path):
+    _teach(session, "retry_capped/d21+/p3+/again/morning", paid=40, declined=60)
+    _teach(session, "retry_capped/d14-21/p3+/again/morning", paid=20, declined=80)
+    _teach(session, "retry_capped/d1-3/p3+/again/morning", paid=1, declined=99)
+    # Eight tries in 24 days: after day 21 there is no room for all of them.
+    shorter = tmp_path / "plans.toml"
+    shorter.write_text(
+        "[retry_capped]\nretry_days = [1, 3, 6, 9, 13, 17, 20, 23]\nwindow_days = 24\n"
+    )
+    learning = replace(settings, retry_learning=True, plans_file=str(shorter))
+    case = make_case(session, at=ANCHOR, category="retry_capped", decline_code="generic_decline")
+    cases.replan(session, case, ANCHOR, learning)
+    step = _retry_step(session, case)
+    assert "of family retry_capped/d14-21" in step.why
+    assert ANCHOR + timedelta(days=14) <= step.due_at < ANCHOR + timedelta(days=21)
 
 
 def test_with_learning_off_the_plan_alone_times_the_retry(session, settings):

@@ -4,7 +4,10 @@ Every plan retry that reached the issuer is one outcome, paid or declined, in
 a slot: the failure's category, how long after the failure it ran, how many
 days after the last common payday and whether that payday came after the
 card's last decline, and the part of the customer's day. What is believed is
-held per family, the slots of one category and one relation to a payday: a
+held per family, the slots of one category and one place on the axis the
+category's plan schedules along (Axis): a plan of paydays waits on money, so
+its families are relations to a payday; a plan of offsets waits on the
+issuer, so its families are spans of days since the failure. Each family is a
 Beta distribution whose prior favours the family of the moment the static
 plan would choose (plans.py, with its sources), moved by every outcome of the
 family's slots. Families are why a business of a few hundred failures a
@@ -17,10 +20,12 @@ the allowed candidate moments fall in (Thompson sampling) and the best draw
 wins: a family that has paid is chosen more, one nobody has tried is still
 tried now and then, and as outcomes pile up the draws settle on what works.
 Within the winning family the moment nearest the plan's own is taken.
-Candidates lie between the earliest moment the case may be tried again and a
-little after the static plan's own moment, so the plan's budget of tries, its
-window and the networks' limits (applied by the planner afterwards) still
-bound it.
+Candidates lie between the earliest moment the case may be tried again and
+last_moment: a little after the plan's payday, or, for a plan of offsets,
+as late as leaves room for the plan's later tries, so that a business whose
+opaque declines pay late spends its tries late. The plan's budget of tries,
+its window and the networks' limits (applied by the planner afterwards)
+still bound every move.
 
 Nothing here reads the clock or a random source of its own: the caller passes
 `now` and a seeded generator, so the same inputs choose the same moment.
@@ -28,6 +33,7 @@ Nothing here reads the clock or a random source of its own: the caller passes
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -111,24 +117,36 @@ class Belief:
         return self.paid / (self.paid + self.declined)
 
 
-def family_of(slot: str) -> str:
-    """The slots that share a category and the same relation to a payday
-    (days since it, fresh or again) learn as a family: a retry's chance
-    hangs first on whether the money has come, and a family gathers
-    outcomes many times faster than any one of its slots. A slot of another
-    shape (stored by an earlier version) is a family of its own."""
+class Axis(enum.StrEnum):
+    """What a category's retries are believed to wait on: the axis its plan
+    schedules along, and so the one its slots are grouped by."""
+
+    PAYDAY = "payday"  # money, arriving with pay: a plan of paydays
+    TIME = "time"  # time passing since the failure: a plan of offsets
+
+
+def family_of(slot: str, axis: Axis = Axis.PAYDAY) -> str:
+    """The slots that share a category and a place on the axis learn as a
+    family; a family gathers outcomes many times faster than any one of its
+    slots. On the payday axis the place is the relation to a payday (days
+    since it, fresh or again): whether the money has come. On the time axis
+    it is the span of days since the failure: whether the issuer has
+    relented. A slot of another shape (stored by an earlier version) is a
+    family of its own."""
     parts = slot.split("/")
     if len(parts) != 5:
         return slot
-    category, _since_failure, since_payday, fresh, _part_of_day = parts
+    category, since_failure, since_payday, fresh, _part_of_day = parts
+    if axis is Axis.TIME:
+        return f"{category}/{since_failure}"
     return f"{category}/{since_payday}/{fresh}"
 
 
-def families(counts: Mapping[str, Counts]) -> dict[str, Counts]:
+def families(counts: Mapping[str, Counts], axis: Axis = Axis.PAYDAY) -> dict[str, Counts]:
     """The outcomes of each family, summed over its slots."""
     found: dict[str, Counts] = {}
     for slot, seen in counts.items():
-        family = family_of(slot)
+        family = family_of(slot, axis)
         so_far = found.get(family, Counts())
         found[family] = Counts(so_far.paid + seen.paid, so_far.declined + seen.declined)
     return found
@@ -175,13 +193,12 @@ class Choice:
 def candidates(
     plan_moment: datetime,
     earliest: datetime,
-    latest: datetime,
+    last: datetime,
     zone: ZoneInfo,
 ) -> list[datetime]:
     """The moments a retry may go to: the plan's own, and each candidate hour
-    of each day from `earliest` to a little after the plan's, within `latest`."""
-    last = min(plan_moment + LATER_BY, latest)
-    found = {plan_moment} if earliest <= plan_moment <= latest else set()
+    of each day from `earliest` to `last`."""
+    found = {plan_moment} if earliest <= plan_moment <= last else set()
     day = earliest.astimezone(zone).date()
     while day <= last.astimezone(zone).date():
         for hour in CANDIDATE_HOURS:
@@ -202,9 +219,11 @@ def choose(
     last_declined: datetime,
     counts: Mapping[str, Counts],
     rng: random.Random,
+    axis: Axis = Axis.PAYDAY,
 ) -> Choice | None:
-    """The next retry's moment by Thompson sampling over the candidates'
-    families; None when there is none (the plan's moment is past the window).
+    """The next retry's moment, from `earliest` to `latest` (last_moment), by
+    Thompson sampling over the candidates' families on `axis`; None when
+    there is none (the plan's moment is past the window).
 
     One chance is drawn per family, not per slot or moment: among many slots
     believed alike the luckiest draw would win over the plan's, try after
@@ -219,12 +238,12 @@ def choose(
     by_family: dict[str, list[datetime]] = {}
     for moment in moments:
         slot = slot_of(category, anchor, moment, zone, last_declined)
-        by_family.setdefault(family_of(slot), []).append(moment)
-    kin = families(counts)
+        by_family.setdefault(family_of(slot, axis), []).append(moment)
+    kin = families(counts, axis)
     best: tuple[float, Belief] | None = None
     # Families in order of their first moment, so the draws are reproducible.
     for family in by_family:
-        held = family_belief(family, kin, family_of(plan_slot))
+        held = family_belief(family, kin, family_of(plan_slot, axis))
         drawn = rng.betavariate(held.paid, held.declined)
         if best is None or drawn > best[0]:
             best = (drawn, held)
@@ -233,6 +252,21 @@ def choose(
     moment = min(by_family[held.family], key=lambda at: (abs(at - plan_moment), at))
     slot = slot_of(category, anchor, moment, zone, last_declined)
     return Choice(moment, slot, held, drawn, plan_moment, plan_slot, len(by_family))
+
+
+def last_moment(
+    axis: Axis, plan_moment: datetime, window_end: datetime, tries_after: int
+) -> datetime:
+    """The latest a retry may go. On the payday axis a little after the
+    plan's own moment: the plan already names every payday, a retry moved
+    further would skip one. On the time axis as late as leaves room, MIN_GAP
+    apart, for the plan's tries after it: if retries pay more the longer the
+    issuer has had, the budget of tries is best spent late, and only the
+    outcomes can say whether they do."""
+    near_plan = min(plan_moment + LATER_BY, window_end)
+    if axis is Axis.PAYDAY:
+        return near_plan
+    return max(near_plan, window_end - tries_after * MIN_GAP)
 
 
 def min_gap(plan_offset_gap: timedelta) -> timedelta:

@@ -388,7 +388,7 @@ def _learned(
     tz: str | None,
 ) -> learner.Choice | None:
     """The learner's moment for this try, between the earliest the case may be
-    tried again and a little after the plan's own moment."""
+    tried again and the latest the plan's axis allows (learner.last_moment)."""
     previous = (
         plans.retry_moment(plan, number - 1, anchor, timezone=tz, rng=random.Random(0))
         if number > 1
@@ -399,17 +399,27 @@ def _learned(
     category = case.category or plan.name
     # Thompson's draws, reproducible per case and try.
     rng = random.Random(f"learn:{case.id}:{number}")  # noqa: S311
+    axis = learner_axis(plan)
+    tries_after = min(plan.max_tries, len(plan.retry_days)) - number
     return learner.choose(
         category,
         anchor,
         plan_moment,
         earliest,
-        anchor + plan.window,
+        learner.last_moment(axis, plan_moment, anchor + plan.window, tries_after),
         plans.zone(tz),
         last,
         learned_counts(session, category),
         rng,
+        axis,
     )
+
+
+def learner_axis(plan: plans.Plan) -> learner.Axis:
+    """A plan of paydays bets on money arriving, one of offsets on time."""
+    if plan.retry_on is plans.RetryOn.PAYDAYS:
+        return learner.Axis.PAYDAY
+    return learner.Axis.TIME
 
 
 def slot_of_retry(session: Session, case: RecoveryCase, at: datetime) -> str:
