@@ -350,12 +350,16 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
         _teach(session, "funds/d3-7/p1/fresh/morning", paid=30, declined=10)
         _teach(session, "funds/d7-14/p1/fresh/evening", paid=2, declined=0)
         _teach(session, "funds/d0-1/p3+/fresh/night", paid=0, declined=5)
+        _teach(session, "retry_capped/d21+/p0/fresh/morning", paid=3, declined=1)
+        _teach(session, "retry_capped/d21+/p3+/again/evening", paid=1, declined=3)
     text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
     told = " ".join(CliRunner().invoke(cli, ["plans", "explain", "--help"]).output.split())
     assert "prior of 10%, worth 12 retries" in told and "starts from 20%" in told
     assert "retry learning: off (RETRY_LEARNING=on turns it on)" in text
     assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
-    assert "from 47 retry outcome(s)" in text
+    assert "from 47 retry outcome(s), by relation to a payday" in text
+    assert "from 8 retry outcome(s), by days since the failure" in text
+    assert "family retry_capped/d21+" in text and "(4 of 8 paid + prior)" in text
     assert "family funds/p1/fresh" in text and "(32 of 42 paid + prior)" in text
     assert "funds/d3-7/p1/fresh/morning" in text and "30 of 40 paid" in text
     shown = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json"]).output)
@@ -370,6 +374,9 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
         "funds/d7-14/p1/fresh/evening",
     ]
     assert best["slots"][0] == {"slot": "funds/d3-7/p1/fresh/morning", "paid": 30, "outcomes": 40}
+    capped = next(p for p in shown["plans"] if p["plan"] == "retry_capped")
+    assert capped["learns_by"] == "time" and funds["learns_by"] == "payday"
+    assert [f["family"] for f in capped["learned"]] == ["retry_capped/d21+"]
     top = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json", "--top", "1"]).output)
     funds = next(p for p in top["plans"] if p["plan"] == "funds")
     assert [(f["family"], len(f["slots"])) for f in funds["learned"]] == [("funds/p1/fresh", 1)]

@@ -30,10 +30,12 @@ def _retries(plan: Plan) -> str:
     return f"{plan.max_tries} on days {days}{pulled}"
 
 
-def _learned(counts: dict[str, learner.Counts], top: int) -> list[dict[str, Any]]:
-    """The best believed families, each with its slots of most outcomes:
-    the draws weigh families, the outcomes fall in slots."""
-    kin = learner.families(counts)
+def _learned(
+    counts: dict[str, learner.Counts], axis: learner.Axis, top: int
+) -> list[dict[str, Any]]:
+    """The best believed families on the plan's axis, each with its slots of
+    most outcomes: the draws weigh families, the outcomes fall in slots."""
+    kin = learner.families(counts, axis)
     beliefs = sorted(
         (learner.family_belief(family, kin) for family in kin),
         key=lambda b: (-b.mean, -b.outcomes, b.family),
@@ -41,7 +43,7 @@ def _learned(counts: dict[str, learner.Counts], top: int) -> list[dict[str, Any]
     found = []
     for held in beliefs[:top]:
         slots = sorted(
-            (slot for slot in counts if learner.family_of(slot) == held.family),
+            (slot for slot in counts if learner.family_of(slot, axis) == held.family),
             key=lambda slot: (-counts[slot].n, slot),
         )
         found.append(
@@ -59,8 +61,17 @@ def _learned(counts: dict[str, learner.Counts], top: int) -> list[dict[str, Any]
     return found
 
 
+_AXES = {
+    learner.Axis.PAYDAY: "relation to a payday (a plan of paydays waits on money)",
+    learner.Axis.TIME: "days since the failure (a plan of offsets waits on time)",
+}
+
 _EXPLAIN_HELP = f"""Each plan's retries, emails, window and final action; then, per plan,
-the families of retries that have paid best so far, with their slots.
+the families of retries that have paid best so far, with their slots. A plan
+of paydays learns by a retry's relation to a payday, and moves a retry at
+most {learner.LATER_BY.days} days past its payday; a plan of offsets learns by days since the
+failure, and may move a retry to any moment of its window that leaves room
+for its later tries.
 
 A family's believed share is its paid outcomes over a prior of
 {learner.PRIOR_OTHER:.0%}, worth {learner.PRIOR_STRENGTH:g} retries; the family of the plan's own
@@ -90,7 +101,8 @@ def explain(top: int, as_json: bool) -> None:
                     "window_days": plan.window_days,
                     "final_action": plan.final_action.value,
                     "outcomes": sum(c.n for c in counts.values()),
-                    "learned": _learned(counts, top),
+                    "learns_by": planner.learner_axis(plan).value,
+                    "learned": _learned(counts, planner.learner_axis(plan), top),
                 }
             )
     if as_json:
@@ -103,7 +115,9 @@ def explain(top: int, as_json: bool) -> None:
         click.echo(f"  emails:   {'; '.join(row['emails']) or 'none'}")
         click.echo(f"  window:   {row['window_days']:g} days, then {row['final_action']}")
         if row["retries"] != "none":
-            click.echo(f"  learned:  from {row['outcomes']} retry outcome(s)")
+            click.echo(
+                f"  learned:  from {row['outcomes']} retry outcome(s), by {_AXES[row['learns_by']]}"
+            )
             for family in row["learned"]:
                 click.echo(
                     f"    family {family['family']:<33} {family['believed_paid_share']:>6.1%}"
