@@ -400,13 +400,12 @@ def _learned(
     # Thompson's draws, reproducible per case and try.
     rng = random.Random(f"learn:{case.id}:{number}")  # noqa: S311
     axis = learner_axis(plan)
-    tries_after = min(plan.max_tries, len(plan.retry_days)) - number
     return learner.choose(
         category,
         anchor,
         plan_moment,
         earliest,
-        learner.last_moment(axis, plan_moment, anchor + plan.window, tries_after),
+        learner.last_moment(axis, plan_moment, anchor + plan.window, plan.offset_tries - number),
         plans.zone(tz),
         last,
         learned_counts(session, category),

@@ -62,6 +62,11 @@ class Plan:
     def window(self) -> timedelta:
         return timedelta(days=self.window_days)
 
+    @property
+    def offset_tries(self) -> int:
+        """The tries a plan of offsets makes: a day for each, up to max_tries."""
+        return min(self.max_tries, len(self.retry_days))
+
 
 # Why the defaults are what they are. Sources:
 #
@@ -341,7 +346,7 @@ def retry_moment(
         if local is None:
             return None
     else:
-        if try_number < 1 or try_number > min(plan.max_tries, len(plan.retry_days)):
+        if try_number < 1 or try_number > plan.offset_tries:
             return None
         offset = plan.retry_days[try_number - 1]
         local = (anchor + timedelta(days=offset)).astimezone(where)
