@@ -93,6 +93,7 @@ def explain(top: int, as_json: bool) -> None:
         for category in Category:
             plan = planner.plan_for(category, settings)
             counts = planner.learned_counts(session, category.value) if plan.max_tries else {}
+            axis = planner.learner_axis(plan)
             rows.append(
                 {
                     "plan": category.value,
@@ -101,8 +102,8 @@ def explain(top: int, as_json: bool) -> None:
                     "window_days": plan.window_days,
                     "final_action": plan.final_action.value,
                     "outcomes": sum(c.n for c in counts.values()),
-                    "learns_by": planner.learner_axis(plan).value,
-                    "learned": _learned(counts, planner.learner_axis(plan), top),
+                    "learns_by": axis.value,
+                    "learned": _learned(counts, axis, top),
                 }
             )
     if as_json:
