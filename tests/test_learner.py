@@ -304,7 +304,8 @@ def test_the_planner_spends_an_opaque_declines_try_late_when_late_tries_paid(ses
 def test_a_late_try_leaves_room_for_the_plans_later_tries(session, settings, tmp_path):
     _teach(session, "retry_capped/d21+/p3+/again/morning", paid=40, declined=60)
     _teach(session, "retry_capped/d14-21/p3+/again/morning", paid=20, declined=80)
-    _teach(session, "retry_capped/d1-3/p3+/again/morning", paid=1, declined=99)
+    for early in ("d0-1", "d1-3", "d3-7", "d7-14"):
+        _teach(session, f"retry_capped/{early}/p3+/again/morning", paid=1, declined=99)
     # Eight tries in 24 days: after day 21 there is no room for all of them.
     shorter = tmp_path / "plans.toml"
     shorter.write_text(
