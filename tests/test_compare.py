@@ -123,6 +123,93 @@ def test_runs_in_parallel_processes_give_the_figures_of_runs_in_one(tmp_path):
     two = compare.compare(policies, [3, 4], shape, tmp_path / "two", jobs=2)
     assert two.runs == one.runs and len(one.runs["defaults"]) == 2
     assert all(f.warm_recovered_share is not None for f in one.runs["defaults"])
+    # Each run's cases, by the category of their first failure.
+    from recovery.engine.classify import Category
+
+    for figures in one.runs["defaults"]:
+        assert figures.by_category and {c for c, _ in figures.by_category} <= set(Category)
+        assert all(0 <= share <= 1 for _, share in figures.by_category)
+        assert {c for c, _ in figures.warm_by_category} <= {c for c, _ in figures.by_category}
+    # All the cases, not only those after the warm-up.
+    assert any(f.by_category != f.warm_by_category for f in one.runs["defaults"])
+
+
+def _figures(share: float, by_category, warm_by_category=()) -> compare.RunFigures:
+    return compare.RunFigures(
+        share, 4.0, 5.0, 0, True, share, tuple(by_category), tuple(warm_by_category)
+    )
+
+
+def test_the_share_per_category_is_paired_over_the_categories_every_run_has():
+    runs = {
+        "defaults": [
+            _figures(0.5, [("funds", 0.8), ("retry_capped", 0.6)], [("funds", 0.7)]),
+            _figures(0.6, [("funds", 0.9), ("retry_capped", 0.5), ("retry", 1.0)]),
+        ],
+        "learning": [
+            _figures(0.5, [("funds", 0.7), ("retry_capped", 0.7)], [("funds", 0.6)]),
+            _figures(0.6, [("funds", 0.9), ("retry_capped", 0.6), ("retry", 1.0)]),
+        ],
+    }
+    plain = compare.Comparison(["defaults", "learning"], [1, 2], runs, warm_days=0)
+    assert not any("," in name for name in plain.metrics)  # only when asked
+    shown = compare.Comparison(["defaults", "learning"], [1, 2], runs, 0, by_category=True)
+    # "retry" is missing from a seed: its mean would count that seed as 0.
+    assert [m for m in shown.metrics if m.startswith("recovered share, ")] == [
+        "recovered share, funds",
+        "recovered share, retry_capped",
+    ]
+    assert shown.summary("recovered share, funds")["defaults"].mean == pytest.approx(0.85)
+    gap = shown.against_first("recovered share, retry_capped")["learning"]
+    assert gap.mean == pytest.approx(0.1)
+    assert gap.low == pytest.approx(0.1) and gap.high == pytest.approx(0.1)  # the same each seed
+    # After the warm-up: only funds has cases there in every run (none at all in seed 2).
+    assert not any(m.startswith("after the warm-up, ") for m in shown.metrics)
+    warm = compare.Comparison(["defaults", "learning"], [1], {k: v[:1] for k, v in runs.items()},
+                              warm_days=60, by_category=True)  # fmt: skip
+    assert warm.against_first("after the warm-up, funds")["learning"].mean == pytest.approx(-0.1)
+
+
+def test_shares_by_category_weigh_each_categorys_cases_alone():
+    from datetime import UTC, datetime
+
+    from recovery.sim.demo import CaseRow
+
+    day = datetime(2026, 10, 1, tzinfo=UTC)
+    rows = [
+        CaseRow(day, "usd", 1000, 1000, "funds"),
+        CaseRow(day, "usd", 3000, 0, "funds"),
+        CaseRow(day, "usd", 500, 250, "retry_capped"),
+    ]
+    assert compare.shares_by_category(rows) == (
+        ("funds", pytest.approx(0.25)),
+        ("retry_capped", pytest.approx(0.5)),
+    )
+    assert compare.shares_by_category([]) == ()
+
+
+def test_by_category_asks_for_a_comparison():
+    from click.testing import CliRunner
+
+    from recovery.cli import cli
+
+    result = CliRunner().invoke(cli, ["simulate", "--by-category"])
+    assert result.exit_code == 2 and "--by-category goes with --seeds or --policy" in result.output
+
+
+def test_simulate_by_category_prints_each_categorys_share_and_gap(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from recovery.cli import cli
+
+    args = ["simulate", "--policy", "defaults", "--policy", "learning", "--seeds", "2"]
+    args += ["--size", "12", "--days", "6", "--jobs", "1", "--dir", str(tmp_path), "--json"]
+    shown = json.loads(CliRunner().invoke(cli, [*args, "--by-category"]).stdout)
+    per_category = [m for m in shown["summary"] if m.startswith("recovered share, ")]
+    assert per_category and set(per_category) <= set(shown["against_first"])
+    assert set(shown["summary"][per_category[0]]) == {"defaults", "learning"}
 
 
 def test_the_share_over_some_cases_weighs_currencies_as_the_stats_do():

@@ -503,6 +503,11 @@ def demo(
     type=click.FloatRange(0, 3650),
     help="Also report the recovered share of cases failing after this many days.",
 )
+@click.option(
+    "--by-category",
+    is_flag=True,
+    help="Also the recovered share per category of failure (each has its own plan).",
+)
 @click.option("--from-db", is_flag=True, help="Shape the population on the stored cases.")
 @click.option(
     "--dir",
@@ -522,6 +527,7 @@ def simulate(
     policies: tuple[str, ...],
     spread_days: float,
     warm_days: float,
+    by_category: bool,
     from_db: bool,
     workdir: Path,
     as_json: bool,
@@ -540,13 +546,17 @@ def simulate(
       recovery simulate --plans a.toml --plans b.toml --size 500 --seed 3 --json
       recovery simulate --policy stripe-recommended --policy defaults --seeds 10
       recovery simulate --policy defaults --policy learning --seeds 10 \\
-          --spread-days 90 --days 125 --warm-days 60
+          --spread-days 90 --days 125 --warm-days 60 --by-category
     """
+    if by_category and not (seeds > 1 or policies):
+        raise click.UsageError("--by-category goes with --seeds or --policy")
     if seeds > 1 or policies:
         if from_db:
             raise click.UsageError("--seeds and --policy run synthetic populations, not --from-db")
         shape = compare.Population(size, days, spread_days, warm_days)
-        return _compare_policies(plan_files, policies, shape, seed, seeds, jobs, workdir, as_json)
+        return _compare_policies(
+            plan_files, policies, shape, seed, seeds, jobs, workdir, as_json, by_category
+        )
     if from_db:
         try:
             members = backtest.population_from_cases(seed, size)
@@ -598,6 +608,7 @@ def _compare_policies(
     jobs: int,
     workdir: Path,
     as_json: bool,
+    by_category: bool = False,
 ) -> None:
     chosen = {name: compare.BUILT_IN[name] for name in policies or ("defaults",)}
     chosen.update({Path(f).stem: compare.Policy(str(Path(f).resolve())) for f in plan_files})
@@ -609,7 +620,9 @@ def _compare_policies(
         ),
         file=sys.stderr,
     ) as bar:
-        result = compare.compare(chosen, seed_list, shape, workdir.resolve(), bar.update, jobs)
+        result = compare.compare(
+            chosen, seed_list, shape, workdir.resolve(), bar.update, jobs, by_category
+        )
     names = result.policies
     if as_json:
         emit_json(

@@ -95,6 +95,10 @@ class RunFigures:
     checks_passed: bool
     # The same share over the cases that failed after the warm-up only.
     warm_recovered_share: float | None = None
+    # The share per category of failure (its plan), over all cases and after
+    # the warm-up: where a policy wins or loses.
+    by_category: tuple[tuple[str, float], ...] = ()
+    warm_by_category: tuple[tuple[str, float], ...] = ()
 
 
 def recovered_share(stats: dict) -> float:
@@ -115,6 +119,14 @@ def share_of(cases: Sequence[demo.CaseRow]) -> float:
     return _weighted_share(list(by_currency.values()), len(cases))
 
 
+def shares_by_category(cases: Sequence[demo.CaseRow]) -> tuple[tuple[str, float], ...]:
+    """share_of over each category's cases, by category name."""
+    found: dict[str, list[demo.CaseRow]] = {}
+    for row in cases:
+        found.setdefault(row.category, []).append(row)
+    return tuple((name, share_of(rows)) for name, rows in sorted(found.items()))
+
+
 def _weighted_share(rows: Sequence[dict], total: int) -> float:
     return sum(
         row["cases"] / total * row["recovered"] / row["at_stake"]
@@ -127,18 +139,16 @@ def figures_of(outcome: demo.Outcome, warm_from: datetime | None = None) -> RunF
     stats = outcome.stats
     recovered = stats["recovered"]["count"]
     per = (lambda n: n / recovered) if recovered else (lambda n: math.inf)
-    warm = (
-        share_of([c for c in outcome.cases if c.failed_at >= warm_from])
-        if warm_from is not None
-        else None
-    )
+    warm_cases = [c for c in outcome.cases if warm_from is not None and c.failed_at >= warm_from]
     return RunFigures(
         recovered_share=recovered_share(stats),
         retries_per_recovery=per(stats["retries"]["made"]),
         emails_per_recovery=per(stats["funnel"]["emails_sent"]),
         rule_violations=sum(outcome.violations.values()),
         checks_passed=all(outcome.checks.values()),
-        warm_recovered_share=warm,
+        warm_recovered_share=share_of(warm_cases) if warm_from is not None else None,
+        by_category=shares_by_category(outcome.cases),
+        warm_by_category=shares_by_category(warm_cases),
     )
 
 
@@ -150,6 +160,11 @@ METRICS: dict[str, Metric] = {
     "card-network rule violations": lambda f: f.rule_violations,
 }
 WARM_METRIC = "recovered share after the warm-up"
+Shares = Callable[[RunFigures], tuple[tuple[str, float], ...]]
+
+
+def _share_in(shares: Shares, category: str) -> Metric:
+    return lambda f: dict(shares(f))[category]
 
 
 @dataclass
@@ -158,12 +173,27 @@ class Comparison:
     seeds: list[int]
     runs: dict[str, list[RunFigures]]  # per policy, in seed order
     warm_days: float = 0.0
+    by_category: bool = False  # add the recovered share per category
 
     @property
     def metrics(self) -> dict[str, Metric]:
-        if not self.warm_days:
-            return METRICS
-        return {**METRICS, WARM_METRIC: lambda f: f.warm_recovered_share or 0.0}
+        found = dict(METRICS)
+        if self.warm_days:
+            found[WARM_METRIC] = lambda f: f.warm_recovered_share or 0.0
+        if self.by_category:
+            found.update(self._category_metrics("recovered share, ", lambda f: f.by_category))
+            if self.warm_days:
+                found.update(
+                    self._category_metrics("after the warm-up, ", lambda f: f.warm_by_category)
+                )
+        return found
+
+    def _category_metrics(self, label: str, shares: Shares) -> dict[str, Metric]:
+        """A metric per category found in every run: a seed without a case of
+        one would count as a share of zero in its mean."""
+        found = [set(dict(shares(f))) for name in self.policies for f in self.runs[name]]
+        common: set[str] = set.intersection(*found) if found else set()
+        return {f"{label}{name}": _share_in(shares, name) for name in sorted(common)}
 
     def summary(self, metric: str) -> dict[str, Interval]:
         pick = self.metrics[metric]
@@ -199,6 +229,7 @@ def compare(
     workdir: Path,
     progress: Callable[[int], None] | None = None,
     jobs: int = 1,
+    by_category: bool = False,
 ) -> Comparison:
     """Every policy on every seed's population; `jobs` runs at once, each in a
     process of its own (a run owns its process's clock and settings)."""
@@ -224,7 +255,7 @@ def compare(
                     progress(hours)
     for (_seed, name, _policy), figures in zip(work, done, strict=True):
         runs[name].append(figures)
-    return Comparison(list(policies), list(seeds), runs, shape.warm_days)
+    return Comparison(list(policies), list(seeds), runs, shape.warm_days, by_category)
 
 
 def processes(jobs: int) -> multiprocessing.pool.Pool:

@@ -65,6 +65,7 @@ class CaseRow:
     currency: str
     amount: int
     recovered: int
+    category: str = "unknown"  # the plan's category on the first failure
 
 
 @dataclass
@@ -342,13 +343,21 @@ def _run(
         with session_scope() as session:
             numbers = stats.compute(session)
             rows = [
-                CaseRow(r.first_failed_at or r.opened_at, r.currency, r.amount_due, r.recovered)
+                CaseRow(
+                    r.first_failed_at or r.opened_at,
+                    r.currency,
+                    r.amount_due,
+                    r.recovered,
+                    r.first_category or r.category or "unknown",
+                )
                 for r in session.execute(
                     select(
                         RecoveryCase.first_failed_at,
                         RecoveryCase.opened_at,
                         RecoveryCase.currency,
                         RecoveryCase.amount_due,
+                        RecoveryCase.first_category,
+                        RecoveryCase.category,
                         case(
                             (
                                 RecoveryCase.status == CaseStatus.RECOVERED,
