@@ -3,6 +3,7 @@ stack: each test builds its rows in a transaction rolled back afterwards."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
@@ -381,7 +382,7 @@ def test_operator_retries_join_the_one_in_flight(session, settings):
     assert [s.step for s in steps_of(session, case) if s.kind is StepKind.RETRY] == [first.step]
 
 
-def _until_the_operator_waits(database: str) -> None:
+def _until_the_operator_waits(database: str, operator: threading.Thread) -> None:
     from recovery.db import get_engine
 
     if database == "sqlite":
@@ -392,7 +393,10 @@ def _until_the_operator_waits(database: str) -> None:
             "select count(*) from pg_stat_activity"
             " where wait_event_type = 'Lock' and datname = current_database()"
         )
-        for _ in range(500):
+        # Until the operator waits or is done without waiting; the deadline
+        # only bounds a hang, a loaded machine may take seconds to get there.
+        deadline = time.monotonic() + 60
+        while operator.is_alive() and time.monotonic() < deadline:
             if watch.execute(text(waiting)).scalar():
                 return
             time.sleep(0.01)
@@ -408,8 +412,6 @@ def test_an_operator_retry_joins_a_plan_retry_a_worker_claims_while_it_cancels(
     The claim holds the step's row (PostgreSQL) or the database (SQLite)
     until it commits; the operator's cancel waits for it, finds the step
     claimed, and joins it."""
-    import threading
-
     from recovery.db import get_engine, session_scope
     from recovery.models import RecoveryCase
 
@@ -436,7 +438,7 @@ def test_an_operator_retry_joins_a_plan_retry_a_worker_claims_while_it_cancels(
 
     asking = threading.Thread(target=operator)
     asking.start()
-    _until_the_operator_waits(database)
+    _until_the_operator_waits(database, asking)
     claiming.commit()
     worker.close()
     asking.join(timeout=30)
