@@ -127,16 +127,16 @@ def test_runs_in_parallel_processes_give_the_figures_of_runs_in_one(tmp_path):
     from recovery.engine.classify import Category
 
     for figures in one.runs["defaults"]:
-        assert figures.by_category and {c for c, _ in figures.by_category} <= set(Category)
-        assert all(0 <= share <= 1 for _, share in figures.by_category)
-        assert {c for c, _ in figures.warm_by_category} <= {c for c, _ in figures.by_category}
+        assert figures.by_category and set(figures.by_category) <= set(Category)
+        assert all(0 <= share <= 1 for share in figures.by_category.values())
+        assert set(figures.warm_by_category) <= set(figures.by_category)
     # All the cases, not only those after the warm-up.
     assert any(f.by_category != f.warm_by_category for f in one.runs["defaults"])
 
 
 def _figures(share: float, by_category, warm_by_category=()) -> compare.RunFigures:
     return compare.RunFigures(
-        share, 4.0, 5.0, 0, True, share, tuple(by_category), tuple(warm_by_category)
+        share, 4.0, 5.0, 0, True, share, dict(by_category), dict(warm_by_category)
     )
 
 
@@ -181,11 +181,11 @@ def test_shares_by_category_weigh_each_categorys_cases_alone():
         CaseRow(day, "usd", 3000, 0, "funds"),
         CaseRow(day, "usd", 500, 250, "retry_capped"),
     ]
-    assert compare.shares_by_category(rows) == (
-        ("funds", pytest.approx(0.25)),
-        ("retry_capped", pytest.approx(0.5)),
-    )
-    assert compare.shares_by_category([]) == ()
+    assert compare.shares_by_category(rows) == {
+        "funds": pytest.approx(0.25),
+        "retry_capped": pytest.approx(0.5),
+    }
+    assert compare.shares_by_category([]) == {}
 
 
 def test_by_category_asks_for_a_comparison():

@@ -15,7 +15,7 @@ import math
 import multiprocessing
 import multiprocessing.pool
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from statistics import fmean, stdev
@@ -97,8 +97,8 @@ class RunFigures:
     warm_recovered_share: float | None = None
     # The share per category of failure (its plan), over all cases and after
     # the warm-up: where a policy wins or loses.
-    by_category: tuple[tuple[str, float], ...] = ()
-    warm_by_category: tuple[tuple[str, float], ...] = ()
+    by_category: dict[str, float] = field(default_factory=dict)
+    warm_by_category: dict[str, float] = field(default_factory=dict)
 
 
 def recovered_share(stats: dict) -> float:
@@ -119,12 +119,12 @@ def share_of(cases: Sequence[demo.CaseRow]) -> float:
     return _weighted_share(list(by_currency.values()), len(cases))
 
 
-def shares_by_category(cases: Sequence[demo.CaseRow]) -> tuple[tuple[str, float], ...]:
+def shares_by_category(cases: Sequence[demo.CaseRow]) -> dict[str, float]:
     """share_of over each category's cases, by category name."""
     found: dict[str, list[demo.CaseRow]] = {}
     for row in cases:
         found.setdefault(row.category, []).append(row)
-    return tuple((name, share_of(rows)) for name, rows in sorted(found.items()))
+    return {name: share_of(rows) for name, rows in sorted(found.items())}
 
 
 def _weighted_share(rows: Sequence[dict], total: int) -> float:
@@ -160,11 +160,11 @@ METRICS: dict[str, Metric] = {
     "card-network rule violations": lambda f: f.rule_violations,
 }
 WARM_METRIC = "recovered share after the warm-up"
-Shares = Callable[[RunFigures], tuple[tuple[str, float], ...]]
+Shares = Callable[[RunFigures], dict[str, float]]
 
 
 def _share_in(shares: Shares, category: str) -> Metric:
-    return lambda f: dict(shares(f))[category]
+    return lambda f: shares(f)[category]
 
 
 @dataclass
@@ -191,7 +191,7 @@ class Comparison:
     def _category_metrics(self, label: str, shares: Shares) -> dict[str, Metric]:
         """A metric per category found in every run: a seed without a case of
         one would count as a share of zero in its mean."""
-        found = [set(dict(shares(f))) for name in self.policies for f in self.runs[name]]
+        found = [set(shares(f)) for name in self.policies for f in self.runs[name]]
         common: set[str] = set.intersection(*found) if found else set()
         return {f"{label}{name}": _share_in(shares, name) for name in sorted(common)}
 
