@@ -69,7 +69,8 @@ _AXES = {
 _EXPLAIN_HELP = f"""Each plan's retries, emails, window and final action; then, per plan,
 the families of retries that have paid best so far, with their slots. A plan
 of paydays learns by a retry's relation to a payday, and moves a retry at
-most {learner.LATER_BY.days} days past its payday; a plan of offsets learns by days since the
+most {learner.LATER_BY.days} days past its payday, and only to a family believed to pay at
+least as well as the plan's own; a plan of offsets learns by days since the
 failure, and may move a retry to any moment of its window that leaves room
 for its later tries.
 
