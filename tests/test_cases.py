@@ -389,6 +389,9 @@ def _until_the_operator_waits(database: str, operator: threading.Thread) -> None
         time.sleep(0.5)  # SQLite does not say who waits for its lock
         return
     with get_engine().connect() as watch:
+        # Each look outside a transaction: within one, PostgreSQL shows the
+        # same snapshot of pg_stat_activity on every read.
+        watch.execution_options(isolation_level="AUTOCOMMIT")
         waiting = (
             "select count(*) from pg_stat_activity"
             " where wait_event_type = 'Lock' and datname = current_database()"
