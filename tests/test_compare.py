@@ -188,6 +188,21 @@ def test_shares_by_category_weigh_each_categorys_cases_alone():
     assert compare.shares_by_category([]) == {}
 
 
+def test_days_to_recovery_average_the_recovered_cases_only():
+    from datetime import UTC, datetime, timedelta
+
+    from recovery.sim.demo import CaseRow
+
+    day = datetime(2026, 10, 1, tzinfo=UTC)
+    rows = [
+        CaseRow(day, "usd", 1000, 1000, "retry", day + timedelta(hours=12)),
+        CaseRow(day, "usd", 1000, 1000, "funds", day + timedelta(days=7, hours=12)),
+        CaseRow(day, "usd", 1000, 0, "funds"),
+    ]
+    assert compare.days_to_recovery(rows) == pytest.approx(4.0)
+    assert compare.days_to_recovery(rows[2:]) == math.inf
+
+
 def test_by_category_asks_for_a_comparison():
     from click.testing import CliRunner
 
@@ -210,6 +225,9 @@ def test_simulate_by_category_prints_each_categorys_share_and_gap(tmp_path):
     per_category = [m for m in shown["summary"] if m.startswith("recovered share, ")]
     assert per_category and set(per_category) <= set(shown["against_first"])
     assert set(shown["summary"][per_category[0]]) == {"defaults", "learning"}
+    # How long the recovered waited, from each run's own cases.
+    waited = shown["summary"]["days from failure to recovery"]["defaults"]
+    assert 0 < waited["mean"] < 6
 
 
 def test_the_share_over_some_cases_weighs_currencies_as_the_stats_do():

@@ -99,6 +99,9 @@ class RunFigures:
     # the warm-up: where a policy wins or loses.
     by_category: dict[str, float] = field(default_factory=dict)
     warm_by_category: dict[str, float] = field(default_factory=dict)
+    # Mean days from the failure to the recovery, over the recovered cases:
+    # what a later retry costs the customer whose service waits on it.
+    days_to_recovery: float = math.inf
 
 
 def recovered_share(stats: dict) -> float:
@@ -127,6 +130,17 @@ def shares_by_category(cases: Sequence[demo.CaseRow]) -> dict[str, float]:
     return {name: share_of(rows) for name, rows in sorted(found.items())}
 
 
+def days_to_recovery(cases: Sequence[demo.CaseRow]) -> float:
+    """The mean days from failure to recovery over the recovered cases;
+    infinite when none was recovered, like the figures per recovery."""
+    waits = [
+        (case.recovered_at - case.failed_at) / timedelta(days=1)
+        for case in cases
+        if case.recovered_at is not None
+    ]
+    return fmean(waits) if waits else math.inf
+
+
 def _weighted_share(rows: Sequence[dict], total: int) -> float:
     return sum(
         row["cases"] / total * row["recovered"] / row["at_stake"]
@@ -149,6 +163,7 @@ def figures_of(outcome: demo.Outcome, warm_from: datetime | None = None) -> RunF
         warm_recovered_share=share_of(warm_cases) if warm_from is not None else None,
         by_category=shares_by_category(outcome.cases),
         warm_by_category=shares_by_category(warm_cases),
+        days_to_recovery=days_to_recovery(outcome.cases),
     )
 
 
@@ -157,6 +172,7 @@ METRICS: dict[str, Metric] = {
     "recovered share of the failed amount": lambda f: f.recovered_share,
     "retries per recovery": lambda f: f.retries_per_recovery,
     "emails per recovery": lambda f: f.emails_per_recovery,
+    "days from failure to recovery": lambda f: f.days_to_recovery,
     "card-network rule violations": lambda f: f.rule_violations,
 }
 WARM_METRIC = "recovered share after the warm-up"
