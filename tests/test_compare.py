@@ -246,6 +246,15 @@ def test_the_share_over_some_cases_weighs_currencies_as_the_stats_do():
     assert compare.share_of([]) == 0
 
 
+def test_only_the_comparisons_own_process_answers_ctrl_c():
+    """Its run processes ignore it, so none dies halfway through taking its
+    next task off the pool's pipe; the parent ends them (the test below)."""
+    import signal
+
+    with compare.processes(1) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
 def test_ctrl_c_stops_a_comparison_at_once_and_leaves_no_process(tmp_path):
     """Queued runs are dropped, running ones ended: minutes of runs are
     left when the person presses Ctrl-C, and none of them may go on."""

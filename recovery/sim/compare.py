@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import multiprocessing.pool
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -278,8 +279,17 @@ def processes(jobs: int) -> multiprocessing.pool.Pool:
     """Processes for runs (a run owns its process's clock and settings).
     Leaving its `with` ends them at once, so Ctrl-C or a failed run stops
     the comparison there; leaving a ProcessPoolExecutor's would first run
-    every run still queued, minutes of them."""
-    return multiprocessing.get_context("spawn").Pool(jobs)
+    every run still queued, minutes of them.
+
+    The processes ignore Ctrl-C: a terminal sends it to the whole group, and
+    a worker it interrupts halfway through reading its next task leaves the
+    pool's pipe mid-message, so the parent, draining that pipe to stop the
+    pool, can wait on it forever. The parent alone answers Ctrl-C."""
+    return multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_one(seed: int, shape: Population, name: str, policy: Policy, workdir: Path) -> RunFigures:
