@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from statistics import median, quantiles
+from statistics import fmean, median, quantiles
 from typing import Any
 
 from sqlalchemy import select
@@ -146,6 +146,7 @@ def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
             ).most_common()
         ],
         "time_to_recover_hours": {
+            "mean": round(fmean(hours), 1) if hours else None,
             "median": round(median(hours), 1) if hours else None,
             "p90": round(quantiles(hours, n=10)[-1], 1) if len(hours) >= 2 else None,
         },

@@ -188,19 +188,21 @@ def test_shares_by_category_weigh_each_categorys_cases_alone():
     assert compare.shares_by_category([]) == {}
 
 
-def test_days_to_recovery_average_the_recovered_cases_only():
-    from datetime import UTC, datetime, timedelta
+def test_days_to_recovery_is_the_stats_mean_in_days_and_infinite_with_none_recovered():
+    from recovery.sim.demo import Outcome
 
-    from recovery.sim.demo import CaseRow
+    def stats(recovered: int, mean_hours: float | None) -> dict:
+        return {
+            "recovered": {"count": recovered},
+            "retries": {"made": 4},
+            "funnel": {"emails_sent": 6},
+            "cases": {"total": 2},
+            "by_currency": [{"cases": 2, "at_stake": 2000, "recovered": 1000 * recovered}],
+            "time_to_recover_hours": {"mean": mean_hours},
+        }
 
-    day = datetime(2026, 10, 1, tzinfo=UTC)
-    rows = [
-        CaseRow(day, "usd", 1000, 1000, "retry", day + timedelta(hours=12)),
-        CaseRow(day, "usd", 1000, 1000, "funds", day + timedelta(days=7, hours=12)),
-        CaseRow(day, "usd", 1000, 0, "funds"),
-    ]
-    assert compare.days_to_recovery(rows) == pytest.approx(4.0)
-    assert compare.days_to_recovery(rows[2:]) == math.inf
+    assert compare.figures_of(Outcome(stats(2, 96.0), {})).days_to_recovery == pytest.approx(4.0)
+    assert compare.figures_of(Outcome(stats(0, None), {})).days_to_recovery == math.inf
 
 
 def test_by_category_asks_for_a_comparison():

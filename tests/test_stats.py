@@ -175,6 +175,7 @@ def test_stats_match_the_hand_computed_figures(db):
     }
     # 12, 24 and 48 hours
     assert s["time_to_recover_hours"]["median"] == 24.0
+    assert s["time_to_recover_hours"]["mean"] == 28.0  # the recovered only
     assert s["retries"] == {"made": 4, "by_outcome": {"declined": 2, "paid": 2}}
     assert s["funnel"] == {
         "cases": 5,

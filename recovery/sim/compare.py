@@ -131,17 +131,6 @@ def shares_by_category(cases: Sequence[demo.CaseRow]) -> dict[str, float]:
     return {name: share_of(rows) for name, rows in sorted(found.items())}
 
 
-def days_to_recovery(cases: Sequence[demo.CaseRow]) -> float:
-    """The mean days from failure to recovery over the recovered cases;
-    infinite when none was recovered, like the figures per recovery."""
-    waits = [
-        (case.recovered_at - case.failed_at) / timedelta(days=1)
-        for case in cases
-        if case.recovered_at is not None
-    ]
-    return fmean(waits) if waits else math.inf
-
-
 def _weighted_share(rows: Sequence[dict], total: int) -> float:
     return sum(
         row["cases"] / total * row["recovered"] / row["at_stake"]
@@ -154,6 +143,7 @@ def figures_of(outcome: demo.Outcome, warm_from: datetime | None = None) -> RunF
     stats = outcome.stats
     recovered = stats["recovered"]["count"]
     per = (lambda n: n / recovered) if recovered else (lambda n: math.inf)
+    waited = stats["time_to_recover_hours"]["mean"]
     warm_cases = [c for c in outcome.cases if warm_from is not None and c.failed_at >= warm_from]
     return RunFigures(
         recovered_share=recovered_share(stats),
@@ -164,7 +154,8 @@ def figures_of(outcome: demo.Outcome, warm_from: datetime | None = None) -> RunF
         warm_recovered_share=share_of(warm_cases) if warm_from is not None else None,
         by_category=shares_by_category(outcome.cases),
         warm_by_category=shares_by_category(warm_cases),
-        days_to_recovery=days_to_recovery(outcome.cases),
+        # Infinite when none was recovered, like the figures per recovery.
+        days_to_recovery=waited / 24 if waited is not None else math.inf,
     )
 
 

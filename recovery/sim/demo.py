@@ -66,7 +66,6 @@ class CaseRow:
     amount: int
     recovered: int
     category: str = "unknown"  # the plan's category on the first failure
-    recovered_at: datetime | None = None  # when it was recovered, if it was
 
 
 @dataclass
@@ -350,14 +349,11 @@ def _run(
                     r.amount_due,
                     r.recovered,
                     r.first_category or r.category or "unknown",
-                    r.closed_at if r.status is CaseStatus.RECOVERED else None,
                 )
                 for r in session.execute(
                     select(
                         RecoveryCase.first_failed_at,
                         RecoveryCase.opened_at,
-                        RecoveryCase.closed_at,
-                        RecoveryCase.status,
                         RecoveryCase.currency,
                         RecoveryCase.amount_due,
                         RecoveryCase.first_category,
