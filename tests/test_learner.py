@@ -59,7 +59,7 @@ def test_a_slot_tells_a_first_try_on_a_paydays_money_from_another():
 
 def _choose(counts, seed, earliest=ANCHOR + timedelta(hours=20)):
     return learner.choose(
-        "funds", ANCHOR, PLAN, earliest, PLAN + learner.LATER_BY, UTC_ZONE, ANCHOR, counts,
+        "funds", ANCHOR, PLAN, earliest, WINDOW_END, 7, UTC_ZONE, ANCHOR, counts,
         random.Random(seed),
     )  # fmt: skip
 
@@ -111,33 +111,73 @@ def test_on_the_time_axis_a_family_is_a_span_of_days_since_the_failure():
     }
 
 
+def _opaque(counts, seed, tries_after=7):
+    """Try 1 of an opaque decline's plan, due on PLAN, with `tries_after` more."""
+    return learner.choose(
+        "retry_capped", ANCHOR, PLAN, ANCHOR + timedelta(hours=20), WINDOW_END, tries_after,
+        UTC_ZONE, ANCHOR, counts, random.Random(seed), learner.Axis.TIME,
+    )  # fmt: skip
+
+
+def _paid_late(in_100: int) -> dict[str, learner.Counts]:
+    """Retries from day 21 on have paid `in_100` in 100, the earlier ones
+    hardly ever, over a thousand outcomes each."""
+    early = ("d0-1/p3+/again", "d1-3/p3+/again", "d3-7/p0/fresh", "d7-14/p3+/again")
+    return {
+        "retry_capped/d21+/p3+/again/morning": learner.Counts(in_100 * 10, 1000 - in_100 * 10),
+        "retry_capped/d14-21/p3+/again/morning": learner.Counts(50, 950),
+    } | {f"retry_capped/{span}/morning": learner.Counts(10, 990) for span in early}
+
+
 def test_warm_an_offsets_plan_spends_its_first_try_where_late_retries_have_paid():
-    tries_after = 7
-    last = learner.last_moment(learner.Axis.TIME, PLAN, WINDOW_END, tries_after)
-    late = {
-        "retry_capped/d21+/p3+/again/morning": learner.Counts(paid=30, declined=70),
-        "retry_capped/d1-3/p3+/again/morning": learner.Counts(paid=1, declined=99),
-        "retry_capped/d3-7/p0/fresh/morning": learner.Counts(paid=1, declined=99),
-        "retry_capped/d7-14/p3+/again/morning": learner.Counts(paid=2, declined=98),
-        "retry_capped/d14-21/p3+/again/morning": learner.Counts(paid=5, declined=95),
-    }
-    earliest = ANCHOR + timedelta(hours=20)
-
-    def choose(counts, seed, axis):
-        return learner.choose(
-            "retry_capped", ANCHOR, PLAN, earliest, last, UTC_ZONE, ANCHOR, counts,
-            random.Random(seed), axis,
-        )  # fmt: skip
-
-    chosen = [choose(late, seed, learner.Axis.TIME) for seed in range(50)]
+    last = learner.last_moment(learner.Axis.TIME, PLAN, WINDOW_END, 7)
+    chosen = [_opaque(_paid_late(15), seed) for seed in range(50)]
     assert {c.belief.family for c in chosen} == {"retry_capped/d21+"}
     # The first moment of the paying span: the room after it is the later tries'.
     assert {c.moment for c in chosen} == {datetime(2026, 11, 23, 17, tzinfo=UTC)}
     assert all(c.moment <= last for c in chosen)
-    # Cold, the plan's own moment stays the likeliest, and the others are tried.
-    cold = Counter(choose({}, seed, learner.Axis.TIME).moment for seed in range(600))
-    assert cold.most_common(1)[0][0] == PLAN
-    assert len(cold) > 1
+    # Eight tries at 15% against a 1% try and seven at 15%.
+    assert all(c.chance - c.plan_chance > learner.WORTH_MOVING for c in chosen)
+    first = chosen[0]
+    assert (
+        f"with the 7 tries after it the case is recovered {first.chance:.0%} of the time,"
+        f" as drawn, against {first.plan_chance:.0%} from the plan's moment"
+    ) in first.why()
+    # Cold, it explores, but seldom by making a case wait past the plan's
+    # moment: with seven tries after it, a late draw seldom adds a point.
+    cold = Counter(_opaque({}, seed).moment for seed in range(600))
+    assert len(cold) > 1 and cold[PLAN] > 0
+    assert sum(n for at, n in cold.items() if at > PLAN) < 600 / 4
+
+
+def test_the_chance_of_recovery_counts_the_best_tries_left_after_a_moment():
+    def rate_at(at):
+        return 0.15 if at >= ANCHOR + timedelta(days=21) else 0.01
+
+    # From the plan's moment: its own 1%, then the best seven of the tries
+    # that fit, 20 hours apart, before the window ends; nine fit after day 21.
+    assert learner.chance_of_recovery(rate_at, PLAN, WINDOW_END, 7) == pytest.approx(
+        1 - 0.99 * 0.85**7
+    )
+    # From day 21: eight at 15%. From day 26 only two more fit: three at 15%.
+    day_21 = ANCHOR + timedelta(days=21)
+    assert learner.chance_of_recovery(rate_at, day_21, WINDOW_END, 7) == pytest.approx(1 - 0.85**8)
+    day_26 = ANCHOR + timedelta(days=26)
+    assert learner.chance_of_recovery(rate_at, day_26, WINDOW_END, 7) == pytest.approx(1 - 0.85**3)
+    assert learner.chance_of_recovery(rate_at, PLAN, WINDOW_END, 0) == pytest.approx(0.01)
+
+
+def test_a_try_moves_late_only_where_the_tries_after_it_cannot_win_as_much():
+    # Late retries pay so often that the seven after this one recover nearly
+    # every case the try would: it keeps the plan's early moment, and a case
+    # that pays early is not kept waiting.
+    often = [_opaque(_paid_late(60), seed) for seed in range(50)]
+    assert {c.moment for c in often} == {PLAN}
+    assert "the plan's own moment" in often[0].why()
+    assert "with the 7 tries after it the case is recovered 100% of the time" in often[0].why()
+    # The plan's last try has none after it: it goes where retries pay.
+    last_try = [_opaque(_paid_late(60), seed, tries_after=0) for seed in range(50)]
+    assert {c.belief.family for c in last_try} == {"retry_capped/d21+"}
 
 
 def test_the_same_seed_and_outcomes_choose_the_same_moment():
@@ -305,9 +345,9 @@ def test_after_a_decline_on_payday_the_planner_knows_that_paydays_money_failed(s
 
 
 def test_the_planner_spends_an_opaque_declines_try_late_when_late_tries_paid(session, settings):
-    _teach(session, "retry_capped/d21+/p3+/again/morning", paid=40, declined=60)
-    _teach(session, "retry_capped/d1-3/p3+/again/morning", paid=1, declined=99)
-    _teach(session, "retry_capped/d3-7/p0/fresh/morning", paid=1, declined=99)
+    _teach(session, "retry_capped/d21+/p3+/again/morning", paid=15, declined=85)
+    for early in ("d0-1", "d1-3", "d3-7", "d7-14", "d14-21"):
+        _teach(session, f"retry_capped/{early}/p3+/again/morning", paid=1, declined=99)
     case = make_case(session, at=ANCHOR, category="retry_capped", decline_code="generic_decline")
     plan = planner.plan_for(Category.RETRY_CAPPED, settings)
     cases.replan(session, case, ANCHOR, replace(settings, retry_learning=True))

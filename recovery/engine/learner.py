@@ -19,9 +19,11 @@ To time a case's next retry, one chance is drawn from the Beta of each family
 the allowed candidate moments fall in (Thompson sampling) and the best draw
 wins: a family that has paid is chosen more, one nobody has tried is still
 tried now and then, and as outcomes pile up the draws settle on what works.
-A plan of paydays is the exception: there a try leaves the plan's family
-only for one believed to pay at least as well (choose says why).
-Within the winning family the moment nearest the plan's own is taken.
+On a plan of paydays a try leaves the plan's family only for one believed to
+pay at least as well, and within the winning family the moment nearest the
+plan's own is taken. On a plan of offsets a moment is worth the chance of
+recovering the case with the plan's tries after it, and a try moves only
+where that chance rises by WORTH_MOVING (choose says why).
 Candidates lie between the earliest moment the case may be tried again and
 last_moment: a little after the plan's payday, or, for a plan of offsets,
 as late as leaves room for the plan's later tries, so that a business whose
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -57,6 +59,11 @@ MIN_GAP = timedelta(hours=20)
 PRIOR_STRENGTH = 12.0
 PRIOR_PLAN = 0.2  # the chance the plan's own slot is believed to have
 PRIOR_OTHER = 0.1  # and any other slot
+# On the time axis a try leaves the plan's moment only where that is believed
+# to raise the case's chance of recovery by this much (choose): a try moved
+# later makes the case wait for its money, and a sliver of chance is not
+# worth the days.
+WORTH_MOVING = 0.01
 
 
 @dataclass(frozen=True)
@@ -182,13 +189,26 @@ class Choice:
     # A family that drew best but is believed to pay less than the plan's own,
     # so did not take a try on the payday axis (choose).
     passed_over: Belief | None = None
+    # On the time axis: the drawn chance of recovering the case with this try
+    # and the plan's tries after it, at this moment and at the plan's own
+    # (None when the plan's is out of reach).
+    chance: float | None = None
+    plan_chance: float | None = None
+    tries_after: int = 0
 
     def why(self) -> str:
         if self.moment == self.plan_moment:
             reason = "the plan's own moment"
         else:
             reason = f"moved from the plan's {self.plan_moment:%Y-%m-%d %H:%M} UTC"
-        if self.passed_over is None:
+        if self.chance is not None:
+            drawn = (
+                f"with the {self.tries_after} tries after it the case is recovered"
+                f" {self.chance:.0%} of the time, as drawn"
+            )
+            if self.moment != self.plan_moment and self.plan_chance is not None:
+                drawn += f", against {self.plan_chance:.0%} from the plan's moment"
+        elif self.passed_over is None:
             drawn = f"best of {self.candidates} candidate famil(ies) drawn"
         else:
             drawn = (
@@ -226,16 +246,18 @@ def choose(
     anchor: datetime,
     plan_moment: datetime,
     earliest: datetime,
-    latest: datetime,
+    window_end: datetime,
+    tries_after: int,
     zone: ZoneInfo,
     last_declined: datetime,
     counts: Mapping[str, Counts],
     rng: random.Random,
     axis: Axis = Axis.PAYDAY,
 ) -> Choice | None:
-    """The next retry's moment, from `earliest` to `latest` (last_moment), by
-    Thompson sampling over the candidates' families on `axis`; None when
-    there is none (the plan's moment is past the window).
+    """The next retry's moment, from `earliest` to last_moment, by Thompson
+    sampling over the candidates' families on `axis`; None when there is
+    none (the plan's moment is past the window). `tries_after` is how many
+    of the plan's tries remain after this one.
 
     One chance is drawn per family, not per slot or moment: among many slots
     believed alike the luckiest draw would win over the plan's, try after
@@ -250,36 +272,109 @@ def choose(
     window, try n on the n-th, so a try moved off its payday also pushes the
     tries after it off theirs, a cost the moved try's own outcome never
     shows: a family earns the move with outcomes, not with one lucky draw.
-    On the time axis exploring is how a learner finds that late tries pay,
-    and the draw decides alone. Measured with `recovery simulate --policy
+
+    On the time axis the draws are weighed with the tries left: each
+    candidate moment is worth its chance of recovering the case with the
+    plan's tries after it placed where the draws are best
+    (chance_of_recovery), and the try keeps the moment nearest the plan's
+    among those within WORTH_MOVING of the best. Weighed alone, a late try
+    wins whenever late retries pay more often, and issuer errors, which pay
+    on any try, waited days for the same money; weighed with the tries
+    after it, an early try that fails costs only what those cannot make up.
+    Measured with `recovery simulate --policy
     defaults --policy learning --seeds 6 --spread-days 90 --days 125
     --warm-days 60 --by-category`: free draws on the payday axis cost the
     funds plan 1.2 points of its recovered share (cases after day 60: 0.1);
     one try in ten drawn freely, 0.9 (1.0); moves only after the payday, 1.9
     (2.3); this rule 0.4 (none)."""
+    latest = last_moment(axis, plan_moment, window_end, tries_after)
     moments = candidates(plan_moment, earliest, latest, zone)
     if not moments:
         return None
     plan_slot = slot_of(category, anchor, plan_moment, zone, last_declined)
     plans_family = family_of(plan_slot, axis)
+
+    def family_at(moment: datetime) -> str:
+        return family_of(slot_of(category, anchor, moment, zone, last_declined), axis)
+
     by_family: dict[str, list[datetime]] = {}
     for moment in moments:
-        slot = slot_of(category, anchor, moment, zone, last_declined)
-        by_family.setdefault(family_of(slot, axis), []).append(moment)
+        by_family.setdefault(family_at(moment), []).append(moment)
     kin = families(counts, axis)
     # Families in order of their first moment, so the draws are reproducible.
     draws: dict[str, tuple[float, Belief]] = {}
+
+    def draw(family: str) -> tuple[float, Belief]:
+        if family not in draws:
+            held = family_belief(family, kin, plans_family)
+            draws[family] = (rng.betavariate(held.paid, held.declined), held)
+        return draws[family]
+
     for family in by_family:
-        held = family_belief(family, kin, plans_family)
-        draws[family] = (rng.betavariate(held.paid, held.declined), held)
-    drawn, held = max(draws.values(), key=lambda draw: draw[0])
+        draw(family)
+    if axis is Axis.TIME:
+        return _choose_on_time(
+            moments, plan_moment, plan_slot, window_end, tries_after, family_at, draw,
+            len(by_family), lambda at: slot_of(category, anchor, at, zone, last_declined),
+        )  # fmt: skip
+    drawn, held = max(draws.values(), key=lambda each: each[0])
     passed_over = None
-    if axis is Axis.PAYDAY and plans_family in draws and held.mean < draws[plans_family][1].mean:
+    if plans_family in draws and held.mean < draws[plans_family][1].mean:
         passed_over = held
         drawn, held = draws[plans_family]
     moment = min(by_family[held.family], key=lambda at: (abs(at - plan_moment), at))
     slot = slot_of(category, anchor, moment, zone, last_declined)
     return Choice(moment, slot, held, drawn, plan_moment, plan_slot, len(by_family), passed_over)
+
+
+def chance_of_recovery(
+    rate_at: Callable[[datetime], float], moment: datetime, window_end: datetime, tries_after: int
+) -> float:
+    """The chance a case is recovered by a try at `moment` and `tries_after`
+    more, MIN_GAP apart before `window_end`, each where retries are believed
+    to pay most, when a try at `at` pays with `rate_at(at)`. What a try
+    moved late wins is weighed against what the tries after it would have
+    won anyway: a failed early try still leaves them."""
+    later = []
+    at = moment + MIN_GAP
+    while at <= window_end:
+        later.append(rate_at(at))
+        at += MIN_GAP
+    missed = 1 - rate_at(moment)
+    for rate in sorted(later, reverse=True)[:tries_after]:
+        missed *= 1 - rate
+    return 1 - missed
+
+
+def _choose_on_time(
+    moments: list[datetime],
+    plan_moment: datetime,
+    plan_slot: str,
+    window_end: datetime,
+    tries_after: int,
+    family_at: Callable[[datetime], str],
+    draw: Callable[[str], tuple[float, Belief]],
+    families_drawn: int,
+    slot_at: Callable[[datetime], str],
+) -> Choice:
+    """On the time axis: the moment nearest the plan's among those whose
+    chance of recovering the case, with the tries after it, is within
+    WORTH_MOVING of the best (chance_of_recovery, with the drawn chances)."""
+
+    def rate_at(at: datetime) -> float:
+        return draw(family_at(at))[0]
+
+    chances = {at: chance_of_recovery(rate_at, at, window_end, tries_after) for at in moments}
+    best = max(chances.values())
+    moment = min(
+        (at for at, chance in chances.items() if chance >= best - WORTH_MOVING),
+        key=lambda at: (abs(at - plan_moment), at),
+    )
+    drawn, held = draw(family_at(moment))
+    return Choice(
+        moment, slot_at(moment), held, drawn, plan_moment, plan_slot, families_drawn,
+        chance=chances[moment], plan_chance=chances.get(plan_moment), tries_after=tries_after,
+    )  # fmt: skip
 
 
 def last_moment(
