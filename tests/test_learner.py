@@ -414,6 +414,7 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
     text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
     told = " ".join(CliRunner().invoke(cli, ["plans", "explain", "--help"]).output.split())
     assert "prior of 10%, worth 12 retries" in told and "starts from 20%" in told
+    assert "chance of recovery, with the tries after it, by 1 percentage point(s)" in told
     assert "retry learning: off (RETRY_LEARNING=on turns it on)" in text
     assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
     assert "from 47 retry outcome(s), by relation to a payday" in text

@@ -72,7 +72,8 @@ of paydays learns by a retry's relation to a payday, and moves a retry at
 most {learner.LATER_BY.days} days past its payday, and only to a family believed to pay at
 least as well as the plan's own; a plan of offsets learns by days since the
 failure, and may move a retry to any moment of its window that leaves room
-for its later tries.
+for its later tries, where that raises the case's chance of recovery, with
+the tries after it, by {learner.WORTH_MOVING * 100:g} percentage point(s) or more.
 
 A family's believed share is its paid outcomes over a prior of
 {learner.PRIOR_OTHER:.0%}, worth {learner.PRIOR_STRENGTH:g} retries; the family of the plan's own
