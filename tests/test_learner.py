@@ -144,7 +144,7 @@ def test_warm_an_offsets_plan_spends_its_first_try_where_late_retries_have_paid(
         f" as drawn, against {first.plan_chance:.0%} from the plan's moment"
     ) in first.why()
     # Cold, it explores, but seldom by making a case wait past the plan's
-    # moment: with seven tries after it, a late draw seldom adds a point.
+    # moment: with seven tries after it, a late draw seldom adds two points.
     cold = Counter(_opaque({}, seed).moment for seed in range(600))
     assert len(cold) > 1 and cold[PLAN] > 0
     assert sum(n for at, n in cold.items() if at > PLAN) < 600 / 4
@@ -360,10 +360,10 @@ def test_the_planner_spends_an_opaque_declines_try_late_when_late_tries_paid(ses
 
 
 def test_a_late_try_leaves_room_for_the_plans_later_tries(session, settings, tmp_path):
-    _teach(session, "retry_capped/d21+/p3+/again/morning", paid=40, declined=60)
-    _teach(session, "retry_capped/d14-21/p3+/again/morning", paid=20, declined=80)
+    _teach(session, "retry_capped/d21+/p3+/again/morning", paid=120, declined=480)
+    _teach(session, "retry_capped/d14-21/p3+/again/morning", paid=72, declined=528)
     for early in ("d0-1", "d1-3", "d3-7", "d7-14"):
-        _teach(session, f"retry_capped/{early}/p3+/again/morning", paid=1, declined=99)
+        _teach(session, f"retry_capped/{early}/p3+/again/morning", paid=2, declined=398)
     # Eight tries in 24 days: after day 21 there is no room for all of them.
     shorter = tmp_path / "plans.toml"
     shorter.write_text(
@@ -414,7 +414,7 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
     text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
     told = " ".join(CliRunner().invoke(cli, ["plans", "explain", "--help"]).output.split())
     assert "prior of 10%, worth 12 retries" in told and "starts from 20%" in told
-    assert "chance of recovery, with the tries after it, by 1 percentage point(s)" in told
+    assert "chance of recovery, with the tries after it, by 2 percentage point(s)" in told
     assert "retry learning: off (RETRY_LEARNING=on turns it on)" in text
     assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
     assert "from 47 retry outcome(s), by relation to a payday" in text

@@ -61,9 +61,10 @@ PRIOR_PLAN = 0.2  # the chance the plan's own slot is believed to have
 PRIOR_OTHER = 0.1  # and any other slot
 # On the time axis a try leaves the plan's moment only where that is believed
 # to raise the case's chance of recovery by this much (choose): a try moved
-# later makes the case wait for its money, and a sliver of chance is not
-# worth the days.
-WORTH_MOVING = 0.01
+# later makes the case wait for its money, and the draws that decide it are
+# noisy. One point let a lucky draw delay issuer errors two days; three
+# learned the opaque declines' late tries too slowly (measured in choose).
+WORTH_MOVING = 0.02
 
 
 @dataclass(frozen=True)
@@ -287,13 +288,15 @@ def choose(
     against the plans alone. On the payday axis free draws cost the funds
     plan 1.2 points of its recovered share (cases after day 60: 0.1); one
     try in ten drawn freely, 0.9 (1.0); moves only after the payday, 1.9
-    (2.3); the rule above 0.4 (none). On the time axis, as points of the
-    opaque declines' share, days from failure to recovery over all cases,
-    and the issuer errors' mean days (2.7 under the plans): a try weighed
-    alone +3.2, +0.97, 8.1; weighed with the tries after it +2.7, +0.60,
-    4.9, and the very same share after day 60; moving later only when the
-    Beta means also find a gain of a point -0.4, +0.12, 2.6, or any gain
-    +1.1, +0.34, 3.9 (the means learn late tries slowly)."""
+    (2.3); the rule above 0.4 (none). On the time axis (opaque declines'
+    share, the same after day 60, days from failure to recovery over all
+    cases, issuer errors' mean days: 2.7 under the plans): a try weighed
+    alone +3.2, +3.1, +0.97, 8.1; weighed with the tries after it and
+    WORTH_MOVING at one point +2.7, +3.1, +0.60, 4.9; two points +1.8,
+    +3.1, +0.38, 3.3; three +1.4, +1.9, +0.26, 3.2; one point, and later
+    moves also held to a gain by the Beta means +1.1, +2.7, +0.34, 3.9;
+    one point, the tries after valued at the means +1.5, +2.7, +0.58, 5.0
+    (the means learn late tries slowly)."""
     latest = last_moment(axis, plan_moment, window_end, tries_after)
     moments = candidates(plan_moment, earliest, latest, zone)
     if not moments:
