@@ -144,7 +144,7 @@ def test_warm_an_offsets_plan_spends_its_first_try_where_late_retries_have_paid(
         f" as drawn, against {first.plan_chance:.0%} from the plan's moment"
     ) in first.why()
     # Cold, it explores, but seldom by making a case wait past the plan's
-    # moment: with seven tries after it, a late draw seldom adds two points.
+    # moment: with seven tries after it, a late draw seldom adds a point.
     cold = Counter(_opaque({}, seed).moment for seed in range(600))
     assert len(cold) > 1 and cold[PLAN] > 0
     assert sum(n for at, n in cold.items() if at > PLAN) < 600 / 4
@@ -414,7 +414,7 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
     text = CliRunner().invoke(cli, ["plans", "explain"], catch_exceptions=False).output
     told = " ".join(CliRunner().invoke(cli, ["plans", "explain", "--help"]).output.split())
     assert "prior of 10%, worth 12 retries" in told and "starts from 20%" in told
-    assert "chance of recovery, with the tries after it, by 2 percentage point(s)" in told
+    assert "chance of recovery, with the tries after it, by 1 percentage point(s)" in told
     assert "retry learning: off (RETRY_LEARNING=on turns it on)" in text
     assert "up to 8, one per common payday" in text and "33 days, then cancel_subscription" in text
     assert "from 47 retry outcome(s), by relation to a payday" in text
