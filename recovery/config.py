@@ -64,9 +64,9 @@ class Settings:
     stripe_read_rate: float = 20.0
     visa_max_attempts_30d: int = 15
     # Time plan retries by what has paid before (engine/learner.py). Off by
-    # default: on the simulated population it recovers a little more than the
-    # plans with fewer retries, but a day later on average, issuer errors
-    # days later (README, "Does it recover more than Stripe?").
+    # default: on the simulated population it recovers under a point more
+    # than the plans with fewer retries, but half a day later on average
+    # (README, "Does it recover more than Stripe?").
     retry_learning: bool = False
     # Once the plan's tries on the card are spent (or the card cannot be
     # retried), try another unexpired card saved on the customer, except for
