@@ -307,8 +307,11 @@ def choose(
     plan_slot = slot_of(category, anchor, plan_moment, zone, last_declined)
     plans_family = family_of(plan_slot, axis)
 
+    def slot_at(moment: datetime) -> str:
+        return slot_of(category, anchor, moment, zone, last_declined)
+
     def family_at(moment: datetime) -> str:
-        return family_of(slot_of(category, anchor, moment, zone, last_declined), axis)
+        return family_of(slot_at(moment), axis)
 
     by_family: dict[str, list[datetime]] = {}
     for moment in moments:
@@ -327,17 +330,17 @@ def choose(
         draw(family)
     if axis is Axis.TIME:
         return _choose_on_time(
-            moments, plan_moment, plan_slot, window_end, tries_after, family_at, draw,
-            len(by_family), lambda at: slot_of(category, anchor, at, zone, last_declined),
-        )  # fmt: skip
+            moments, plan_moment, plan_slot, window_end, tries_after, slot_at, draw, len(by_family)
+        )
     drawn, held = max(draws.values(), key=lambda each: each[0])
     passed_over = None
     if plans_family in draws and held.mean < draws[plans_family][1].mean:
         passed_over = held
         drawn, held = draws[plans_family]
     moment = min(by_family[held.family], key=lambda at: (abs(at - plan_moment), at))
-    slot = slot_of(category, anchor, moment, zone, last_declined)
-    return Choice(moment, slot, held, drawn, plan_moment, plan_slot, len(by_family), passed_over)
+    return Choice(
+        moment, slot_at(moment), held, drawn, plan_moment, plan_slot, len(by_family), passed_over
+    )
 
 
 def chance_of_recovery(
@@ -365,14 +368,16 @@ def _choose_on_time(
     plan_slot: str,
     window_end: datetime,
     tries_after: int,
-    family_at: Callable[[datetime], str],
+    slot_at: Callable[[datetime], str],
     draw: Callable[[str], tuple[float, Belief]],
     families_drawn: int,
-    slot_at: Callable[[datetime], str],
 ) -> Choice:
     """On the time axis: the moment nearest the plan's among those whose
     chance of recovering the case, with the tries after it, is within
     WORTH_MOVING of the best (chance_of_recovery, with the drawn chances)."""
+
+    def family_at(at: datetime) -> str:
+        return family_of(slot_at(at), Axis.TIME)
 
     def rate_at(at: datetime) -> float:
         return draw(family_at(at))[0]
