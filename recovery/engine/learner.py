@@ -330,7 +330,14 @@ def choose(
         draw(family)
     if axis is Axis.TIME:
         return _choose_on_time(
-            moments, plan_moment, plan_slot, window_end, tries_after, slot_at, draw, len(by_family)
+            moments,
+            plan_moment,
+            plan_slot,
+            window_end,
+            tries_after,
+            slot_at,
+            lambda at: draw(family_at(at)),
+            len(by_family),
         )
     drawn, held = max(draws.values(), key=lambda each: each[0])
     passed_over = None
@@ -369,18 +376,16 @@ def _choose_on_time(
     window_end: datetime,
     tries_after: int,
     slot_at: Callable[[datetime], str],
-    draw: Callable[[str], tuple[float, Belief]],
+    drawn_at: Callable[[datetime], tuple[float, Belief]],
     families_drawn: int,
 ) -> Choice:
     """On the time axis: the moment nearest the plan's among those whose
     chance of recovering the case, with the tries after it, is within
-    WORTH_MOVING of the best (chance_of_recovery, with the drawn chances)."""
-
-    def family_at(at: datetime) -> str:
-        return family_of(slot_at(at), Axis.TIME)
+    WORTH_MOVING of the best (chance_of_recovery, with the chances drawn
+    for each moment's family, `drawn_at`)."""
 
     def rate_at(at: datetime) -> float:
-        return draw(family_at(at))[0]
+        return drawn_at(at)[0]
 
     chances = {at: chance_of_recovery(rate_at, at, window_end, tries_after) for at in moments}
     best = max(chances.values())
@@ -388,7 +393,7 @@ def _choose_on_time(
         (at for at, chance in chances.items() if chance >= best - WORTH_MOVING),
         key=lambda at: (abs(at - plan_moment), at),
     )
-    drawn, held = draw(family_at(moment))
+    drawn, held = drawn_at(moment)
     return Choice(
         moment, slot_at(moment), held, drawn, plan_moment, plan_slot, families_drawn,
         chance=chances[moment], plan_chance=chances.get(plan_moment), tries_after=tries_after,
