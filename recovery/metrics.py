@@ -2,13 +2,13 @@
 glance for `recovery status`.
 
 Most of what matters is state the database already holds (the inbox's
-backlog and its age, steps due and overdue, retries by outcome, emails by
-status, what was recovered), so it is read at scrape time: every web process
-answers the same, and nothing is lost when a worker restarts. What the
-database does not hold, the Stripe requests each process makes, is counted by
-prometheus-client; with PROMETHEUS_MULTIPROC_DIR set (gunicorn's workers,
-Celery's prefork children) every process writes its counts there and a scrape
-adds them up.
+backlog and its age, steps due and overdue, retries by Stripe's answer,
+emails by status, what was recovered; each counted as counts.py defines
+it), so it is read at scrape time: every web process answers the same, and
+nothing is lost when a worker restarts. What the database does not hold,
+the Stripe requests each process makes, is counted by prometheus-client;
+with PROMETHEUS_MULTIPROC_DIR set (gunicorn's workers, Celery's prefork
+children) every process writes its counts there and a scrape adds them up.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from recovery import counts
 from recovery.models import (
     CaseStatus,
     EventStatus,
     Message,
     RecoveryAttempt,
-    RecoveryCase,
     StepKind,
     StepStatus,
     WebhookEvent,
@@ -56,7 +56,9 @@ class Snapshot:
     oldest_waiting_event_seconds: float = 0.0  # pending or processing
     steps_due: dict[str, int] = field(default_factory=dict)  # scheduled and due, by kind
     steps_overdue: dict[str, int] = field(default_factory=dict)
-    retries: dict[str, int] = field(default_factory=dict)  # by outcome
+    retries: dict[str, int] = field(default_factory=dict)  # charges, by Stripe's answer
+    # Retry steps that ended without a charge, by what stopped them.
+    retry_steps_charged_nothing: dict[str, int] = field(default_factory=dict)
     emails: dict[str, int] = field(default_factory=dict)  # by status
     cases: dict[str, int] = field(default_factory=dict)  # by status
     recovered: dict[str, int] = field(default_factory=dict)  # minor units, by currency
@@ -86,26 +88,15 @@ def snapshot(session: Session, now: datetime) -> Snapshot:
     ):
         found.steps_due[str(kind)] = due
         found.steps_overdue[str(kind)] = overdue
-    for outcome, count in session.execute(
-        select(RecoveryAttempt.outcome, func.count())
-        .where(RecoveryAttempt.kind == StepKind.RETRY, RecoveryAttempt.outcome.is_not(None))
-        .group_by(RecoveryAttempt.outcome)
-    ):
-        found.retries[str(outcome)] = count
+    retries = counts.retry_steps(session)
+    found.retries = retries.charges
+    found.retry_steps_charged_nothing = retries.charged_nothing
     for message_status, count in session.execute(
         select(Message.status, func.count()).group_by(Message.status)
     ):
         found.emails[str(message_status)] = count
-    for case_status, count in session.execute(
-        select(RecoveryCase.status, func.count()).group_by(RecoveryCase.status)
-    ):
-        found.cases[str(case_status)] = count
-    for currency, amount in session.execute(
-        select(RecoveryCase.currency, func.sum(RecoveryCase.amount_recovered))
-        .where(RecoveryCase.status == CaseStatus.RECOVERED)
-        .group_by(RecoveryCase.currency)
-    ):
-        found.recovered[currency] = int(amount or 0)
+    found.cases = counts.cases_by_status(session)
+    found.recovered = counts.recovered_amounts(session)
     return found
 
 
@@ -137,11 +128,21 @@ def families(state: Snapshot) -> Iterator[Metric]:
     yield due
     yield overdue
     retries = CounterMetricFamily(
-        "recovery_retries", "Retries made, by outcome", labels=["outcome"]
+        "recovery_retries",
+        "Retries made (charges that reached Stripe), by Stripe's answer",
+        labels=["outcome"],
     )
     for outcome, count in sorted(state.retries.items()):
         retries.add_metric([outcome], count)
     yield retries
+    uncharged = CounterMetricFamily(
+        "recovery_retry_steps_charged_nothing",
+        "Retry steps that ended without a charge, by what stopped them",
+        labels=["outcome"],
+    )
+    for outcome, count in sorted(state.retry_steps_charged_nothing.items()):
+        uncharged.add_metric([outcome], count)
+    yield uncharged
     emails = GaugeMetricFamily("recovery_emails", "Emails by status", labels=["status"])
     for message_status, count in sorted(state.emails.items()):
         emails.add_metric([message_status], count)

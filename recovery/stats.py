@@ -1,6 +1,7 @@
 """What recovery brought back: rates, revenue, paths, the email funnel, over time.
 
-Read-only over the case, step, message and link tables. Money stays integer
+Read-only over the case, step, message and link tables; what each figure
+counts is defined in counts.py. Money stays integer
 minor units, summed per currency (a dollar and a yen do not add up). A case's
 cause is its first decline: later declines tell the story, not the start.
 """
@@ -16,16 +17,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from recovery import counts
 from recovery.models import (
     CaseStatus,
     Message,
-    MessageStatus,
-    RecoveryAttempt,
     RecoveryCase,
     RecoveryLink,
     RecoveryPath,
-    StepKind,
-    StepStatus,
 )
 
 
@@ -75,20 +73,9 @@ def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
         for c in won
         if c.closed_at
     )
-    retries = Counter(
-        outcome
-        for (outcome,) in session.execute(
-            select(RecoveryAttempt.outcome).where(
-                RecoveryAttempt.case_id.in_(ids),
-                RecoveryAttempt.kind == StepKind.RETRY,
-                RecoveryAttempt.status == StepStatus.DONE,
-            )
-        )
-    )
+    retries = counts.retry_steps(session, since)
     sent = session.execute(
-        select(Message.case_id, Message.template).where(
-            Message.case_id.in_(ids), Message.status == MessageStatus.SENT
-        )
+        select(Message.case_id, Message.template).where(Message.case_id.in_(ids), counts.is_sent())
     ).all()
     emailed = {case_id for case_id, _ in sent}
     clicked = set(
@@ -107,14 +94,11 @@ def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
         if case.closed_at:
             by_day[case.closed_at.date().isoformat()].append(case)
     return {
-        "cases": {
-            "total": len(cases),
-            **{s.value: sum(1 for c in cases if c.status is s) for s in CaseStatus},
-        },
+        "cases": {"total": len(cases), **counts.cases_by_status(session, since)},
         "at_stake": _money((c.currency, c.amount_due) for c in cases),
         "recovered": {
             "count": len(won),
-            "amount": _money((c.currency, c.amount_recovered) for c in won),
+            "amount": counts.recovered_amounts(session, since),
             "rate": _rate(len(won), len(cases)),
             "rate_of_closed": _rate(len(won), len(closed)),
         },
@@ -151,10 +135,10 @@ def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
             "p90": round(quantiles(hours, n=10)[-1], 1) if len(hours) >= 2 else None,
         },
         "retries": {
-            "made": sum(retries.values()),
-            "by_outcome": {
-                str(k): v for k, v in sorted(retries.items(), key=lambda kv: str(kv[0]))
-            },
+            "made": retries.made,
+            "by_answer": retries.charges,
+            "steps_that_charged_nothing": retries.charged_nothing,
+            "steps_canceled": retries.canceled,
         },
         "funnel": {
             "cases": len(cases),

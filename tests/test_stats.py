@@ -81,6 +81,18 @@ def fill() -> None:
                 recovery_path="link",
                 closed_at=T + timedelta(hours=12),
             ),
+            # 6: soft decline, paid elsewhere: our retry found the invoice
+            # paid at Stripe and charged nothing
+            case(
+                6,
+                "recovered",
+                "retry",
+                "insufficient_funds",
+                700,
+                amount_recovered=700,
+                recovery_path="paid_elsewhere",
+                closed_at=T + timedelta(hours=6),
+            ),
         ]
         session.add_all(cases)
         session.flush()
@@ -90,6 +102,10 @@ def fill() -> None:
             ("retry:2", "paid", "in_1"),
             ("retry:1", "declined", "in_2"),
             ("retry:card-update", "paid", "in_3"),
+            # Steps that charged nothing: not retries.
+            ("retry:1", "invoice_paid", "in_6"),
+            ("retry:backup-card", "no_backup_card", "in_2"),
+            ("retry:2", "canceled", "in_6"),
         ):
             session.add(
                 RecoveryAttempt(
@@ -140,25 +156,25 @@ def test_stats_match_the_hand_computed_figures(db):
     with session_scope() as session:
         s = stats.compute(session)
     assert s["cases"] == {
-        "total": 5,
+        "total": 6,
         "open": 1,
-        "recovered": 3,
+        "recovered": 4,
         "canceled": 1,
         "voided": 0,
         "uncollectible": 0,
     }
-    assert s["at_stake"] == {"eur": 1500, "usd": 6500}
+    assert s["at_stake"] == {"eur": 1500, "usd": 7200}
     assert s["recovered"] == {
-        "count": 3,
-        "amount": {"eur": 1500, "usd": 2500},
-        "rate": 0.6,
-        "rate_of_closed": 0.75,
+        "count": 4,
+        "amount": {"eur": 1500, "usd": 3200},
+        "rate": 0.6667,
+        "rate_of_closed": 0.8,
     }
     causes = {r["name"]: r for r in s["by_cause"]}
     assert (causes["retry"]["cases"], causes["retry"]["recovered"], causes["retry"]["rate"]) == (
+        3,
         2,
-        1,
-        0.5,
+        0.6667,
     )
     assert causes["customer_action"]["amount"] == {"eur": 1500}
     assert causes["authenticate"]["rate"] == 1.0
@@ -167,18 +183,25 @@ def test_stats_match_the_hand_computed_figures(db):
         "card_update": 1,
         "link": 1,
         "backup_card": 0,
-        "paid_elsewhere": 0,
+        "paid_elsewhere": 1,
     }
     assert {r["name"]: r["recovered"] for r in s["by_step"]} == {
         "retry:2": 1,
         "retry:card-update": 1,
     }
-    # 12, 24 and 48 hours
-    assert s["time_to_recover_hours"]["median"] == 24.0
-    assert s["time_to_recover_hours"]["mean"] == 28.0  # the recovered only
-    assert s["retries"] == {"made": 4, "by_outcome": {"declined": 2, "paid": 2}}
+    # 6, 12, 24 and 48 hours
+    assert s["time_to_recover_hours"]["median"] == 18.0
+    assert s["time_to_recover_hours"]["mean"] == 22.5  # the recovered only
+    # Four charges reached Stripe; the step that found case 6 paid elsewhere,
+    # the backup-card step with no card and the canceled one charged nothing.
+    assert s["retries"] == {
+        "made": 4,
+        "by_answer": {"paid": 2, "declined": 2},
+        "steps_that_charged_nothing": {"invoice_paid": 1, "no_backup_card": 1},
+        "steps_canceled": 1,
+    }
     assert s["funnel"] == {
-        "cases": 5,
+        "cases": 6,
         "emailed": 4,
         "emails_sent": 5,
         "clicked": 2,
@@ -186,7 +209,7 @@ def test_stats_match_the_hand_computed_figures(db):
         "recovered_emailed": 3,
     }
     assert s["over_time"] == [
-        {"day": "2026-11-02", "recovered": 1, "amount": {"usd": 500}},
+        {"day": "2026-11-02", "recovered": 2, "amount": {"usd": 1200}},
         {"day": "2026-11-03", "recovered": 1, "amount": {"eur": 1500}},
         {"day": "2026-11-04", "recovered": 1, "amount": {"usd": 2000}},
     ]
@@ -199,11 +222,11 @@ def test_stats_and_report_commands(db, tmp_path):
     assert as_json.exit_code == 0
     import json
 
-    assert json.loads(as_json.output)["recovered"]["count"] == 3
+    assert json.loads(as_json.output)["recovered"]["count"] == 4
     table = runner.invoke(cli, ["stats"])
-    assert "5 cases · 3 recovered (60.0%)" in table.output
+    assert "6 cases · 4 recovered (66.7%)" in table.output
     assert runner.invoke(cli, ["stats", "--since", "yesterday"]).exit_code == 2
     out = tmp_path / "r.html"
     assert runner.invoke(cli, ["report", "--out", str(out)]).exit_code == 0
     html = out.read_text()
-    assert 'class="hbars"' in html and "€15.00 + $25.00" in html
+    assert 'class="hbars"' in html and "€15.00 + $32.00" in html

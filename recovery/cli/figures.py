@@ -35,6 +35,9 @@ def print_summary(stats: dict[str, Any]) -> None:
         f"{stats['retries']['made']} retries made · {stats['funnel']['emails_sent']} emails "
         f"sent · {stats['funnel']['clicked']} cases clicked a link"
     )
+    uncharged = stats["retries"]["steps_that_charged_nothing"]
+    if uncharged:
+        click.echo(f"retry steps that charged nothing: {_counts(uncharged)}")
     took = stats["time_to_recover_hours"]
     median, most = page.days(took["median"]), page.days(took["p90"])
     click.echo(f"time to recover: median {median}, 90% within {most}")
@@ -136,7 +139,8 @@ def status(as_json: bool) -> None:
             if overdue
             else "none",
         ),
-        ("retries", _counts(state.retries)),
+        ("retries", f"{sum(state.retries.values()):,} charges: {_counts(state.retries)}"),
+        ("no charge", _counts(state.retry_steps_charged_nothing)),
         ("emails", _counts(state.emails)),
         ("cases", _counts(state.cases)),
         ("recovered", format_totals(state.recovered)),

@@ -423,4 +423,8 @@ def _checks(
         "recoveries add up across paths": sum(p["recovered"] for p in numbers["by_path"])
         == numbers["recovered"]["count"],
         "no invoice paid twice": all(count <= 1 for count in charged.values()),
+        # The server logs every pay request that charged a card: our count of
+        # retries must be exactly those, no step that charged nothing.
+        "retries counted are the server's charges": numbers["retries"]["made"]
+        == len(sim.state.charges),
     }
