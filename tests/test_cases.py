@@ -293,19 +293,46 @@ def test_cancel_closes_the_case_and_is_refused_on_a_closed_one(session):
         cases.cancel(session, case, T0, "operator:test", "twice")
 
 
-def test_a_new_card_retries_at_once_after_the_minimum_gap(session, settings):
-    case = make_case(session, last_failure_at=T0)
-    session.get(Customer, case.customer_id).card_updated_at = T0 + timedelta(seconds=30)
-    make_step(session, case, StepKind.RETRY, due_at=T0 + timedelta(days=3))
-    assert cases.card_updated(session, case, T0 + timedelta(minutes=1), settings)
-    retries = [
-        s
+def card_update_retries(session, case) -> list[tuple[StepOrigin, object]]:
+    return [
+        (s.origin, s.due_at)
         for s in steps_of(session, case)
         if s.status is StepStatus.SCHEDULED and s.kind is StepKind.RETRY
     ]
-    assert [(r.origin, r.due_at) for r in retries] == [
+
+
+@pytest.mark.parametrize(
+    "saved, default",
+    [
+        (None, None),  # a change that named no card: it may be the declined one, updated
+        (None, "pm_declined"),  # the default is the card that declined
+        ("pm_declined", None),
+    ],
+)
+def test_the_declined_card_is_retried_only_after_the_minimum_gap(session, settings, saved, default):
+    case = make_case(session, last_failure_at=T0, payment_method_id="pm_declined")
+    customer = session.get(Customer, case.customer_id)
+    customer.card_updated_at = T0 + timedelta(seconds=30)
+    customer.saved_payment_method, customer.default_payment_method = saved, default
+    make_step(session, case, StepKind.RETRY, due_at=T0 + timedelta(days=3))
+    assert cases.card_updated(session, case, T0 + timedelta(minutes=1), settings)
+    assert card_update_retries(session, case) == [
         (StepOrigin.CARD_UPDATE, T0 + timedelta(seconds=settings.card_update_min_gap_seconds))
     ]
+
+
+@pytest.mark.parametrize(
+    "saved, default", [("pm_new", None), (None, "pm_new"), ("pm_new", "pm_declined")]
+)
+def test_another_card_is_charged_as_soon_as_it_is_saved(session, settings, saved, default):
+    case = make_case(session, last_failure_at=T0, payment_method_id="pm_declined")
+    customer = session.get(Customer, case.customer_id)
+    customer.card_updated_at = T0 + timedelta(seconds=30)
+    customer.saved_payment_method, customer.default_payment_method = saved, default
+    make_step(session, case, StepKind.RETRY, due_at=T0 + timedelta(days=3))
+    now = T0 + timedelta(minutes=1)
+    assert cases.card_updated(session, case, now, settings)
+    assert card_update_retries(session, case) == [(StepOrigin.CARD_UPDATE, now)]
 
 
 def test_an_operator_retry_is_refused_where_the_rules_forbid_it(session, settings):

@@ -174,7 +174,7 @@ def schedule_next(
     if not steps.has_live_retry(session, case, StepOrigin.OPERATOR):
         new_card = _card_changed_since_decline(session, case, customer)
         if new_card is not None and reading.category not in _NO_CARD_UPDATE_RETRY:
-            _card_update_retry(wanted, case, new_card, now, settings)
+            _card_update_retry(wanted, case, new_card, customer, now, settings)
         elif case.mode is RetryMode.TAKE_OVER and reading.may_retry_card:
             _next_plan_retry(session, wanted, case, plan, reading, anchor, now, tz, settings)
         if case.mode is RetryMode.TAKE_OVER and not any(
@@ -218,17 +218,30 @@ def _card_changed_since_decline(
     return None if steps.has_run(session, case, steps.card_update_retry_name(changed)) else changed
 
 
+def _another_card(case: RecoveryCase, customer: Customer | None) -> bool:
+    """Whether the card a retry on this card update will charge is known to be
+    another than the one that declined: the card saved through our link, else
+    the customer's new invoice default."""
+    card = customer and (customer.saved_payment_method or customer.default_payment_method)
+    return bool(card) and card != case.payment_method_id
+
+
 def _card_update_retry(
     wanted: dict[str, steps.Planned],
     case: RecoveryCase,
     changed_at: datetime,
+    customer: Customer | None,
     now: datetime,
     settings: Settings,
 ) -> None:
-    """A new card: retry at once, before more emails, a moment after the last
-    decline at the earliest."""
-    gap = timedelta(seconds=settings.card_update_min_gap_seconds)
-    due = max(now, (case.last_failure_at or now) + gap)
+    """A new card: retry before more emails. Another card is charged at once;
+    the gap after the last decline spares only the card that declined, so it
+    holds while the card to charge may be that one (its details updated, or a
+    change that named no card)."""
+    due = now
+    if not _another_card(case, customer):
+        gap = timedelta(seconds=settings.card_update_min_gap_seconds)
+        due = max(now, (case.last_failure_at or now) + gap)
     wanted[steps.card_update_retry_name(changed_at)] = steps.Planned(
         StepKind.RETRY, due, origin=StepOrigin.CARD_UPDATE, why="the customer changed the card"
     )
