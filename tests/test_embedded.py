@@ -33,18 +33,35 @@ def run_on_a_fresh_machine(cwd, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_dev_check_follows_a_payment_to_recovery(tmp_path):
+def test_dev_check_recovers_through_our_link_a_saved_card_and_our_retry(tmp_path):
     from .conftest import free_port
 
     result = run_on_a_fresh_machine(
         tmp_path, "dev", "--check", "--port", str(free_port()), "--sim-port", str(free_port())
     )
-    assert "decline insufficient_funds" in result.stdout
-    assert "recovered: $20.00" in result.stdout
+    told = result.stdout
+    assert "the customer opens the link in the payment_failed email and saves a new card" in told
+    assert "check passed: the link, a saved card and our retry recovered the payment" in told
+    # One card saved is several Stripe events, told once, with when its retry
+    # comes: at once, since it is not the card that declined.
+    assert told.count("the customer saved a new card") == 1, told
+    assert "case 1: the customer saved a new card; its retry due now" in told
+    assert "case 1: retry retry:card-update:" in told and "recovered $20.00" in told
     assert (tmp_path / "var" / "recovery.sqlite3").exists()
     # The customer was written to, in the file sink: the embedded default sends nothing.
     sent = [p.read_bytes() for p in (tmp_path / "var" / "outbox").glob("*.eml")]
     assert any(b"Subject: Our service: your payment did not go through" in m for m in sent)
+    assert any(b"Subject: Our service: thank you, your payment went through" in m for m in sent)
+
+    # A second run on the same database tells only its own story.
+    again = run_on_a_fresh_machine(
+        tmp_path, "dev", "--check", "--port", str(free_port()), "--sim-port", str(free_port())
+    ).stdout
+    story = [line.strip() for line in again.splitlines() if line.strip().startswith("·")]
+    assert story and not any(line.startswith("· case 1:") for line in story), story
+    first_events = {w for w in told.split() if w.startswith("(evt_")}
+    assert not first_events & {w for w in again.split() if w.startswith("(evt_")}
+    assert "· case 2: recovered $20.00" in story, story
 
 
 def test_demo_needs_no_servers(tmp_path):

@@ -24,11 +24,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery.cli import story
-from recovery.cli.common import DEMO_DIR, Unavailable, amount, emit_json
+from recovery.cli.common import DEMO_DIR, Unavailable, emit_json
 from recovery.cli.figures import print_summary, write_report
 from recovery.config import get_settings
 from recovery.db import session_scope, upgrade
-from recovery.models import CaseStatus, Message, MessageStatus, RecoveryCase
+from recovery.models import CaseStatus, Message, MessageStatus, RecoveryCase, RecoveryPath
 from recovery.money import format_totals
 from recovery.sim import backtest, compare, population
 from recovery.sim import demo as month
@@ -195,7 +195,7 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
         )
         story.tell_while(lambda: not (over or signals.count), Path(settings.outbox_dir), click.echo)
         if check:
-            _check_round_trip(f"http://127.0.0.1:{sim_port}", signals)
+            _check_round_trip(f"http://127.0.0.1:{sim_port}", Path(settings.outbox_dir), signals)
             signals.nap(1.5)  # the story's last lines
             return
         click.echo(
@@ -301,16 +301,21 @@ def _wait_case(invoice_id: str, status: CaseStatus, signals: _Signals) -> Recove
     return _wait_for(find, signals, f"no {status} case for {invoice_id}")
 
 
-def _wait_email(case_id: int, signals: _Signals) -> Message:
+def _wait_email(case_id: int, template: str | None, signals: _Signals) -> Message:
     def find(session: Session) -> Message | None:
-        return session.scalars(
-            select(Message).where(Message.case_id == case_id, Message.status == MessageStatus.SENT)
-        ).first()
+        query = select(Message).where(
+            Message.case_id == case_id, Message.status == MessageStatus.SENT
+        )
+        if template is not None:
+            query = query.where(Message.template == template)
+        return session.scalars(query).first()
 
-    return _wait_for(find, signals, f"no email sent for case {case_id}")
+    return _wait_for(find, signals, f"no {template or ''} email sent for case {case_id}")
 
 
-def _check_round_trip(sim_url: str, signals: _Signals) -> None:
+def _check_round_trip(sim_url: str, outbox: Path, signals: _Signals) -> None:
+    """A renewal declined; the customer opens our email's link, saves a new
+    card on Stripe's page, and our retry charges it."""
     scenario = _post(
         f"{sim_url}/_sim/scenarios/failed_invoice",
         {"behavior": {"decline_code": "insufficient_funds"}},
@@ -318,18 +323,23 @@ def _check_round_trip(sim_url: str, signals: _Signals) -> None:
     invoice_id = scenario["invoice"]
     click.echo(f"simulated a declined renewal: invoice {invoice_id}")
     case = _wait_case(invoice_id, CaseStatus.OPEN, signals)
-    click.echo(
-        f"case {case.id} opened: {amount(case.amount_due, case.currency)}, "
-        f"decline {case.decline_code}, card {case.card_brand}"
-    )
-    # The customer hears of it before paying: the smoke test covers the email.
-    email = _wait_email(case.id, signals)
-    click.echo(f"email sent: {email.template} (var/outbox)")
-    _post(f"{sim_url}/_sim/customers/{scenario['customer']}/cards", {"brand": "visa"})
-    _post(f"{sim_url}/_sim/invoices/{invoice_id}/attempt", {})
+    email = _wait_email(case.id, None, signals)
+    link = story.email_link(outbox, email.smtp_message_id)
+    if link is None:
+        raise click.ClickException(f"email {email.template} of case {case.id} holds no link")
+    click.echo(f"the customer opens the link in the {email.template} email and saves a new card")
+    target, chose = month.open_link(link, "card")
+    card = {"brand": "visa", "last4": "4242"}
+    if target is None or month.finish_on_page(target, chose, card) != "cards_saved":
+        raise click.ClickException(f"the link {link} did not lead to saving a card")
     case = _wait_case(invoice_id, CaseStatus.RECOVERED, signals)
-    click.echo(f"case {case.id} recovered: {amount(case.amount_recovered or 0, case.currency)}")
-    click.echo("check passed")
+    if case.recovery_path is not RecoveryPath.CARD_UPDATE:
+        raise click.ClickException(
+            f"case {case.id} was recovered by {case.recovery_path}, not by our retry"
+        )
+    # The customer hears of it: and nothing of this run is left for the next.
+    _wait_email(case.id, "recovered", signals)
+    click.echo("check passed: the link, a saved card and our retry recovered the payment")
 
 
 @click.command("send-test-event")

@@ -11,7 +11,7 @@ import email
 import re
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from email import policy
 from pathlib import Path
 
@@ -19,16 +19,20 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from recovery import clock
 from recovery.customers.mailer import FileOutbox
 from recovery.db import session_scope
 from recovery.models import (
     AuditEntry,
+    CaseStatus,
     Message,
     MessageStatus,
     RecoveryAttempt,
     RecoveryCase,
     StepKind,
+    StepOrigin,
     StepOutcome,
+    StepStatus,
     WebhookEvent,
 )
 from recovery.money import format_money
@@ -51,14 +55,22 @@ def email_link(outbox: Path, smtp_message_id: str | None) -> str | None:
 
 
 class Story:
-    """Remembers what it has told; `news` returns the lines since."""
+    """Remembers what it has told; `news` returns the lines since. What the
+    database held before the story began (an earlier run's) is not news."""
 
-    def __init__(self, outbox: Path) -> None:
+    def __init__(self, outbox: Path, session: Session | None = None) -> None:
         self.outbox = outbox
         self.last_event = 0
         self.last_audit = 0
         self.mailed: set[int] = set()
         self.answered: set[int] = set()
+        # The retry each case waits for, as last told: (step id, due).
+        self.next_retry: dict[int, tuple[int, datetime]] = {}
+        # Cases told of a new card and not yet of the retry it brought: one
+        # card saved through Stripe is several events, told once.
+        self.card_told: set[int] = set()
+        if session is not None:
+            self.news(session)
 
     def news(self, session: Session) -> list[tuple[datetime, str]]:
         lines: list[tuple[datetime, str]] = []
@@ -76,6 +88,12 @@ class Story:
             .order_by(AuditEntry.id)
         ):
             self.last_audit = entry.id
+            if entry.action == "card_updated":
+                if case.id in self.card_told:
+                    continue
+                self.card_told.add(case.id)
+                lines.append((entry.created_at, f"case {case.id}: {_new_card(session, entry)}"))
+                continue
             told = _audit_line(entry, case)
             if told:
                 lines.append((entry.created_at, f"case {case.id}: {told}"))
@@ -106,6 +124,7 @@ class Story:
             if step.id in self.answered:
                 continue
             self.answered.add(step.id)
+            self.card_told.discard(step.case_id)
             code = f" ({step.decline_code})" if step.decline_code else ""
             lines.append(
                 (
@@ -113,12 +132,65 @@ class Story:
                     f"case {step.case_id}: retry {step.step}: {step.outcome}{code}",
                 )
             )
+        lines.extend(self._next_retries(session))
         # One event can be told twice (a new card: attached, then the default).
         news: list[tuple[datetime, str]] = []
         for line in sorted(lines, key=lambda line: line[0]):
             if not news or news[-1][1] != line[1]:
                 news.append(line)
         return news
+
+    def _next_retries(self, session: Session) -> list[tuple[datetime, str]]:
+        """Each open case's next retry, when it is new or moved."""
+        found: dict[int, RecoveryAttempt] = {}
+        for step in session.scalars(
+            select(RecoveryAttempt)
+            .join(RecoveryCase, RecoveryCase.id == RecoveryAttempt.case_id)
+            .where(
+                RecoveryCase.status == CaseStatus.OPEN,
+                RecoveryAttempt.kind == StepKind.RETRY,
+                RecoveryAttempt.status == StepStatus.SCHEDULED,
+            )
+            .order_by(RecoveryAttempt.due_at, RecoveryAttempt.id)
+        ):
+            found.setdefault(step.case_id, step)
+        lines, now = [], clock.now()
+        for case_id, step in found.items():
+            if self.next_retry.get(case_id) == (step.id, step.due_at):
+                continue
+            self.next_retry[case_id] = (step.id, step.due_at)
+            why = f" ({step.why})" if step.why else ""
+            # Told after what brought it, which came before now.
+            lines.append((now, f"case {case_id}: next retry {_when(step.due_at, now)}{why}"))
+        return lines
+
+
+def _new_card(session: Session, entry: AuditEntry) -> str:
+    """A saved card, and when the retry it brought is due."""
+    retry = session.scalars(
+        select(RecoveryAttempt)
+        .where(
+            RecoveryAttempt.case_id == entry.case_id,
+            RecoveryAttempt.origin == StepOrigin.CARD_UPDATE,
+            RecoveryAttempt.created_at >= entry.created_at - timedelta(seconds=5),
+        )
+        .order_by(RecoveryAttempt.id.desc())
+    ).first()
+    if retry is None:
+        return "the customer saved a new card"
+    when = _when(retry.due_at, entry.created_at)
+    spared = "" if when == "due now" else ": the card that declined is spared until then"
+    return f"the customer saved a new card; its retry {when}{spared}"
+
+
+def _when(due: datetime, now: datetime) -> str:
+    """A moment as a person waiting for it reads it: at once, or when and how soon."""
+    wait = (due - now).total_seconds()
+    if wait < 60:
+        return "due now"
+    if wait < 3 * 3600:
+        return f"at {due:%H:%M:%S} UTC, in {round(wait / 60)} min"
+    return f"on {due:%Y-%m-%d} at {due:%H:%M} UTC, in {wait / 86_400:.1f} days"
 
 
 def _audit_line(entry: AuditEntry, case: RecoveryCase) -> str | None:
@@ -129,8 +201,6 @@ def _audit_line(entry: AuditEntry, case: RecoveryCase) -> str | None:
             return f"opened for invoice {case.invoice_id}, {amount} due"
         case "classified":
             return f"{detail.get('category')}: {detail.get('why')}"
-        case "card_updated":
-            return "the customer saved a new card"
         case "case_recovered":
             recovered = format_money(case.amount_recovered or 0, case.currency, "en_US")
             return f"recovered {recovered}"
@@ -142,8 +212,10 @@ def _audit_line(entry: AuditEntry, case: RecoveryCase) -> str | None:
 def tell_while(
     running: Callable[[], bool], outbox: Path, say: Callable[[str], None]
 ) -> threading.Thread:
-    """Tell the story every second until `running` says stop, in a thread."""
-    story = Story(outbox)
+    """Tell the story every second until `running` says stop, in a thread:
+    what happens from now on, not what an earlier run left."""
+    with session_scope() as session:
+        story = Story(outbox, session)
 
     def loop() -> None:
         stop = threading.Event()

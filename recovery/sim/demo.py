@@ -135,7 +135,7 @@ def _post(url: str, body: dict | None = None) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def _location(url: str, choice: str) -> tuple[str | None, bool]:
+def open_link(url: str, choice: str) -> tuple[str | None, bool]:
     """Open a recovery link as a browser would, without following the last
     redirect: its target, and whether `choice` was posted on the page that
     offers to pay now or to save a card."""
@@ -219,20 +219,28 @@ class Customers:
             self.counts["clicked"] += 1
             rng = random.Random(f"{self.seed}:{action.member.index}:{action.at.isoformat()}")
             choice = "pay" if rng.random() < action.member.habits.pays_now else "card"
-            target, chose = _location(action.url, choice)
+            target, chose = open_link(action.url, choice)
             if target is None or rng.random() >= action.member.habits.completes:
                 continue
             card = {"brand": rng.choice(("visa", "mastercard")), "last4": "4242"}
-            if "/hosted/checkout/" in target:
-                if _post(target, {"card": card})[0] == 200:
-                    self.counts["cards_saved"] += 1
-            elif "/hosted/invoices/" in target:
-                # On the invoice's page: authenticate with the card on file,
-                # or pay with a new one.
-                paying = {"card": card} if chose else None
-                if _post(target, paying)[0] == 200:
-                    self.counts["paid_on_page" if paying else "authenticated"] += 1
+            done = finish_on_page(target, chose, card)
+            if done is not None:
+                self.counts[done] += 1
         return len(due)
+
+
+def finish_on_page(target: str, chose: bool, card: dict) -> str | None:
+    """On the Stripe page a link led to, do what the customer came for: save
+    `card` on Checkout; on the invoice's page pay with it if the customer
+    chose to pay, else authenticate with the card on file. What was done, as
+    Customers counts it, or None if the page refused."""
+    if "/hosted/checkout/" in target:
+        return "cards_saved" if _post(target, {"card": card})[0] == 200 else None
+    if "/hosted/invoices/" in target:
+        paying = {"card": card} if chose else None
+        if _post(target, paying)[0] == 200:
+            return "paid_on_page" if paying else "authenticated"
+    return None
 
 
 def run(
