@@ -21,7 +21,8 @@ SCHEDULE = {
         "options": {"expires": 55},
     },
     # Send queued emails that are due: retries after a transient SMTP error,
-    # thank-you and pre-dunning emails. Plan emails are sent by their step.
+    # pre-dunning emails, and anything a worker's own dispatch missed (a
+    # thank-you is sent as its case closes). Plan emails are sent by their step.
     "dispatch-outbox": {
         "task": "recovery.dispatch_outbox",
         "schedule": 60.0,

@@ -13,7 +13,7 @@ from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
 from recovery import clock, preflight
-from recovery.config import ConfigError, get_settings
+from recovery.config import ConfigError, explain, get_settings
 from recovery.customers import delivery, outbox
 from recovery.db import reset_engine
 from recovery.engine import scheduler, steps
@@ -34,12 +34,12 @@ def load_beat_schedule(path: Path = BEAT_SCHEDULE_FILE) -> dict[str, Any]:
 
 
 def make_celery() -> Celery:
-    settings = get_settings()
     try:
         # `celery -A recovery` starts here without the CLI's own check.
+        settings = get_settings()
         preflight.check(settings)
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        print(explain(exc), file=sys.stderr)
         sys.exit(2)
     app = Celery("recovery", broker=settings.broker_url)
     app.conf.update(
@@ -102,8 +102,10 @@ def _now() -> datetime:
 def process_events(event_ids: list[int]) -> None:
     scheduler.process_events(event_ids, _now(), get_settings())
     # Steps the events made due now (a card update's retry, a first email)
-    # run at once rather than at the next dispatch tick.
+    # and the emails they queued (the thank-you of a case that closed) go at
+    # once rather than at the next dispatch tick.
     steps.dispatch(_now(), get_settings(), publish_step_batch)
+    outbox.dispatch(_now(), publish_messages)
 
 
 def publish_event_batch(event_ids: list[int]) -> None:
@@ -120,6 +122,8 @@ def relay_inbox() -> int:
 @app.task(name="recovery.execute_steps")
 def execute_steps(claims: list[list[int]]) -> None:
     scheduler.execute_all([(step_id, claim) for step_id, claim in claims], _now(), get_settings())
+    # The thank-you of a case a retry recovered goes now, not at the next tick.
+    outbox.dispatch(_now(), publish_messages)
 
 
 def publish_step_batch(claims: list[steps.Claim]) -> None:
