@@ -3,7 +3,7 @@
 import sys
 
 from recovery import preflight
-from recovery.config import ConfigError, get_settings
+from recovery.config import ConfigError, explain, get_settings
 from recovery.observability import configure
 from recovery.web import make_app
 
@@ -11,7 +11,7 @@ try:
     settings = get_settings()
     preflight.check(settings)
 except ConfigError as exc:
-    print(f"configuration error: {exc}", file=sys.stderr)
+    print(explain(exc), file=sys.stderr)
     sys.exit(2)
 
 configure(settings)

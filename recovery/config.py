@@ -1,7 +1,8 @@
 """Settings from the environment, read and validated once per process.
 
-A bad value raises ConfigError with one line naming the variable; the CLI and
-the WSGI entry point print that line and exit, without a traceback.
+Every bad value of a run is reported at once: ConfigError holds one line per
+problem, each naming its variable; the CLI, the ASGI entry point and the
+worker print them all (`explain`) and exit, without a traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from recovery.paths import shipped
+
+T = TypeVar("T")
 
 # The Stripe API version this code is written against; pinned so a change on
 # the account's default version cannot change the shapes we parse.
@@ -37,7 +41,36 @@ SMTP_SECURITY = ("none", "starttls", "tls")
 
 
 class ConfigError(Exception):
-    """One environment variable has a value we cannot use."""
+    """Environment variables with values we cannot use: one line each."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def explain(error: ConfigError) -> str:
+    """What a person reads: every problem, each on its line."""
+    if len(error.problems) == 1:
+        return f"configuration error: {error.problems[0]}"
+    lines = "".join(f"\n  {problem}" for problem in error.problems)
+    return f"configuration errors ({len(error.problems)}):{lines}"
+
+
+class _Env:
+    """The environment being read, and the problems found in it so far: a
+    reader notes a bad value, goes on with the default, and the whole list
+    is raised at the end."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+        self.problems: list[str] = []
+
+    def get(self, name: str, default: str = "") -> str:
+        return self.values.get(name, default)
+
+    def refuse(self, problem: str, fallback: T) -> T:
+        self.problems.append(problem)
+        return fallback
 
 
 @dataclass(frozen=True)
@@ -107,32 +140,33 @@ class Settings:
         return "_live_" in self.stripe_api_key
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+def _choice(env: _Env, name: str, choices: tuple[str, ...], default: str) -> str:
     value = env.get(name, "").strip() or default
     normalised = value.upper() if choices is LOG_LEVELS else value.lower()
     if normalised not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+        return env.refuse(f"{name}={value!r} is not one of: {', '.join(choices)}", default)
     return normalised
 
 
-def _customer_ids(env: Mapping[str, str], name: str) -> frozenset[str]:
+def _customer_ids(env: _Env, name: str) -> frozenset[str]:
     ids = frozenset(part.strip() for part in env.get(name, "").split(",") if part.strip())
     wrong = sorted(i for i in ids if not re.fullmatch(r"cus_[A-Za-z0-9]{1,250}", i))
     if wrong:
-        raise ConfigError(f"{name}: not Stripe customer ids (cus_...): {', '.join(wrong)}")
+        problem = f"{name}: not Stripe customer ids (cus_...): {', '.join(wrong)}"
+        return env.refuse(problem, frozenset())
     return ids
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+def _int(env: _Env, name: str, default: int, minimum: int, maximum: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        return env.refuse(f"{name}={raw!r} is not a whole number", default)
     if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}={value} is out of range ({minimum}..{maximum})")
+        return env.refuse(f"{name}={value} is out of range ({minimum}..{maximum})", default)
     return value
 
 
@@ -149,79 +183,85 @@ def plausible_address(address: str) -> bool:
     )
 
 
-def _email(env: Mapping[str, str], name: str, default: str) -> str:
+def _email(env: _Env, name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     address = value.rsplit("<", 1)[-1].rstrip(">").strip()
     if not plausible_address(address):
-        raise ConfigError(f"{name} must be an email address (optionally 'Name <address>')")
+        problem = f"{name} must be an email address (optionally 'Name <address>')"
+        return env.refuse(problem, default)
     return value
 
 
-def _colour(env: Mapping[str, str], name: str, default: str) -> str:
+def _colour(env: _Env, name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     digits = value.removeprefix("#")
     if len(digits) not in (3, 6) or any(c not in "0123456789abcdefABCDEF" for c in digits):
-        raise ConfigError(f"{name}={value!r} is not a hex colour such as #635bff")
+        return env.refuse(f"{name}={value!r} is not a hex colour such as #635bff", default)
     return "#" + digits.lower()
 
 
-def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
+def _directory(env: _Env, name: str, default: Path) -> Path:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     path = Path(raw).expanduser().resolve()
     if not path.is_dir():
-        raise ConfigError(f"{name}={raw!r} is not a directory")
+        return env.refuse(f"{name}={raw!r} is not a directory", default)
     return path
 
 
-def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]):
+def _url(env: _Env, name: str, default: str | None, schemes: tuple[str, ...]):
     raw = env.get(name, "").strip()
     if not raw:
         return default
     parts = urlsplit(raw)
     scheme = parts.scheme.split("+")[0]
     if scheme not in schemes or (scheme != "memory" and not (parts.netloc or parts.path)):
-        raise ConfigError(f"{name} must be a URL starting with one of: {', '.join(schemes)}")
+        problem = f"{name} must be a URL starting with one of: {', '.join(schemes)}"
+        return env.refuse(problem, default)
     return raw.rstrip("/") if scheme in ("http", "https") else raw
 
 
-def _networks(env: Mapping[str, str], name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+def _networks(env: _Env, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
     found = []
     for part in env.get(name, "").split(","):
         if part.strip():
             try:
                 found.append(ip_network(part.strip(), strict=False))
             except ValueError:
-                raise ConfigError(
+                env.refuse(
                     f"{name} must be IP addresses or networks, comma-separated "
-                    f"(e.g. 10.0.0.0/8,127.0.0.1); got {part.strip()[:40]!r}"
-                ) from None
+                    f"(e.g. 10.0.0.0/8,127.0.0.1); got {part.strip()[:40]!r}",
+                    None,
+                )
     return tuple(found)
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from a mapping (the process environment by default)."""
-    env = os.environ if env is None else env
+def load_settings(values: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from a mapping (the process environment by default).
+    Raises ConfigError with every problem found, not only the first."""
+    env = _Env(os.environ if values is None else values)
     environment = _choice(env, "RECOVERY_ENV", ENVIRONMENTS, "development")
     production = environment == "production"
 
     api_key = env.get("STRIPE_API_KEY", "").strip()
     if not api_key:
         if production:
-            raise ConfigError("STRIPE_API_KEY is required when RECOVERY_ENV=production")
+            env.refuse("STRIPE_API_KEY is required when RECOVERY_ENV=production", None)
         api_key = DEV_STRIPE_API_KEY
     elif not api_key.startswith(("sk_test_", "sk_live_", "rk_test_", "rk_live_")):
-        raise ConfigError("STRIPE_API_KEY must be a secret or restricted key (sk_… or rk_…)")
+        env.refuse("STRIPE_API_KEY must be a secret or restricted key (sk_… or rk_…)", None)
+        api_key = DEV_STRIPE_API_KEY
 
     secrets_raw = env.get("STRIPE_WEBHOOK_SECRET", "").strip()
     secrets = tuple(s.strip() for s in secrets_raw.split(",") if s.strip())
     if not secrets:
         if production:
-            raise ConfigError("STRIPE_WEBHOOK_SECRET is required when RECOVERY_ENV=production")
+            env.refuse("STRIPE_WEBHOOK_SECRET is required when RECOVERY_ENV=production", None)
         secrets = (DEV_WEBHOOK_SECRET,)
     if any(not s.startswith("whsec_") for s in secrets):
-        raise ConfigError("STRIPE_WEBHOOK_SECRET must hold whsec_… values, comma-separated")
+        env.refuse("STRIPE_WEBHOOK_SECRET must hold whsec_… values, comma-separated", None)
+        secrets = (DEV_WEBHOOK_SECRET,)
 
     settings = Settings(
         env=environment,
@@ -277,7 +317,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         templates_dir=_directory(env, "TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
     )
     if production:
-        _production_checks(settings)
+        # A value already refused is not judged again as a production value.
+        refused = {_variable(problem) for problem in env.problems}
+        env.problems += [p for p in _production_problems(settings) if _variable(p) not in refused]
+    if env.problems:
+        raise ConfigError(*env.problems)
     return settings
 
 
@@ -293,35 +337,42 @@ _RESERVED_HOSTS = re.compile(
 )
 
 
-def _production_checks(settings: Settings) -> None:
+def _variable(problem: str) -> str:
+    """The variable a problem names: every problem starts with it."""
+    found = re.match(r"[A-Z][A-Z0-9_]*", problem)
+    return found.group() if found else ""
+
+
+def _production_problems(settings: Settings) -> list[str]:
     """Production runs on real credentials and real servers only: a
     development default, a placeholder from .env.example or a malformed key
-    stops the process with the variable's name."""
+    is a problem, named by its variable."""
+    problems = []
     key = settings.stripe_api_key
     if key == DEV_STRIPE_API_KEY or _PLACEHOLDER.search(key) or not _STRIPE_KEY.fullmatch(key):
-        raise ConfigError(
+        problems.append(
             "STRIPE_API_KEY is a placeholder, the development key or not a Stripe key "
             "(sk_live_… / rk_live_… from the Dashboard) while RECOVERY_ENV=production"
         )
-    for secret in settings.stripe_webhook_secrets:
-        if (
-            secret == DEV_WEBHOOK_SECRET
-            or _PLACEHOLDER.search(secret)
-            or not _WEBHOOK_SECRET.fullmatch(secret)
-        ):
-            raise ConfigError(
-                "STRIPE_WEBHOOK_SECRET holds a placeholder, the public development "
-                "secret or a malformed value (whsec_… from the webhook endpoint) "
-                "while RECOVERY_ENV=production"
-            )
+    if any(
+        secret == DEV_WEBHOOK_SECRET
+        or _PLACEHOLDER.search(secret)
+        or not _WEBHOOK_SECRET.fullmatch(secret)
+        for secret in settings.stripe_webhook_secrets
+    ):
+        problems.append(
+            "STRIPE_WEBHOOK_SECRET holds a placeholder, the public development "
+            "secret or a malformed value (whsec_… from the webhook endpoint) "
+            "while RECOVERY_ENV=production"
+        )
     if not settings.smtp_host:
-        raise ConfigError(
+        problems.append(
             "SMTP_HOST is required when RECOVERY_ENV=production (without it emails "
             "would only be written to files)"
         )
     public = urlsplit(settings.public_base_url)
     if public.scheme != "https" or _RESERVED_HOSTS.search((public.hostname or "").lower()):
-        raise ConfigError(
+        problems.append(
             "PUBLIC_BASE_URL must be the https address customers reach this service "
             f"at when RECOVERY_ENV=production (got {public.scheme}://{public.hostname})"
         )
@@ -331,7 +382,8 @@ def _production_checks(settings: Settings) -> None:
     ):
         domain = address.rsplit("<", 1)[-1].rstrip(">").rpartition("@")[2].lower()
         if _RESERVED_HOSTS.search(domain):
-            raise ConfigError(f"{name} is still a placeholder address ({domain})")
+            problems.append(f"{name} is still a placeholder address ({domain})")
+    return problems
 
 
 @lru_cache(maxsize=1)

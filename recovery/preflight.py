@@ -12,15 +12,18 @@ from recovery.web import PAGES
 
 
 def check(settings: Settings) -> None:
-    """Raise ConfigError, naming the variable, when plans or templates are unusable."""
+    """Raise ConfigError, naming the variables, when plans or templates are
+    unusable: both problems at once when both are."""
+    problems = []
     try:
         plans = load_plans(settings.plans_file)
     except PlanFileError as exc:
-        raise ConfigError(f"RECOVERY_PLANS_FILE: {exc}") from None
+        problems.append(f"RECOVERY_PLANS_FILE: {exc}")
+        plans = {}
     named = {step.template for plan in plans.values() for step in plan.emails}
     unknown = sorted(named - set(NAMES))
     if unknown:
-        raise ConfigError(
+        problems.append(
             f"RECOVERY_PLANS_FILE names emails that do not exist: {', '.join(unknown)} "
             f"(emails are: {', '.join(NAMES)})"
         )
@@ -34,7 +37,9 @@ def check(settings: Settings) -> None:
     missing = [name for name in needed if not (settings.templates_dir / name).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ConfigError(f"TEMPLATES_DIR={settings.templates_dir} lacks {missing[0]}{more}")
+        problems.append(f"TEMPLATES_DIR={settings.templates_dir} lacks {missing[0]}{more}")
+    if problems:
+        raise ConfigError(*problems)
 
 
 _EMAIL_PARTS = ("subject.txt", "body.txt", "body.html")

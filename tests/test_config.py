@@ -154,6 +154,71 @@ def test_a_bad_value_is_one_line_without_traceback():
     ]
 
 
+def test_every_problem_of_a_run_is_told_at_once_each_on_its_line():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(
+            {
+                "RECOVERY_ENV": "production",
+                "LOG_LEVEL": "chatty",
+                "SMTP_PORT": "many",
+                "BRAND_ACCENT_COLOR": "teal",
+                "DATABASE_URL": "mysql://db",
+            }
+        )
+    named = [problem.split("=")[0].split(" ")[0] for problem in raised.value.problems]
+    assert named == [
+        "STRIPE_API_KEY",
+        "STRIPE_WEBHOOK_SECRET",
+        "DATABASE_URL",
+        "LOG_LEVEL",
+        "SMTP_PORT",
+        "BRAND_ACCENT_COLOR",
+        "SMTP_HOST",
+        "PUBLIC_BASE_URL",
+        "EMAIL_FROM",
+        "BRAND_SUPPORT_EMAIL",
+    ]
+    # A key refused as missing is not refused again as a placeholder.
+    assert str(raised.value).count("STRIPE_API_KEY") == 1
+
+
+def test_a_run_with_six_missing_settings_tells_all_six_in_one_message():
+    result = run_cli("serve", RECOVERY_ENV="production", LOG_LEVEL="chatty")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"configuration errors ({len(lines) - 1}):", lines
+    told = " ".join(lines)
+    for variable in (
+        "STRIPE_API_KEY is required",
+        "STRIPE_WEBHOOK_SECRET is required",
+        "LOG_LEVEL='chatty'",
+        "SMTP_HOST is required",
+        "PUBLIC_BASE_URL",
+        "EMAIL_FROM",
+        "BRAND_SUPPORT_EMAIL",
+    ):
+        assert told.count(variable) == 1, (variable, lines)
+    assert len(lines) == 8, lines
+
+
+def test_a_bad_plans_file_and_a_broken_templates_dir_are_told_together(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    (tmp_path / "templates" / "emails" / "final_notice" / "body.txt").unlink()
+    (tmp_path / "plans.toml").write_text("[nonsense]\nmax_tries = 2")
+    result = run_cli(
+        "events",
+        "list",
+        TEMPLATES_DIR=str(tmp_path / "templates"),
+        RECOVERY_PLANS_FILE=str(tmp_path / "plans.toml"),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "configuration errors (2):", lines
+    assert "RECOVERY_PLANS_FILE" in lines[1] and "TEMPLATES_DIR" in lines[2]
+
+
 def test_production_process_refuses_to_start():
     result = run_cli("serve", RECOVERY_ENV="production")
     assert result.returncode == 2

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from recovery import __version__, preflight
 from recovery.cli import cases, customers, dev, figures, inbox, plans, run
-from recovery.config import ConfigError, get_settings
+from recovery.config import ConfigError, explain, get_settings
 from recovery.observability import configure
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     try:
         cli(standalone_mode=True)
     except ConfigError as exc:
-        click.echo(f"configuration error: {exc}", err=True)
+        click.echo(explain(exc), err=True)
         sys.exit(2)
     except DBAPIError as exc:
         # The driver's first line only: the statement and the URL stay out.
