@@ -312,3 +312,22 @@ def test_ctrl_c_stops_a_comparison_at_once_and_leaves_no_process(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(simulate.pid, signal.SIGKILL)
         simulate.communicate()
+
+
+def test_a_difference_adds_up_from_the_figures_as_shown():
+    from recovery.cli.dev import _headline
+    from recovery.sim.compare import Interval, as_shown
+
+    # 68.951% and 49.449% read 69.0% and 49.4%: the reader expects +19.6,
+    # though the unrounded difference is 19.502.
+    line = _headline(
+        {
+            "defaults": {"recovered_share": 0.68951, "retries_per_recovery": 4.0},
+            "stripe-recommended": {"recovered_share": 0.49449, "retries_per_recovery": 6.6},
+        }
+    )
+    assert "69.0% vs 49.4%, +19.6 points" in line, line
+    ours, base = Interval(0.71349, 0.7, 0.72, 5), Interval(0.53551, 0.5, 0.55, 5)
+    paired = Interval(0.17798, 0.16, 0.19, 5)
+    assert (str(ours), str(base)) == ("0.713 [0.700, 0.720]", "0.536 [0.500, 0.550]")
+    assert str(as_shown(paired, ours, base)) == "0.177 [0.160, 0.190]"

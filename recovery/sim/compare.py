@@ -65,6 +65,10 @@ def t975(degrees: int) -> float:
     return _T975[max(known)] if known else math.inf
 
 
+# Decimals an interval is shown with.
+SHOWN_DIGITS = 3
+
+
 @dataclass(frozen=True)
 class Interval:
     mean: float
@@ -73,7 +77,16 @@ class Interval:
     n: int
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        d = SHOWN_DIGITS
+        return f"{self.mean:.{d}f} [{self.low:.{d}f}, {self.high:.{d}f}]"
+
+
+def as_shown(gap: Interval, ours: Interval, base: Interval) -> Interval:
+    """A paired difference whose mean is the two means as shown, subtracted:
+    the same number up to rounding, and one a reader can check by eye. The
+    interval stays the paired one."""
+    mean = round(ours.mean, SHOWN_DIGITS) - round(base.mean, SHOWN_DIGITS)
+    return Interval(round(mean, SHOWN_DIGITS), gap.low, gap.high, gap.n)
 
 
 def interval(values: Sequence[float]) -> Interval:
