@@ -484,11 +484,48 @@ def test_the_hosted_invoice_page_pays_with_the_card_on_file_or_a_new_one(sim):
     assert status == 402 and "Your card was declined." in page
     status, page, _ = form_post(page_url, {"number": "5555 5555 5555 4444"})
     assert status == 200 and "Invoice paid" in page
-    # Programs still get JSON from the same addresses.
+    # A page to curl or anything that does not ask otherwise; JSON to a
+    # program that asks for it alone.
     import urllib.request
 
-    with urllib.request.urlopen(page_url, timeout=10) as answer:
+    for accept in (None, "*/*", "text/html,application/json"):
+        asked = urllib.request.Request(page_url, headers={"Accept": accept} if accept else {})
+        with urllib.request.urlopen(asked, timeout=10) as answer:
+            assert answer.headers["Content-Type"].startswith("text/html"), accept
+            assert "<html" in answer.read().decode().lower()
+    asked = urllib.request.Request(page_url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(asked, timeout=10) as answer:
         assert json.loads(answer.read())["status"] == "paid"
+
+
+def test_amounts_on_the_simulators_objects_are_the_invoices_own(sim):
+    """The example objects Stripe publishes carry figures of their own (an
+    amount overpaid of 149,300,825): none may survive on a $20 invoice."""
+    declined = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    sim_post(sim.url, f"/hosted/invoices/{declined['invoice']}", {"card": {"brand": "visa"}})
+    sdk(sim).v1.checkout.sessions.create(
+        params={"mode": "setup", "customer": declined["customer"], "success_url": "https://x/ok",
+                "currency": "usd"}
+    )  # fmt: skip
+    due = sim.state.objects[declined["invoice"]]["amount_due"]
+    money_words = ("amount", "total", "balance", "capturable")
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, where)
+        elif type(node) is int and any(word in where.rsplit(".", 1)[-1] for word in money_words):
+            found.append((where, node))
+
+    for obj in sim.state.objects.values():
+        walk(obj, obj.get("object", "?"))
+    assert found and all(0 <= value <= due for _, value in found), [
+        f for f in found if not 0 <= f[1] <= due
+    ]
 
 
 def test_a_local_stripe_compatible_server_is_reached_without_the_environments_proxy(

@@ -905,10 +905,7 @@ class StripeSim:
                     return (*self.control(method, path, data), {})
                 except ApiError as exc:
                     return exc.status, {"error": exc.body}, {}
-        if path.startswith("/hosted/") and (
-            "text/html" in headers.get("accept", "")
-            or headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
-        ):
+        if path.startswith("/hosted/") and not _asks_for_json(headers):
             page = self._hosted_page(method, path, body)
             return page.status, page, {}
         if path.startswith("/hosted/checkout/"):
@@ -1205,6 +1202,15 @@ class StripeSim:
             ],
         )
         return [data]
+
+
+def _asks_for_json(headers: dict[str, str]) -> bool:
+    """A hosted page is a page: to a browser, curl or anything that does not
+    say otherwise. JSON goes only to a program that sends it or asks for it
+    alone (the demo's and the tests' simulated customers)."""
+    accept = headers.get("accept", "").split(",")[0].split(";")[0].strip()
+    sends = headers.get("content-type", "").split(";")[0].strip()
+    return sends == "application/json" or accept == "application/json"
 
 
 def _line_items_total(items: Any) -> tuple[int, str]:
