@@ -120,6 +120,15 @@ def invoice(
         amount_due=amount,
         amount_paid=0,
         amount_remaining=amount,
+        # The example's own figures belong to another invoice: nothing
+        # overpaid, shipped or carried over on a plain renewal.
+        amount_overpaid=0,
+        amount_shipping=0,
+        shipping_cost=None,
+        starting_balance=0,
+        ending_balance=0,
+        pre_payment_credit_notes_amount=0,
+        post_payment_credit_notes_amount=0,
         subtotal=amount,
         total=amount,
         subtotal_excluding_tax=amount,
@@ -151,7 +160,9 @@ def invoice(
     )
     obj["status_transitions"].update(finalized_at=now, paid_at=None)
     for line in obj["lines"]["data"]:
-        line.update(invoice=invoice_id, amount=amount, currency=currency, subscription=None)
+        line.update(
+            invoice=invoice_id, amount=amount, subtotal=amount, currency=currency, subscription=None
+        )
     obj["lines"]["url"] = f"/v1/invoices/{invoice_id}/lines"
     return obj
 
@@ -198,9 +209,13 @@ def charge(now: int, intent: dict, pm_obj: dict, livemode: bool) -> dict[str, An
         balance_transaction=None,
         metadata={},
         description=None,
+        amount_captured=0,
+        amount_refunded=0,
     )
     obj["billing_details"].update(name=None, email=None)
     details = obj["payment_method_details"]["card"]
+    if details.get("overcapture"):
+        details["overcapture"].update(maximum_amount_capturable=intent["amount"])
     details.update(
         brand=card["brand"],
         network=card["brand"],
@@ -262,6 +277,8 @@ def checkout_session(
         invoice_creation=None,
         customer_details=None,
         customer_email=None,
+        shipping_cost=None,
+        currency_conversion=None,
     )
     return obj
 
