@@ -10,14 +10,15 @@ import logging
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sentry_sdk
 import structlog
-from sentry_sdk.types import Event
 
 from recovery import __version__
 from recovery.config import Settings
+
+if TYPE_CHECKING:
+    from sentry_sdk.types import Event
 
 REDACTED = "[redacted]"
 
@@ -96,7 +97,14 @@ def _to_sentry(
     """Errors logged by us or by a library become Sentry events, once each,
     with the line's (scrubbed) fields as context."""
     level = str(event_dict.get("level", method)).lower()
-    if level not in ("error", "critical", "exception") or not sentry_sdk.get_client().is_active():
+    # Sentry is loaded only by a process that starts it (init_sentry): a
+    # command that reads a table does not wait on it.
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    if (
+        level not in ("error", "critical", "exception")
+        or sentry_sdk is None
+        or not sentry_sdk.get_client().is_active()
+    ):
         return event_dict
     fields = {k: v for k, v in event_dict.items() if k not in _NOT_CONTEXT}
     with sentry_sdk.new_scope() as scope:
@@ -214,6 +222,7 @@ def init_sentry(settings: Settings) -> bool:
     client: the parent's sending thread does not survive the fork)."""
     if not settings.sentry_dsn:
         return False
+    import sentry_sdk
     from sentry_sdk.integrations.celery import CeleryIntegration
     from sentry_sdk.integrations.logging import LoggingIntegration
     from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 
 from recovery.config import Settings
@@ -77,6 +76,8 @@ def _pct(rate: float) -> str:
 
 
 def render(stats: dict, settings: Settings, title: str, generated: datetime) -> str:
+    from jinja2 import Environment, FileSystemLoader, select_autoescape  # to render, not to read
+
     accent = settings.brand_accent_color
     env = Environment(
         loader=FileSystemLoader(str(settings.templates_dir / "report")),

@@ -298,3 +298,15 @@ def test_the_image_never_holds_a_local_env_and_has_what_it_builds_from():
         assert (ROOT / path).exists() and not _docker_ignores(path, patterns), path
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install" in dockerfile and " -e " not in dockerfile
+
+
+def test_the_preflight_knows_every_email_and_page_the_code_renders():
+    from recovery import preflight
+    from recovery.customers.emails import NAMES
+    from recovery.web import PAGES
+
+    assert preflight.email_names() == sorted(NAMES)
+    shipped = set(preflight.shipped_templates())
+    wanted = {f"pages/{page}.html" for page in PAGES} | {"report/report.html"}
+    wanted |= {f"emails/{n}/{part}" for n in NAMES for part in ("subject.txt", "body.txt")}
+    assert wanted <= shipped, wanted - shipped

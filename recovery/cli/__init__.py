@@ -3,18 +3,49 @@ arguments, calling the product and printing what it did."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
-from sqlalchemy.exc import DBAPIError
 
 from recovery import __version__, preflight
-from recovery.cli import cases, customers, dev, figures, inbox, plans, run
 from recovery.config import ConfigError, explain, get_settings
-from recovery.observability import configure
+
+# Each command's module under recovery.cli, imported only when the command
+# runs: `--version` and `--help` would otherwise wait over a second on the
+# web app, the simulator and the email renderer that they never use.
+COMMAND_MODULES = {
+    **dict.fromkeys(("db", "serve", "worker", "beat"), "run"),
+    **dict.fromkeys(("stripe-sim", "dev", "send-test-event", "demo", "simulate"), "dev"),
+    **dict.fromkeys(("classify", "cases"), "cases"),
+    **dict.fromkeys(("tick", "retry", "pause", "resume", "cancel"), "actions"),
+    **dict.fromkeys(("events", "sync"), "inbox"),
+    **dict.fromkeys(("emails", "links"), "customers"),
+    **dict.fromkeys(("stats", "report", "status"), "figures"),
+    "plans": "plans",
+}
 
 
-@click.group()
+class LazyGroup(click.Group):
+    """A group whose commands are imported when named."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if module is None:
+            return None
+        commands = importlib.import_module(f"recovery.cli.{module}").COMMANDS
+        return next(command for command in commands if command.name == cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The names only: each one's help would import every command.
+        with formatter.section("Commands (recovery COMMAND --help for each)"):
+            formatter.write_text(" · ".join(self.list_commands(ctx)))
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="recovery")
 def cli() -> None:
     """Win back failed Stripe subscription payments.
@@ -52,14 +83,11 @@ def cli() -> None:
     """
     # Validate the whole configuration before any command does anything, and
     # log through the one configuration (LOG_FORMAT, the scrubber, Sentry).
+    from recovery.observability import configure
+
     settings = get_settings()
     preflight.check(settings)
     configure(settings)
-
-
-for _group in (run, dev, cases, inbox, customers, figures, plans):
-    for _command in _group.COMMANDS:
-        cli.add_command(_command)
 
 
 def main() -> None:
@@ -68,7 +96,11 @@ def main() -> None:
     except ConfigError as exc:
         click.echo(explain(exc), err=True)
         sys.exit(2)
-    except DBAPIError as exc:
+    except Exception as exc:
+        # A database error can only come once SQLAlchemy is loaded.
+        database = sys.modules.get("sqlalchemy.exc")
+        if database is None or not isinstance(exc, database.DBAPIError):
+            raise
         # The driver's first line only: the statement and the URL stay out.
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         click.echo(

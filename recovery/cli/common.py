@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery import clock
 from recovery.config import get_settings
 from recovery.db import sqlite_file
-from recovery.engine import cases
 from recovery.models import RecoveryCase
 from recovery.money import format_money
 
@@ -114,8 +114,12 @@ def optional_instant(value: str | None, option: str) -> datetime | None:
 
 
 def find_case(session: Session, ref: str, lock: bool = False) -> RecoveryCase:
-    """The case a command names (its id or invoice id), or a clear error."""
-    case = cases.by_ref(session, ref, lock=lock)
+    """The case a command names (its id or invoice id), or a clear error;
+    `lock` holds its row for a command that acts on it."""
+    query = select(RecoveryCase).where(
+        RecoveryCase.id == int(ref) if ref.isdigit() else RecoveryCase.invoice_id == ref
+    )
+    case = session.scalars(query.with_for_update() if lock else query).one_or_none()
     if case is None:
         raise click.ClickException(f"no case {ref!r} (give a case id or an invoice id, in_…)")
     return case

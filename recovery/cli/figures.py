@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from recovery import clock, metrics
+from recovery import clock
 from recovery import report as page
 from recovery import stats as figures
 from recovery.cli.common import emit_json, needs_database, optional_instant
@@ -117,6 +117,8 @@ def status(as_json: bool) -> None:
     Example:
       recovery status
     """
+    from recovery import metrics  # Prometheus's client, for this command only
+
     with session_scope() as session:
         state = metrics.snapshot(session, clock.now())
     if as_json:

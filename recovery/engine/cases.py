@@ -18,7 +18,8 @@ happens to it. `may_act` is the one answer to "may anything still happen to
 this case?", asked by every executor and by the outbox before they act. The
 event handlers (events.py), the executors (retries.py, scheduler.py) and the
 CLI change a case only through the functions below, inside the caller's
-transaction and with the case row locked (`for_invoice`, `by_ref`).
+transaction and with the case row locked (`for_invoice`, `locked`, or the
+CLI's `find_case`).
 """
 
 from __future__ import annotations
@@ -97,18 +98,6 @@ def for_invoice(session: Session, invoice_id: str) -> RecoveryCase | None:
     return session.scalars(
         select(RecoveryCase).where(RecoveryCase.invoice_id == invoice_id).with_for_update()
     ).one_or_none()
-
-
-def by_ref(session: Session, ref: str, lock: bool = False) -> RecoveryCase | None:
-    """A case by its id or its invoice id (in_…)."""
-    query = select(RecoveryCase)
-    if ref.isdigit():
-        query = query.where(RecoveryCase.id == int(ref))
-    else:
-        query = query.where(RecoveryCase.invoice_id == ref)
-    if lock:
-        query = query.with_for_update()
-    return session.scalars(query).one_or_none()
 
 
 def locked(session: Session, case_id: int) -> RecoveryCase:
