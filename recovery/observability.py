@@ -191,8 +191,9 @@ def configure_logging(settings: Settings, stream=None) -> None:
     uvicorn_access.handlers[:] = []
     uvicorn_access.propagate = False
     # SQLAlchemy and the Stripe SDK are chatty below WARNING (every statement,
-    # every request line); their warnings and errors still show.
-    for name in ("sqlalchemy", "stripe", "kombu"):
+    # every request line), Alembic too (each plugin it sets up); their
+    # warnings and errors still show, and `recovery db upgrade` says what ran.
+    for name in ("sqlalchemy", "stripe", "kombu", "alembic"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # Beat announces every send and the worker every task received and done,
     # and the inbox sweep runs every second: at INFO that drowns everything

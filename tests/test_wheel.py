@@ -65,7 +65,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         .strip()
         .endswith(__version__)
     )
-    assert "database at head" in run([*recovery, "db", "upgrade"], empty, env)
+    assert "upgraded from migration none to" in run([*recovery, "db", "upgrade"], empty, env)
     preview = run([*recovery, "emails", "preview", "payment_failed"], empty, env)
     assert "Subject:" in preview or "subject" in preview.lower()
     demo = run([*recovery, "demo", "--size", "6", "--days", "3"], empty, env)

@@ -4,7 +4,6 @@ stack live on this machine, the month-long demo and the backtest."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -164,14 +163,7 @@ def dev(check: bool, port: int, sim_port: int, log_to: str) -> None:
     env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{sim_port}")
     # Links in the emails (var/outbox) open this receiver.
     env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
-    # The migrations' own lines are no part of the story.
-    migrations = logging.getLogger("alembic")
-    level = migrations.level
-    migrations.setLevel(logging.WARNING)
-    try:
-        upgrade(settings.database_url)
-    finally:
-        migrations.setLevel(level)
+    upgrade(settings.database_url)
     log = None if log_to == "-" else Path(log_to)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)

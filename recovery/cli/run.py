@@ -8,7 +8,7 @@ import sys
 import click
 
 from recovery.config import get_settings
-from recovery.db import upgrade
+from recovery.db import current_revision, upgrade
 from recovery.sim.servers import serve_asgi
 from recovery.web import make_app
 
@@ -27,8 +27,14 @@ def db_upgrade(revision: str) -> None:
     Example:
       DATABASE_URL=postgresql://recovery@db/recovery recovery db upgrade
     """
-    upgrade(get_settings().database_url, revision)
-    click.echo(f"database at {revision}")
+    url = get_settings().database_url
+    before = current_revision(url)
+    upgrade(url, revision)
+    after = current_revision(url)
+    if before == after:
+        click.echo(f"The database was already at migration {after}; nothing to do.")
+    else:
+        click.echo(f"The database is upgraded from migration {before or 'none'} to {after}.")
 
 
 @click.command()
