@@ -12,6 +12,7 @@ from datetime import datetime
 from markupsafe import Markup, escape
 
 from recovery.config import Settings
+from recovery.engine.classify import described
 from recovery.money import format_totals
 
 
@@ -90,7 +91,7 @@ def render(stats: dict, settings: Settings, title: str, generated: datetime) -> 
         "causes": hbars(
             [
                 (
-                    c["name"],
+                    described(c["name"]),
                     c["rate"],
                     f"{_pct(c['rate'])} of {c['cases']} · {format_totals(c['amount'])}",
                 )

@@ -132,11 +132,13 @@ def test_lists_say_when_they_stop_at_their_limit_and_money_is_written_one_way(de
 
     cut = recovery(demo_dir, "cases", "list", "--limit", "2", **env)
     assert cut.returncode == 0
-    assert len(cut.stdout.strip().splitlines()) == 3  # the header and two cases
+    # The header, two cases, and the closing sentence after a blank line.
+    assert len(cut.stdout.strip().splitlines()) == 5
+    assert cut.stdout.strip().splitlines()[-1].startswith("2 case(s); categories: ")
     assert "showing the first 2; more match" in cut.stderr
     whole = recovery(demo_dir, "cases", "list", "--limit", str(len(every)), **env)
     assert "showing the first" not in whole.stderr
-    assert len(whole.stdout.strip().splitlines()) == len(every) + 1
+    assert len(whole.stdout.strip().splitlines()) == len(every) + 3
     for command in (["events", "list", "--limit", "1"], ["emails", "list", "--limit", "1"]):
         assert "showing the first 1; more match" in recovery(demo_dir, *command, **env).stderr
 
@@ -165,3 +167,24 @@ def test_a_retry_stripe_does_not_answer_is_exit_3_and_stays_due(demo_dir):
     assert result.returncode == 3, result
     assert "Stripe did not answer; the retry stays due" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_commands_say_what_they_did_in_a_sentence_without_library_chatter(tmp_path, demo_dir):
+    fresh = {"DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.sqlite3'}"}
+    upgraded = recovery(tmp_path, "db", "upgrade", **fresh)
+    assert upgraded.returncode == 0 and upgraded.stderr == "", upgraded.stderr
+    assert upgraded.stdout.startswith("The database is upgraded from migration none to ")
+    again = recovery(tmp_path, "db", "upgrade", **fresh).stdout
+    assert again.startswith("The database was already at migration ") and again.endswith(".\n")
+
+    env = {"DATABASE_URL": "sqlite:///var/demo/recovery.sqlite3"}
+    out = tmp_path / "r.html"
+    cases = len(json.loads(recovery(demo_dir, "cases", "list", "--json", **env).stdout))
+    written = recovery(demo_dir, "report", "--out", str(out), **env)
+    assert written.stdout == f"Wrote the report of {cases} cases to {out}.\n", written.stdout
+    as_json = json.loads(recovery(demo_dir, "report", "--out", str(out), "--json", **env).stdout)
+    assert as_json == {"report": str(out), "cases": cases}
+    # Categories are told in words beside their codes.
+    stats = recovery(demo_dir, "stats", **env).stdout
+    assert "(funds)" in stats and "not enough money" in stats
+    assert stats.strip().endswith("gives every figure.")

@@ -156,18 +156,20 @@ def test_the_share_per_category_is_paired_over_the_categories_every_run_has():
     shown = compare.Comparison(["defaults", "learning"], [1, 2], runs, 0, by_category=True)
     # "retry" is missing from a seed: its mean would count that seed as 0.
     assert [m for m in shown.metrics if m.startswith("recovered share, ")] == [
-        "recovered share, funds",
-        "recovered share, retry_capped",
+        "recovered share, not enough money (funds)",
+        "recovered share, opaque decline (retry_capped)",
     ]
-    assert shown.summary("recovered share, funds")["defaults"].mean == pytest.approx(0.85)
-    gap = shown.against_first("recovered share, retry_capped")["learning"]
+    funds = shown.summary("recovered share, not enough money (funds)")["defaults"]
+    assert funds.mean == pytest.approx(0.85)
+    gap = shown.against_first("recovered share, opaque decline (retry_capped)")["learning"]
     assert gap.mean == pytest.approx(0.1)
     assert gap.low == pytest.approx(0.1) and gap.high == pytest.approx(0.1)  # the same each seed
     # After the warm-up: only funds has cases there in every run (none at all in seed 2).
     assert not any(m.startswith("after the warm-up, ") for m in shown.metrics)
     warm = compare.Comparison(["defaults", "learning"], [1], {k: v[:1] for k, v in runs.items()},
                               warm_days=60, by_category=True)  # fmt: skip
-    assert warm.against_first("after the warm-up, funds")["learning"].mean == pytest.approx(-0.1)
+    warm_funds = warm.against_first("after the warm-up, not enough money (funds)")["learning"]
+    assert warm_funds.mean == pytest.approx(-0.1)
 
 
 def test_shares_by_category_weigh_each_categorys_cases_alone():

@@ -89,6 +89,7 @@ def classify(
     }
     if as_json:
         return emit_json(answer)
+    answer["category"] = rules.described(result.category)
     for key, value in answer.items():
         click.echo(f"{key:>18}: {value}")
 
@@ -154,6 +155,9 @@ def cases_list(
             f"{r['id']:>6}  {r['status']:<13} {r['category'] or '-':<16} {due:>12}  "
             f"{r['decline_code'] or '-':<24} {r['invoice']}{flags}"
         )
+    shown = sorted({r["category"] for r in rows if r["category"]})
+    legend = "; ".join(rules.described(c) for c in shown)
+    click.echo(f"\n{len(rows)} case(s)" + (f"; categories: {legend}." if legend else "."))
 
 
 @cases.command("show")
@@ -249,6 +253,7 @@ def cases_show(ref: str, as_json: bool) -> None:
         for key, value in summary.items()
         if key != "currency"
     }
+    written["category"] = rules.described(case.category) if case.category else None
     for key, value in written.items():
         click.echo(f"{key:>22}: {value if value is not None else '-'}")
     click.echo("\ntimeline:")

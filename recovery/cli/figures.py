@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from recovery import stats as figures
 from recovery.cli.common import emit_json, needs_database, optional_instant
 from recovery.config import get_settings
 from recovery.db import session_scope
+from recovery.engine.classify import described
 from recovery.money import format_totals
 
 
@@ -41,18 +41,23 @@ def print_summary(stats: dict[str, Any]) -> None:
     took = stats["time_to_recover_hours"]
     median, most = page.days(took["median"]), page.days(took["p90"])
     click.echo(f"time to recover: median {median}, 90% within {most}")
+    named = {row["name"]: described(row["name"]) for row in stats["by_cause"]}
+    width = max([26, *(len(name) + 2 for name in named.values())])
     click.echo(
-        f"\n{'category (why it failed)':<26}{'cases':>7}{'recovered':>11}{'rate':>8}  amount"
+        f"\n{'category (why it failed)':<{width}}{'cases':>7}{'recovered':>11}{'rate':>8}  amount"
     )
     for row in stats["by_cause"]:
         click.echo(
-            f"{row['name']:<26}{row['cases']:>7}{row['recovered']:>11}"
+            f"{named[row['name']]:<{width}}{row['cases']:>7}{row['recovered']:>11}"
             f"{row['rate'] * 100:>7.1f}%  {format_totals(row['amount'])}"
         )
     click.echo(f"\n{'how it was recovered':<26}{'cases':>7}  amount")
     for row in stats["by_path"]:
         name, amount = row["name"].replace("_", " "), format_totals(row["amount"])
         click.echo(f"{name:<26}{row['recovered']:>7}  {amount}")
+    click.echo(
+        "\nA retry is a charge that reached Stripe; `recovery stats --json` gives every figure."
+    )
 
 
 def write_report(stats: dict[str, Any], out: Path, title: str) -> None:
@@ -83,13 +88,15 @@ def stats(since: str | None, as_json: bool) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--since", help="Only cases opened since this date (ISO 8601).")
 @click.option("--title", default="Payment recovery", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Say what was written, as JSON.")
 @needs_database
-def report(out: Path, since: str | None, title: str) -> None:
+def report(out: Path, since: str | None, title: str, as_json: bool) -> None:
     """Write one self-contained HTML page with charts.
 
     \b
     Example:
       recovery report --out report.html
+      recovery report --out report.html --since 2026-11-01 --json
     """
     with session_scope() as session:
         numbers = figures.compute(session, optional_instant(since, "--since"))
@@ -99,7 +106,9 @@ def report(out: Path, since: str | None, title: str) -> None:
         raise click.BadParameter(
             f"cannot write {out}: {unwritable.strerror or unwritable}", param_hint="--out"
         ) from None
-    click.echo(json.dumps({"report": str(out), "cases": numbers["cases"]["total"]}))
+    if as_json:
+        return emit_json({"report": str(out), "cases": numbers["cases"]["total"]})
+    click.echo(f"Wrote the report of {numbers['cases']['total']} cases to {out}.")
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from recovery import clock
 from recovery.customers.mailer import FileOutbox
 from recovery.db import session_scope
+from recovery.engine.classify import described
 from recovery.models import (
     AuditEntry,
     CaseStatus,
@@ -200,7 +201,7 @@ def _audit_line(entry: AuditEntry, case: RecoveryCase) -> str | None:
         case "case_opened":
             return f"opened for invoice {case.invoice_id}, {amount} due"
         case "classified":
-            return f"{detail.get('category')}: {detail.get('why')}"
+            return f"{described(detail.get('category'))}: {detail.get('why')}"
         case "case_recovered":
             recovered = format_money(case.amount_recovered or 0, case.currency, "en_US")
             return f"recovered {recovered}"

@@ -31,6 +31,29 @@ class Category(enum.StrEnum):
     OUR_BUG = "our_bug"  # the request was wrong: an operator looks
 
 
+# What each category means, in words for a person reading a report or a
+# table; the code stays beside them (filters, plans files and JSON use it).
+CATEGORY_WORDS: dict[Category, str] = {
+    Category.FUNDS: "not enough money",
+    Category.RETRY: "soft decline",
+    Category.RETRY_CAPPED: "opaque decline",
+    Category.CUSTOMER_ACTION: "the customer must change the card",
+    Category.AUTHENTICATE: "the customer must authenticate",
+    Category.DEAD_CARD: "card lost, stolen or closed",
+    Category.DO_NOT_CONTACT: "not to be contacted",
+    Category.CHECK_PAID: "maybe paid already",
+    Category.OUR_BUG: "our request was wrong",
+}
+
+
+def described(code: str | None) -> str:
+    """A category as a person reads it: its words, then its code."""
+    try:
+        return f"{CATEGORY_WORDS[Category(code or '')]} ({code})"
+    except ValueError:
+        return code or "unknown"
+
+
 @dataclass(frozen=True)
 class Rule:
     category: Category

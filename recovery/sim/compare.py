@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from statistics import fmean, stdev
 
+from recovery.engine.classify import described
 from recovery.sim import backtest, demo, population
 
 POLICIES_DIR = Path(__file__).resolve().parent / "policies"
@@ -214,7 +215,7 @@ class Comparison:
         one would count as a share of zero in its mean."""
         found = [set(shares(f)) for name in self.policies for f in self.runs[name]]
         common: set[str] = set.intersection(*found) if found else set()
-        return {f"{label}{name}": _share_in(shares, name) for name in sorted(common)}
+        return {f"{label}{described(name)}": _share_in(shares, name) for name in sorted(common)}
 
     def summary(self, metric: str) -> dict[str, Interval]:
         pick = self.metrics[metric]
