@@ -50,8 +50,16 @@ def test_demo_command_prints_a_summary_and_writes_the_report(tmp_path):
     assert "against Stripe's recommended schedule on the same subscribers" in result.output
     assert "FAIL" not in result.output
     html = (tmp_path / "report.html").read_text()
-    assert html.count('class="hbars"') == 3 and 'class="vbars"' in html
+    assert html.count('class="chart hbars"') == 3 and 'class="chart vbars"' in html
     assert "Recovery rate by category" in html
+    # The page opens with what the terminal headlines: the comparison and the checks.
+    opening = html[html.index("<main>") : html.index('class="tiles"')]
+    assert "against Stripe&#39;s recommended schedule" in opening
+    from markupsafe import escape
+
+    told = [line.split("ok", 1)[1].strip() for line in result.output.splitlines() if "ok  " in line]
+    assert told and opening.count('<li class="ok">') == len(told)
+    assert all(f'<li class="ok">{escape(name)}</li>' in opening for name in told)
 
 
 def test_the_demo_never_empties_a_directory_it_did_not_make(tmp_path):

@@ -229,4 +229,4 @@ def test_stats_and_report_commands(db, tmp_path):
     out = tmp_path / "r.html"
     assert runner.invoke(cli, ["report", "--out", str(out)]).exit_code == 0
     html = out.read_text()
-    assert 'class="hbars"' in html and "€15.00 + $32.00" in html
+    assert 'class="chart hbars"' in html and "€15.00 + $32.00" in html

@@ -427,13 +427,15 @@ def demo(
             outcome = month.run(members, seed, days, where, progress=bar.update, fresh=False)
         against = _against(compare.figures_of(outcome), baseline.get()) if baseline else None
     report_path = workdir / "report.html"
-    write_report(outcome.stats, report_path, f"Recovery demo: {size} subscribers, seed {seed}")
+    headline = _headline(against) if against else None
+    title = f"Recovery demo: {size} subscribers, seed {seed}"
+    write_report(outcome.stats, report_path, title, headline, outcome.checks)
     if as_json:
         emit_json({"stats": outcome.stats, "checks": outcome.checks, "against_stripe": against})
     else:
         print_summary(outcome.stats)
-        if against:
-            click.echo("\n" + _headline(against))
+        if headline:
+            click.echo("\n" + headline)
         click.echo(
             f"\ncustomers opened {outcome.emails_opened} emails, clicked {outcome.links_clicked}"
             f" links, paid {outcome.paid_on_page} at once on the invoice's page, saved"

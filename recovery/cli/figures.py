@@ -60,9 +60,16 @@ def print_summary(stats: dict[str, Any]) -> None:
     )
 
 
-def write_report(stats: dict[str, Any], out: Path, title: str) -> None:
+def write_report(
+    stats: dict[str, Any],
+    out: Path,
+    title: str,
+    headline: str | None = None,
+    checks: dict[str, bool] | None = None,
+) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page.render(stats, get_settings(), title, datetime.now(UTC)), encoding="utf-8")
+    html = page.render(stats, get_settings(), title, datetime.now(UTC), headline, checks)
+    out.write_text(html, encoding="utf-8")
 
 
 @click.command()
