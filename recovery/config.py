@@ -99,7 +99,7 @@ class Settings:
     # Time plan retries by what has paid before (engine/learner.py). Off by
     # default: on the simulated population it recovers under a point more
     # than the plans with fewer retries, but half a day later on average
-    # (README, "Does it recover more than Stripe?").
+    # (docs/simulation.md, "Does it recover more than Stripe?").
     retry_learning: bool = False
     # Once the plan's tries on the card are spent (or the card cannot be
     # retried), try another unexpired card saved on the customer, except for

@@ -1,4 +1,4 @@
-"""The deployment as the README writes it: .env.example copied to .env, read
+"""The deployment as docs/getting-started.md writes it: .env.example copied to .env, read
 by docker-compose.yml the way Compose reads it, gives settings that start and
 send email where the compose file's Mailpit listens; the worker's and beat's
 healthchecks pass while they run and fail when they do not."""
@@ -21,7 +21,7 @@ from .conftest import ROOT
 from .test_worker_e2e import start_worker, stop, wait_for, worker_env
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-# What the README's step 3 asks to fill in.
+# What the guide's step 3 asks to fill in.
 README_FILLS = {
     "STRIPE_API_KEY": "sk_test_51Hx4e2Lq8ZpT7nB3cYw9HsD3fGj6QaE",
     "STRIPE_WEBHOOK_SECRET": "whsec_8Kq2mZpL4vXr7TnB1cYw9HsD3fGj6QaE",
@@ -77,8 +77,8 @@ def test_the_env_example_as_the_readme_fills_it_starts_and_mails_to_mailpit(serv
     mailpit = COMPOSE["services"]["mailpit"]
     assert mailpit["image"] == "axllent/mailpit"
     assert not any("MP_SMTP" in str(v) for v in mailpit.get("environment", {}) or {})
-    readme = (ROOT / "README.md").read_text()
-    assert "http://localhost:8025" in readme and "Mailpit" in readme
+    guide = (ROOT / "docs" / "getting-started.md").read_text()
+    assert "http://localhost:8025" in guide and "Mailpit" in guide
 
 
 def test_a_real_smtp_server_in_env_reaches_the_workers():

@@ -90,7 +90,7 @@ class Plan:
 #   last day, or the 1st and the 15th; monthly on the last business day.
 #
 # Measured with `recovery simulate --policy previous-defaults --policy
-# stripe-recommended --policy defaults --seeds 10` (README, "Does it recover
+# stripe-recommended --policy defaults --seeds 10` (docs/simulation.md, "Does it recover
 # more than Stripe?"): one seed proves nothing about a plan.
 
 # The last reminder must have time to work before the end: customers answer
