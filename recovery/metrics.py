@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 
 from recovery import counts
 from recovery.models import (
-    CaseStatus,
     EventStatus,
     Message,
     RecoveryAttempt,
@@ -127,38 +126,45 @@ def families(state: Snapshot) -> Iterator[Metric]:
         overdue.add_metric([kind.value], state.steps_overdue.get(kind.value, 0))
     yield due
     yield overdue
-    retries = CounterMetricFamily(
+    yield _labelled(
+        CounterMetricFamily,
         "recovery_retries",
         "Retries made (charges that reached Stripe), by Stripe's answer",
-        labels=["outcome"],
+        "outcome",
+        state.retries,
     )
-    for outcome, count in sorted(state.retries.items()):
-        retries.add_metric([outcome], count)
-    yield retries
-    uncharged = CounterMetricFamily(
+    yield _labelled(
+        CounterMetricFamily,
         "recovery_retry_steps_charged_nothing",
         "Retry steps that ended without a charge, by what stopped them",
-        labels=["outcome"],
+        "outcome",
+        state.retry_steps_charged_nothing,
     )
-    for outcome, count in sorted(state.retry_steps_charged_nothing.items()):
-        uncharged.add_metric([outcome], count)
-    yield uncharged
-    emails = GaugeMetricFamily("recovery_emails", "Emails by status", labels=["status"])
-    for message_status, count in sorted(state.emails.items()):
-        emails.add_metric([message_status], count)
-    yield emails
-    cases = GaugeMetricFamily("recovery_cases", "Cases by status", labels=["status"])
-    for case_status in CaseStatus:
-        cases.add_metric([case_status.value], state.cases.get(case_status.value, 0))
-    yield cases
-    recovered = CounterMetricFamily(
+    yield _labelled(
+        GaugeMetricFamily, "recovery_emails", "Emails by status", "status", state.emails
+    )
+    yield _labelled(GaugeMetricFamily, "recovery_cases", "Cases by status", "status", state.cases)
+    yield _labelled(
+        CounterMetricFamily,
         "recovery_recovered_amount",
         "Amount recovered, in the currency's minor units",
-        labels=["currency"],
+        "currency",
+        state.recovered,
     )
-    for currency, amount in sorted(state.recovered.items()):
-        recovered.add_metric([currency], amount)
-    yield recovered
+
+
+def _labelled(
+    family: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    label: str,
+    counts: dict[str, int],
+) -> Metric:
+    """One metric family with a sample per label value."""
+    found = family(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        found.add_metric([value], count)
+    return found
 
 
 class StateCollector(Collector):

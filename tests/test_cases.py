@@ -301,30 +301,22 @@ def card_update_retries(session, case) -> list[tuple[StepOrigin, object]]:
     ]
 
 
+# (saved through our link, the customer's new default): whether the card a
+# card update's retry charges is known to be another than the declined one.
 @pytest.mark.parametrize(
-    "saved, default",
+    "saved, default, another",
     [
-        (None, None),  # a change that named no card: it may be the declined one, updated
-        (None, "pm_declined"),  # the default is the card that declined
-        ("pm_declined", None),
+        (None, None, False),  # a change that named no card: maybe the declined one, updated
+        (None, "pm_declined", False),
+        ("pm_declined", None, False),
+        ("pm_new", None, True),
+        (None, "pm_new", True),
+        ("pm_new", "pm_declined", True),  # our link's card is the one charged
     ],
 )
-def test_the_declined_card_is_retried_only_after_the_minimum_gap(session, settings, saved, default):
-    case = make_case(session, last_failure_at=T0, payment_method_id="pm_declined")
-    customer = session.get(Customer, case.customer_id)
-    customer.card_updated_at = T0 + timedelta(seconds=30)
-    customer.saved_payment_method, customer.default_payment_method = saved, default
-    make_step(session, case, StepKind.RETRY, due_at=T0 + timedelta(days=3))
-    assert cases.card_updated(session, case, T0 + timedelta(minutes=1), settings)
-    assert card_update_retries(session, case) == [
-        (StepOrigin.CARD_UPDATE, T0 + timedelta(seconds=settings.card_update_min_gap_seconds))
-    ]
-
-
-@pytest.mark.parametrize(
-    "saved, default", [("pm_new", None), (None, "pm_new"), ("pm_new", "pm_declined")]
-)
-def test_another_card_is_charged_as_soon_as_it_is_saved(session, settings, saved, default):
+def test_another_card_is_charged_at_once_and_the_declined_one_after_the_gap(
+    session, settings, saved, default, another
+):
     case = make_case(session, last_failure_at=T0, payment_method_id="pm_declined")
     customer = session.get(Customer, case.customer_id)
     customer.card_updated_at = T0 + timedelta(seconds=30)
@@ -332,7 +324,10 @@ def test_another_card_is_charged_as_soon_as_it_is_saved(session, settings, saved
     make_step(session, case, StepKind.RETRY, due_at=T0 + timedelta(days=3))
     now = T0 + timedelta(minutes=1)
     assert cases.card_updated(session, case, now, settings)
-    assert card_update_retries(session, case) == [(StepOrigin.CARD_UPDATE, now)]
+    gap = timedelta(seconds=settings.card_update_min_gap_seconds)
+    assert card_update_retries(session, case) == [
+        (StepOrigin.CARD_UPDATE, now if another else T0 + gap)
+    ]
 
 
 def test_an_operator_retry_is_refused_where_the_rules_forbid_it(session, settings):
