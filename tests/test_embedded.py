@@ -89,7 +89,7 @@ def test_dev_tells_the_story_as_it_happens_with_the_emails_link(tmp_path):
     assert story[0].startswith("· event received: invoice.payment_failed (evt_"), told
     expected = [
         "· case 1: opened for invoice in_",
-        "· case 1: funds: decline_code=insufficient_funds",
+        "· case 1: not enough money (funds): decline_code=insufficient_funds",
         f"· case 1: email payment_failed sent; its link: http://127.0.0.1:{port}/r/",
         "· case 1: recovered $20.00",
     ]
