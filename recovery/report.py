@@ -134,7 +134,8 @@ def render(
 ) -> str:
     """The page. A run that has them (the demo) opens with its `headline`
     and the `checks` it passed or failed."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape  # to render, not to read
+    # Jinja only where a page is drawn: `recovery stats` imports this module too.
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     accent = settings.brand_accent_color
     env = Environment(

@@ -82,7 +82,8 @@ def cli() -> None:
     (database, Stripe).
     """
     # Validate the whole configuration before any command does anything, and
-    # log through the one configuration (LOG_FORMAT, the scrubber, Sentry).
+    # log through the one configuration (LOG_FORMAT, the scrubber, Sentry);
+    # imported here, so that `--version` and `--help` need not load it.
     from recovery.observability import configure
 
     settings = get_settings()

@@ -133,7 +133,7 @@ def status(as_json: bool) -> None:
     Example:
       recovery status
     """
-    from recovery import metrics  # Prometheus's client, for this command only
+    from recovery import metrics  # Prometheus's client: only this command needs it
 
     with session_scope() as session:
         state = metrics.snapshot(session, clock.now())
