@@ -188,3 +188,14 @@ def test_commands_say_what_they_did_in_a_sentence_without_library_chatter(tmp_pa
     stats = recovery(demo_dir, "stats", **env).stdout
     assert "(funds)" in stats and "not enough money" in stats
     assert stats.strip().endswith("gives every figure.")
+    for command in (
+        ["status"],
+        ["stats"],
+        ["cases", "list"],
+        ["events", "list"],
+        ["emails", "list"],
+        ["plans", "explain"],
+    ):
+        last = recovery(demo_dir, *command, **env).stdout.strip().splitlines()[-1]
+        assert last[0].isupper() or last[0].isdigit(), (command, last)
+        assert last.endswith("."), (command, last)

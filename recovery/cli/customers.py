@@ -151,6 +151,7 @@ def emails_list(status: str | None, limit: int, as_json: bool) -> None:
             f"{r['id']:>7}  case {r['case_id'] or '-':<7} {r['template']:<24} {r['status']:<8}"
             f" {r['attempts']:>2}  {r['last_error'] or ''}".rstrip()
         )
+    click.echo(f"\n{len(rows)} email(s), the newest first.")
 
 
 @click.group("links", cls=DatabaseGroup)

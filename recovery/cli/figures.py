@@ -166,6 +166,9 @@ def status(as_json: bool) -> None:
     click.echo(f"as of {state.at:%Y-%m-%d %H:%M:%S} UTC")
     for name, text in lines:
         click.echo(f"{name:>10}  {text}")
+    click.echo(
+        "\nA retry is a charge that reached Stripe; `recovery status --json` gives every figure."
+    )
 
 
 COMMANDS = [stats, report, status]

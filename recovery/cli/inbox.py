@@ -83,6 +83,7 @@ def events_list(status: str | None, event_type: str | None, limit: int, as_json:
                 f"{row.received_at:%Y-%m-%d %H:%M:%S}  {row.type:<34} "
                 f"{row.stripe_event_id}"
             )
+        click.echo(f"\n{len(rows)} event(s), the newest first.")
 
 
 @events.command("show")

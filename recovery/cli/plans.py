@@ -11,7 +11,7 @@ from recovery.cli.common import DatabaseGroup, emit_json
 from recovery.config import get_settings
 from recovery.db import session_scope
 from recovery.engine import learner, planner
-from recovery.engine.classify import Category
+from recovery.engine.classify import Category, described
 from recovery.engine.plans import Plan, RetryOn
 
 
@@ -113,7 +113,7 @@ def explain(top: int, as_json: bool) -> None:
     state = "on" if settings.retry_learning else "off (RETRY_LEARNING=on turns it on)"
     click.echo(f"retry learning: {state}\n")
     for row in rows:
-        click.echo(f"{row['plan']}")
+        click.echo(f"{described(row['plan'])}")
         click.echo(f"  retries:  {row['retries']}")
         click.echo(f"  emails:   {'; '.join(row['emails']) or 'none'}")
         click.echo(f"  window:   {row['window_days']:g} days, then {row['final_action']}")
@@ -130,6 +130,8 @@ def explain(top: int, as_json: bool) -> None:
                     paid = f"{slot['paid']} of {slot['outcomes']} paid"
                     click.echo(f"      {slot['slot']:<38} {paid}")
         click.echo()
+    source = settings.plans_file or "the defaults"
+    click.echo(f"{len(rows)} plans in force, from {source}.")
 
 
 COMMANDS = [plans]
