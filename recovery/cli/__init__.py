@@ -74,8 +74,9 @@ def cli() -> None:
       recovery simulate                  backtest plans side by side
       recovery tick --now ISO --sync     one pass as of an instant
     \b
-    Configuration is the environment (see .env.example); a bad value stops
-    every command with one line naming it.
+    Configuration is the environment (see .env.example and
+    docs/configuration.md); bad values stop every command, each named on a
+    line of its own.
     \b
     Exit codes: 0 ok · 1 user error (unknown id, refused action) ·
     2 usage (bad arguments or configuration) · 3 a service is unavailable
