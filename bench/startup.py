@@ -8,6 +8,10 @@ command runs `--runs` times as a new process, as a shell runs it, and the
 median and slowest wall times are printed beside the target: 0.3 s for
 `--version` and `--help`, 0.6 s for a command that reads the database.
 `python -X importtime -m recovery COMMAND` shows where a slow one's time goes.
+
+The package is compiled to bytecode first, as pip does for a wheel and as
+Python does on a first import unless PYTHONDONTWRITEBYTECODE is set (it is
+on some machines, which then compile every module on every run).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ def main() -> None:
     exe = [str(Path(sys.executable).with_name("recovery"))]
     if not Path(exe[0]).exists():
         exe = [sys.executable, "-m", "recovery"]
+    import recovery
+
+    package = Path(recovery.__file__).parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
     with tempfile.TemporaryDirectory() as home:
         cwd = Path(home)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "STRIPE_"))}

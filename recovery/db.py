@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Result, Table, create_engine, event
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -168,6 +166,18 @@ def rows_changed(result: Result[Any]) -> int:
     return result.rowcount
 
 
+def _insert_of(dialect: str) -> Any:
+    """The dialect's INSERT with ON CONFLICT, imported on first use: a
+    command on SQLite need not load PostgreSQL's dialect."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
+
+
 def insert_ignore(
     conn: Connection | Session,
     model: type[DeclarativeBase],
@@ -175,8 +185,9 @@ def insert_ignore(
     unique: list[str],
 ) -> bool:
     """INSERT … ON CONFLICT DO NOTHING; True when this call inserted the row."""
-    insert = pg_insert if dialect_of(conn) == "postgresql" else sqlite_insert
-    statement = insert(table_of(model)).on_conflict_do_nothing(index_elements=unique)
+    statement = _insert_of(dialect_of(conn))(table_of(model)).on_conflict_do_nothing(
+        index_elements=unique
+    )
     return rows_changed(conn.execute(statement, values)) == 1
 
 
@@ -190,9 +201,12 @@ def insert_ignore_returning(
     per batch, which a `.values(rows)` statement would (a third of the
     receiver's CPU when it did).
     """
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     table = table_of(model)
-    statement = insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
+    statement = (
+        _insert_of(conn.dialect.name)(table)
+        .on_conflict_do_nothing(index_elements=[key])
+        .returning(table.c[key])
+    )
     return set(conn.execute(statement, rows).scalars())
 
 

@@ -1,5 +1,9 @@
 """Operator commands for the inbox: stored events, replaying them, and catching
-up with Stripe (events missed while down, failed invoices at install)."""
+up with Stripe (events missed while down, failed invoices at install).
+
+The commands that fetch from Stripe or hand events on import those parts
+when they run: listing the inbox need not load the Stripe SDK.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,9 @@ import click
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from recovery import clock, stripe_api
+from recovery import clock
 from recovery.cli.common import DatabaseGroup, first, instant_option, needs_database
 from recovery.db import session_scope
-from recovery.inbox import backfill, relay
 from recovery.models import EventStatus, WebhookEvent
 
 
@@ -142,11 +145,16 @@ def events_replay(refs: tuple[str, ...], failed: bool, since: str | None) -> Non
             ids += session.scalars(
                 select(WebhookEvent.id).where(WebhookEvent.status == EventStatus.FAILED)
             ).all()
+    from recovery.inbox import relay
+
     count = relay.replay(ids, clock.now())
     click.echo(f"{count} event(s) queued again")
 
 
 def _replay_from_stripe(since: str) -> None:
+    from recovery import stripe_api
+    from recovery.inbox import backfill
+
     instant = instant_option(since, "--since")
     counts = {"new": 0}
 
@@ -184,6 +192,9 @@ def sync(page_size: int, restart: bool) -> None:
       recovery sync
       recovery sync --restart && recovery tick --sync
     """
+    from recovery import stripe_api
+    from recovery.inbox import backfill
+
     previous = backfill.last_sync()
     if previous is not None and previous.completed_at is None and not restart:
         click.echo(f"resuming after {previous.cursor} ({previous.seen} invoices seen)", err=True)
