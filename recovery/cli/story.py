@@ -167,7 +167,8 @@ class Story:
 
 
 def _new_card(session: Session, entry: AuditEntry) -> str:
-    """A saved card, and when the retry it brought is due."""
+    """A saved card, and when the retry it brought is due: the step the same
+    transaction made, so created within moments of the entry."""
     retry = session.scalars(
         select(RecoveryAttempt)
         .where(
