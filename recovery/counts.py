@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Select, and_, func, select
+from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session
 
 from recovery.models import (
@@ -34,11 +34,6 @@ from recovery.models import (
 CHARGE_ANSWERS = (StepOutcome.PAID, StepOutcome.DECLINED)
 # A step the engine withdrew before it ran (the plan changed, the case closed).
 WITHDRAWN = (StepOutcome.CANCELED,)
-
-
-def is_retry() -> ColumnElement[bool]:
-    """The rows that are retries: charge attempts Stripe answered."""
-    return and_(RecoveryAttempt.kind == StepKind.RETRY, RecoveryAttempt.outcome.in_(CHARGE_ANSWERS))
 
 
 @dataclass
