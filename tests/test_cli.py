@@ -105,3 +105,41 @@ def test_help_reads_like_a_manual_with_examples_everywhere():
         if "Example" not in (command.help or "")
     ]
     assert missing == []
+
+
+# What each command must not load: the reason `--version` once took 1.9 s
+# and `stats` 2.5 s (bench/startup.py measures the time itself).
+UNUSED_BY = {
+    ("--version",): ("sqlalchemy", "jinja2", "stripe", "celery", "recovery.web"),
+    ("--help",): ("sqlalchemy", "jinja2", "stripe", "celery", "recovery.web"),
+    ("stats", "--json"): ("jinja2", "stripe", "celery", "alembic", "sentry_sdk", "recovery.sim"),
+    ("cases", "list"): ("jinja2", "stripe", "celery", "alembic", "recovery.web", "recovery.sim"),
+}
+
+
+def test_commands_load_only_what_they_use(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys\n"
+        "from recovery.cli import cli\n"
+        "try:\n"
+        "    cli.main(sys.argv[1:], prog_name='recovery')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "STRIPE_"))}
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'empty.db'}"
+    subprocess.run([sys.executable, "-m", "recovery", "db", "upgrade"], env=env, check=True)
+    for argv, unused in UNUSED_BY.items():
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *argv], env=env, capture_output=True, text=True
+        )
+        loaded = set(json.loads(done.stderr.strip().splitlines()[-1]))
+        assert done.stdout, argv
+        wrong = {m for m in loaded for u in unused if m == u or m.startswith(u + ".")}
+        assert not wrong, (argv, sorted(wrong)[:5])
