@@ -5,6 +5,8 @@ Read by recovery.tasks (by path: the hyphenated name cannot be imported).
 ticks never pile up; every task here is safe to run twice.
 """
 
+from celery.schedules import crontab
+
 SCHEDULE = {
     # Hand stored webhook events to workers, in batches; also the sweep that
     # re-sends what a down broker or a dead worker left pending.
@@ -27,5 +29,25 @@ SCHEDULE = {
         "task": "recovery.dispatch_outbox",
         "schedule": 60.0,
         "options": {"expires": 55},
+    },
+    # Deliver what the business's endpoints are owed that is due: a retry
+    # 5 s after a failure, and what a worker's own dispatch missed. On the
+    # webhooks queue, with its own workers.
+    "dispatch-deliveries": {
+        "task": "recovery.dispatch_deliveries",
+        "schedule": 2.0,
+        "options": {"expires": 10},
+    },
+    # Conditions operators are alerted to (business/alerts.py).
+    "check-alerts": {
+        "task": "recovery.check_alerts",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
+    # The daily digest: recovered amounts, open cases, what needs a person.
+    "alert-digest": {
+        "task": "recovery.alert_digest",
+        "schedule": crontab(minute=0, hour=8),
+        "options": {"expires": 3600},
     },
 }

@@ -129,6 +129,12 @@ class Settings:
     # Bearer token /metrics asks for; None: open (keep it off the internet).
     metrics_token: str | None = None
     templates_dir: Path = DEFAULT_TEMPLATES_DIR
+    # Telling the business (see business/). Networks its webhook endpoints
+    # may reach though private (an internal receiver); none by default.
+    outbound_allowed_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    # apprise URLs operators are alerted through; none: alerts are only logged.
+    alert_urls: tuple[str, ...] = field(default=(), repr=False)
+    alert_overdue_minutes: int = 15
 
     @property
     def production(self) -> bool:
@@ -237,6 +243,19 @@ def _networks(env: _Env, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(found)
 
 
+def _alert_urls(env: _Env, name: str) -> tuple[str, ...]:
+    # Apprise URLs hold tokens: a bad one is named by its scheme alone.
+    urls = tuple(part.strip() for part in env.get(name, "").replace(",", " ").split())
+    bad = [url for url in urls if "://" not in url]
+    if bad:
+        return env.refuse(
+            f"{name} must be apprise URLs (slack://…, mailto://…, json://…), space- or"
+            f" comma-separated; {len(bad)} has no scheme://",
+            (),
+        )
+    return urls
+
+
 def load_settings(values: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from a mapping (the process environment by default).
     Raises ConfigError with every problem found, not only the first."""
@@ -315,6 +334,9 @@ def load_settings(values: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
         templates_dir=_directory(env, "TEMPLATES_DIR", DEFAULT_TEMPLATES_DIR),
+        outbound_allowed_networks=_networks(env, "OUTBOUND_ALLOWED_NETWORKS"),
+        alert_urls=_alert_urls(env, "ALERT_URLS"),
+        alert_overdue_minutes=_int(env, "ALERT_OVERDUE_MINUTES", 15, 1, 10_080),
     )
     if production:
         # A value already refused is not judged again as a production value.

@@ -93,14 +93,19 @@ def cases_by_status(session: Session, since: datetime | None = None) -> dict[str
     return {s.value: counted.get(s, 0) for s in CaseStatus}
 
 
-def recovered_amounts(session: Session, since: datetime | None = None) -> dict[str, int]:
-    """The amount recovered, in minor units, per currency."""
+def recovered_amounts(
+    session: Session, since: datetime | None = None, recovered_since: datetime | None = None
+) -> dict[str, int]:
+    """The amount recovered, in minor units, per currency: of the cases opened
+    since `since`, or recovered since `recovered_since`."""
     query = (
         select(RecoveryCase.currency, func.sum(RecoveryCase.amount_recovered))
         .where(RecoveryCase.status == CaseStatus.RECOVERED)
         .group_by(RecoveryCase.currency)
         .order_by(RecoveryCase.currency)
     )
+    if recovered_since is not None:
+        query = query.where(RecoveryCase.closed_at >= recovered_since)
     return {
         currency: int(amount or 0)
         for currency, amount in session.execute(_opened_since(query, since))

@@ -238,6 +238,12 @@ class RecoveryCase(Base):
     category: Mapped[str | None] = mapped_column(String(32), index=True)
     mode: Mapped[RetryMode | None] = mapped_column(Enumerated(RetryMode))
     paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # What the business has been told (business/announce.py): the sequence
+    # number of the case's last event, what the customer must do, and when
+    # the plan's final action comes.
+    announced: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    customer_action: Mapped[str | None] = mapped_column(String(32))
+    final_action_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     flag_reason: Mapped[str | None] = mapped_column(String(255))
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -499,3 +505,101 @@ class SyncCursor(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class EndpointStatus(enum.StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+
+
+class Endpoint(Base):
+    """A URL of the business's that hears about its cases, signed with its secret."""
+
+    __tablename__ = "endpoints"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(Text)
+    # The event types it hears; None for all of them.
+    events: Mapped[list[str] | None] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(100))
+    # After a rotation the old secret signs beside the new one until then.
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status: Mapped[EndpointStatus] = mapped_column(
+        Enumerated(EndpointStatus), default=EndpointStatus.ENABLED
+    )
+    disabled_reason: Mapped[str | None] = mapped_column(String(255))
+    # The first failed attempt since the last delivered one.
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    _enums = coerced("status")
+
+
+class Announcement(Base):
+    """An event told to the business's endpoints, written in the transaction
+    of the change it reports. Its public id is the `webhook-id` of every
+    delivery and every attempt of it."""
+
+    __tablename__ = "announcements"
+    __table_args__ = (UniqueConstraint("case_id", "sequence"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
+    # The case's own count of events, so a receiver can order them.
+    sequence: Mapped[int | None] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # every attempt of the schedule failed, or its endpoint is gone
+
+
+class Delivery(Base):
+    """One announcement owed to one endpoint, delivered at least once."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "announcement_id"),
+        Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("endpoints.id"), index=True)
+    announcement_id: Mapped[int] = mapped_column(ForeignKey("announcements.id"))
+    status: Mapped[DeliveryStatus] = mapped_column(
+        Enumerated(DeliveryStatus), default=DeliveryStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(255))
+    # The endpoint's answer, its first KiB.
+    response_body: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    _enums = coerced("status")
+
+
+class AlertState(Base):
+    """One condition operators are alerted to: whether it holds, since when,
+    and when they were last told, so each alerts at most once an hour and
+    says when it clears."""
+
+    __tablename__ = "alert_states"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    firing: Mapped[bool] = mapped_column(Boolean, default=False)
+    detail: Mapped[str | None] = mapped_column(String(400))
+    since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

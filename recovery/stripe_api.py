@@ -29,12 +29,18 @@ from urllib.parse import quote, urlsplit
 import orjson
 import requests
 import stripe
+import structlog
 
-from recovery import ratelimit
+from recovery import clock, ratelimit
 from recovery.config import Settings, get_settings
 from recovery.metrics import STRIPE_REQUESTS
 
+log = structlog.get_logger("recovery.stripe")
+
 REQUEST_TIMEOUT_SECONDS = 20
+# Stripe's answers to a revoked or rolled key (401), or a restricted key
+# stripped of a permission (403).
+KEY_REFUSED = (401, 403)
 
 
 class StripeFailure(Exception):
@@ -167,9 +173,26 @@ def _request(
     except stripe.StripeError as exc:
         status = exc.http_status
         STRIPE_REQUESTS.labels(method, str(status) if status else "network").inc()
+        if status in KEY_REFUSED:
+            # Nothing works until an operator sets a new key: tell them.
+            from recovery.business import alerts
+
+            try:
+                alerts.stripe_key_refused(status, clock.now(), get_settings())
+            except Exception:  # noqa: BLE001 - the alert must not hide Stripe's answer
+                log.exception("alert_not_recorded", alert="stripe_key")
         raise _mapped(exc) from exc
     STRIPE_REQUESTS.labels(method, str(answer.code)).inc()
     return orjson.loads(answer.body)
+
+
+def key_works() -> bool:
+    """Whether Stripe accepts the configured key now (a cheap read)."""
+    try:
+        _request("get", "/v1/events", {"limit": 1})
+    except StripeFailure as failure:
+        return failure.http_status not in KEY_REFUSED
+    return True
 
 
 def _effect(key: str) -> str:

@@ -13,6 +13,7 @@ from celery import Celery
 from celery.signals import setup_logging, worker_process_init
 
 from recovery import clock, preflight
+from recovery.business import alerts, deliveries
 from recovery.config import ConfigError, explain, get_settings
 from recovery.customers import delivery, outbox
 from recovery.db import reset_engine
@@ -20,11 +21,14 @@ from recovery.engine import scheduler, steps
 from recovery.inbox import relay
 from recovery.observability import configure
 from recovery.paths import shipped
+from recovery.stripe_api import key_works
 
 # Steps per execute message: one message costs ~350 µs to publish, and 50
 # steps at the default 20 Stripe writes/s still spread a backlog over workers.
 STEP_CHUNK = 50
 BEAT_SCHEDULE_FILE = shipped("celerybeat-schedule.py")
+WEBHOOKS_QUEUE = "webhooks"
+WEBHOOK_TASKS = ("recovery.send_deliveries", "recovery.dispatch_deliveries")
 
 
 def load_beat_schedule(path: Path = BEAT_SCHEDULE_FILE) -> dict[str, Any]:
@@ -48,6 +52,9 @@ def make_celery() -> Celery:
         result_backend=None,
         task_ignore_result=True,
         task_default_queue="recovery",
+        # Webhook deliveries and their dispatch have a queue and workers of
+        # their own: an endpoint that hangs delays no retry and no email.
+        task_routes={name: {"queue": WEBHOOKS_QUEUE} for name in WEBHOOK_TASKS},
         enable_utc=True,
         timezone="UTC",
         # A task is acknowledged only when it finished, so a worker killed
@@ -106,6 +113,7 @@ def process_events(event_ids: list[int]) -> None:
     # once rather than at the next dispatch tick.
     steps.dispatch(_now(), get_settings(), publish_step_batch)
     outbox.dispatch(_now(), publish_messages)
+    deliveries.dispatch(_now(), publish_deliveries)
 
 
 def publish_event_batch(event_ids: list[int]) -> None:
@@ -122,8 +130,10 @@ def relay_inbox() -> int:
 @app.task(name="recovery.execute_steps")
 def execute_steps(claims: list[list[int]]) -> None:
     scheduler.execute_all([(step_id, claim) for step_id, claim in claims], _now(), get_settings())
-    # The thank-you of a case a retry recovered goes now, not at the next tick.
+    # The thank-you of a case a retry recovered goes now, not at the next
+    # tick, and so does what the business hears of it.
     outbox.dispatch(_now(), publish_messages)
+    deliveries.dispatch(_now(), publish_deliveries)
 
 
 def publish_step_batch(claims: list[steps.Claim]) -> None:
@@ -153,3 +163,28 @@ def publish_messages(message_ids: list[int]) -> None:
 def dispatch_outbox() -> int:
     outbox.release_lapsed(_now())
     return outbox.dispatch(_now(), publish_messages)
+
+
+@app.task(name="recovery.send_deliveries")
+def send_deliveries(endpoint_id: int, delivery_ids: list[int]) -> None:
+    deliveries.send(deliveries.Batch(endpoint_id, delivery_ids), get_settings())
+
+
+def publish_deliveries(batch: deliveries.Batch) -> None:
+    # A failed publish leaves the deliveries claimed; their lease returns them.
+    send_deliveries.apply_async(args=[batch.endpoint_id, batch.delivery_ids], retry=False)
+
+
+@app.task(name="recovery.dispatch_deliveries")
+def dispatch_deliveries() -> int:
+    return deliveries.dispatch(_now(), publish_deliveries)
+
+
+@app.task(name="recovery.check_alerts")
+def check_alerts() -> int:
+    return len(alerts.check(_now(), get_settings(), key_works))
+
+
+@app.task(name="recovery.alert_digest")
+def alert_digest() -> None:
+    alerts.digest(_now(), get_settings())

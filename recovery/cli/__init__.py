@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     **dict.fromkeys(("emails", "links"), "customers"),
     **dict.fromkeys(("stats", "report", "status"), "figures"),
     "plans": "plans",
+    **dict.fromkeys(("endpoints", "alerts"), "business"),
 }
 
 
@@ -69,6 +70,9 @@ def cli() -> None:
       recovery status                    backlog, due steps, outcomes, now (as /metrics)
       recovery emails preview | send-test | list
       recovery links revoke
+      recovery endpoints add | list | test | deliveries | replay
+                                         signed webhooks to the business's systems
+      recovery alerts test | list        operators' alerts (ALERT_URLS)
       recovery sync                      backfill failed invoices at install
       recovery events replay --since     catch up after downtime
       recovery simulate                  backtest plans side by side

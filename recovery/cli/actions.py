@@ -53,11 +53,13 @@ def tick(at: str | None, sync: bool) -> None:
             publish_events=tasks.publish_event_batch,
             publish_steps=tasks.publish_step_batch,
             publish_messages=tasks.publish_messages,
+            publish_deliveries=tasks.publish_deliveries,
         )
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items()))
     click.echo(
         f"{clock.now():%Y-%m-%d %H:%M:%S}Z: {result.events} event(s), {result.steps} step(s),"
-        f" {result.emails} email(s)" + (f" ({outcomes})" if outcomes else "")
+        f" {result.emails} email(s), {result.webhooks} webhook deliveries"
+        + (f" ({outcomes})" if outcomes else "")
     )
 
 

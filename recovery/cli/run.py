@@ -77,8 +77,16 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
 
 
 @click.command()
+@click.option(
+    "--queue",
+    type=click.Choice(["recovery", "webhooks"]),
+    default="recovery",
+    show_default=True,
+    help="recovery: events, steps, emails. webhooks: deliveries to the business's"
+    " endpoints (threads, 16 by default: they wait on the network).",
+)
 @click.option("--concurrency", type=int, default=None)
-@click.option("--pool", default=None, help="prefork (default with Redis) or solo.")
+@click.option("--pool", default=None, help="prefork (default with Redis), threads or solo.")
 @click.option("--beat", "with_beat", is_flag=True, help="Run the beat scheduler in-process.")
 @click.option(
     "-E",
@@ -93,17 +101,19 @@ def serve(host: str, port: int, workers: int, dev: bool) -> None:
     " (the database's figures are on the web app's /metrics).",
 )
 def worker(
+    queue: str,
     concurrency: int | None,
     pool: str | None,
     with_beat: bool,
     events: bool,
     metrics_port: int | None,
 ) -> None:
-    """Run a Celery worker: events, due steps, emails.
+    """Run a Celery worker: events, due steps, emails; or webhook deliveries.
 
     \b
     Examples:
       recovery worker --concurrency 4
+      recovery worker --queue webhooks   # the business's endpoints, apart
       recovery worker --beat        # with the scheduler embedded (one machine only)
       recovery worker --events      # task events, so Flower shows tasks
     """
@@ -118,11 +128,14 @@ def worker(
         "--loglevel",
         settings.log_level,
         "--queues",
-        "recovery",
+        queue,
         "--pool",
-        pool or ("solo" if embedded else "prefork"),
+        pool or ("solo" if embedded else "threads" if queue == "webhooks" else "prefork"),
     ]
-    if concurrency:
+    if queue == "webhooks":
+        # Its own name beside a `recovery` worker on the same host.
+        argv += ["--hostname", "webhooks@%h", "--concurrency", str(concurrency or 16)]
+    elif concurrency:
         argv += ["--concurrency", str(concurrency)]
     if with_beat:
         argv += ["--beat"]

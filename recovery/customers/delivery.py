@@ -20,6 +20,7 @@ from sqlalchemy import case as when
 from sqlalchemy.orm import Session
 
 from recovery import clock
+from recovery.business import alerts
 from recovery.config import Settings, plausible_address
 from recovery.customers import emails, links, mailer, outbox
 from recovery.db import get_engine, session_scope
@@ -201,7 +202,7 @@ def prepare(
         )
         ready = []
         for (message, owner, customer, address), its_links in zip(live, wanted, strict=True):
-            urls = {w.purpose: _url(settings, w.purpose, next(tokens)) for w in its_links}
+            urls = {w.purpose: links.url(settings, w.purpose, next(tokens)) for w in its_links}
             its_dates = dates.get(owner.id) if owner else None
             personal = tuple(p for p in (customer.name, address) if p)
             try:
@@ -241,11 +242,6 @@ def scrub(text: str, personal: tuple[str, ...]) -> str:
     return text
 
 
-def _url(settings: Settings, purpose: LinkPurpose, token: str) -> str:
-    route = "u" if purpose is LinkPurpose.OPT_OUT else "r"
-    return f"{settings.public_base_url}/{route}/{token}"
-
-
 def send_all(
     ids: list[int], now: datetime, settings: Settings, transport: mailer.Transport | None = None
 ) -> dict[int, str | None]:
@@ -265,6 +261,11 @@ def send_all(
         outcomes[item.message_id], previous = MessageStatus.SENT, item.message_id
         log.info("email_sent", message_id=item.message_id, template=item.template)
     _advance(previous, None, now)
+    if ready:
+        sent = MessageStatus.SENT in outcomes.values()
+        if sent or "retrying" in outcomes.values():
+            # Operators hear of a mail server refusing for 10 minutes.
+            alerts.smtp_answered(refused=not sent, now=now)
     return outcomes
 
 

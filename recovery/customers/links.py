@@ -68,14 +68,27 @@ class Wanted:
     customer_id: int | None = None
 
 
-def mint_many(session: Session, wanted: list[Wanted], now: datetime, ttl: timedelta) -> list[str]:
-    """New links, superseding older ones of the same owner and purpose; returns
-    their tokens, in order, which are never stored."""
+def url(settings: Settings, purpose: LinkPurpose, token: str) -> str:
+    route = "u" if purpose is LinkPurpose.OPT_OUT else "r"
+    return f"{settings.public_base_url}/{route}/{token}"
+
+
+def mint_many(
+    session: Session,
+    wanted: list[Wanted],
+    now: datetime,
+    ttl: timedelta,
+    supersede: bool = True,
+) -> list[str]:
+    """New links, superseding older ones of the same owner and purpose unless
+    told not to (a link handed to the business's app leaves the one in the
+    customer's email working); returns their tokens, in order, which are
+    never stored."""
     if not wanted:
         return []
     if any(w.case_id is None and w.customer_id is None for w in wanted):
         raise ValueError("a link belongs to a case or a customer")
-    for purpose in sorted({w.purpose for w in wanted} - {LinkPurpose.OPT_OUT}):
+    for purpose in sorted({w.purpose for w in wanted} - {LinkPurpose.OPT_OUT} if supersede else ()):
         of_purpose = [w for w in wanted if w.purpose is purpose]
         owners = [
             RecoveryLink.case_id.in_({w.case_id for w in of_purpose if w.case_id is not None}),

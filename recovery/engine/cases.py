@@ -35,11 +35,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recovery import stripe_api
+from recovery.business import announce
 from recovery.config import Settings
 from recovery.customers import links, outbox
 from recovery.db import insert_ignore
 from recovery.engine import planner, steps
-from recovery.engine.classify import Failure, classify
+from recovery.engine.classify import Classification, Failure, classify
 from recovery.models import (
     AuditEntry,
     CardAttemptSource,
@@ -114,7 +115,7 @@ def open_case(
     session: Session, invoice: dict[str, Any], customer_id: int | None, now: datetime
 ) -> RecoveryCase:
     """The invoice's case, opened now unless another worker opened it first."""
-    insert_ignore(
+    opened = insert_ignore(
         session,
         RecoveryCase,
         {
@@ -136,8 +137,10 @@ def open_case(
     case = for_invoice(session, invoice["id"])
     if case is None:  # pragma: no cover - the row was inserted or existed above
         raise LookupError(f"no case for {invoice['id']}")
-    session.add(AuditEntry.of(case, "stripe", "case_opened"))
-    log.info("case_opened", case_id=case.id, invoice_id=case.invoice_id)
+    if opened:
+        session.add(AuditEntry.of(case, "stripe", "case_opened"))
+        announce.case_event(session, case, announce.OPENED, now)
+        log.info("case_opened", case_id=case.id, invoice_id=case.invoice_id)
     return case
 
 
@@ -334,7 +337,57 @@ def replan(session: Session, case: RecoveryCase, now: datetime, settings: Settin
     """Classify the case again and, if it may act, make its steps what its facts call for."""
     reading = planner.classify_case(session, case, settings)
     if may_act(case):
-        planner.schedule_next(session, case, reading, now, settings)
+        final_at = planner.schedule_next(session, case, reading, now, settings)
+        _tell_business(session, case, reading, final_at, now, settings)
+
+
+# What the customer must do, named as the business's app would ask for it.
+AUTHENTICATE = "authenticate"
+UPDATE_CARD = "update_card"
+
+
+def customer_action(case: RecoveryCase, reading: Classification) -> str | None:
+    """What only the customer can do for the case now, if anything."""
+    if case.flag_reason is not None or not reading.contacts_customer:
+        return None
+    if case.needs_authentication:
+        return AUTHENTICATE
+    return None if reading.may_retry_card else UPDATE_CARD
+
+
+def _tell_business(
+    session: Session,
+    case: RecoveryCase,
+    reading: Classification,
+    final_at: datetime | None,
+    now: datetime,
+    settings: Settings,
+) -> None:
+    """Announce what changed for the business's app: what the customer must
+    now do, and when the plan's final action comes (its grace period)."""
+    action = customer_action(case, reading)
+    if action != case.customer_action:
+        case.customer_action = action
+        if action is not None:
+            announce.case_event(
+                session,
+                case,
+                announce.CUSTOMER_ACTION_REQUIRED,
+                now,
+                action=action,
+                why=reading.why,
+            )
+    if final_at != case.final_action_at:
+        case.final_action_at = final_at
+        if final_at is not None:
+            announce.case_event(
+                session,
+                case,
+                announce.FINAL_ACTION_SCHEDULED,
+                now,
+                final_action=planner.plan_for(reading.category, settings).final_action.value,
+                at=announce.iso(final_at),
+            )
 
 
 # -- closing ---------------------------------------------------------------------------
@@ -346,10 +399,12 @@ def close(
     status: CaseStatus,
     now: datetime,
     actor: str = "stripe",
+    final_action: str | None = None,
     **fields: Any,
 ) -> bool:
     """Move the case to a closed state if CASE_NEXT allows it: its steps are
-    canceled, its links revoked, a reminded customer is thanked."""
+    canceled, its links revoked, a reminded customer is thanked, the business
+    told (`final_action`: the plan's, when it is what closed the case)."""
     if not can_move(case.status, status):
         return False
     previous = case.status
@@ -361,6 +416,25 @@ def close(
     links.revoke_case_links(session, case.id, now, LinkRevoked.CLOSED)
     if status is CaseStatus.RECOVERED:
         outbox.on_case_recovered(session, case, now)
+        announce.case_event(
+            session,
+            case,
+            announce.RECOVERED,
+            now,
+            how=case.recovery_path.value if case.recovery_path else None,
+            amount_recovered=case.amount_recovered,
+            previous_status=previous.value,
+        )
+    else:
+        announce.case_event(
+            session,
+            case,
+            announce.CLOSED,
+            now,
+            reason=status.value,
+            by=actor if actor in ("stripe", "engine") else "operator",
+            final_action=final_action,
+        )
     session.add(AuditEntry.of(case, actor, f"case_{status.value}", previous=previous.value))
     log.info("case_closed", case_id=case.id, invoice_id=case.invoice_id, status=status.value)
     return True
@@ -395,6 +469,7 @@ def pause(session: Session, case: RecoveryCase, now: datetime, actor: str, reaso
     case.paused_at = now
     steps.cancel(session, case)
     session.add(AuditEntry.of(case, actor, "pause", reason=reason))
+    announce.case_event(session, case, announce.PAUSED, now)
 
 
 def resume(
@@ -410,6 +485,7 @@ def resume(
     if case.paused_at is None:
         raise CaseRefused(f"case {case.id} is not paused")
     case.paused_at = None
+    announce.case_event(session, case, announce.RESUMED, now)
     replan(session, case, now, settings)
     session.add(AuditEntry.of(case, actor, "resume", reason=reason))
 

@@ -157,14 +157,15 @@ def schedule_next(
     reading: Classification,
     now: datetime,
     settings: Settings,
-) -> None:
+) -> datetime | None:
     """Make the case's scheduled steps what its facts call for now (its caller
-    has checked that the case may act). The steps follow from the facts alone,
-    so the same facts, reached in any order, schedule the same steps. A case
-    flagged for review waits for an operator with nothing scheduled."""
+    has checked that the case may act), and say when the final action comes,
+    if it does. The steps follow from the facts alone, so the same facts,
+    reached in any order, schedule the same steps. A case flagged for review
+    waits for an operator with nothing scheduled."""
     if case.flag_reason is not None:
         steps.sync(session, case, {})
-        return
+        return None
     anchor = case.first_failed_at or case.opened_at
     plan = plan_for(reading.category, settings)
     customer = session.get(Customer, case.customer_id) if case.customer_id else None
@@ -190,6 +191,7 @@ def schedule_next(
             f" {plan.window_days:g}-day window ends",
         )
     steps.sync(session, case, wanted)
+    return wanted[steps.FINAL].due_at if steps.FINAL in wanted else None
 
 
 # A flagged case's categories: no retry, not even on a new card, until reviewed.

@@ -406,7 +406,7 @@ def execute_final(step: steps.Step, now: datetime, settings: Settings) -> StepOu
             return _rejected(session, case, step, now, exc)
         outcome = StepOutcome(action.value)
         if status is not None:
-            cases.close(session, case, status, now, actor="engine")
+            cases.close(session, case, status, now, actor="engine", final_action=action.value)
         session.add(AuditEntry.of(case, "engine", "final_action", final_action=action.value))
         steps.finish(session, step, now, outcome)
     return outcome

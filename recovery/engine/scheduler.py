@@ -21,6 +21,7 @@ from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
 from recovery import clock, stripe_api
+from recovery.business import deliveries
 from recovery.config import Settings
 from recovery.customers import delivery, outbox
 from recovery.db import session_scope
@@ -129,6 +130,7 @@ class PassResult:
     events: int = 0
     steps: int = 0
     emails: int = 0
+    webhooks: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
     def count(self, outcome: str) -> None:
@@ -152,6 +154,7 @@ def run_pass(
     publish_events: Publish | None = None,
     publish_steps: Callable[[list[steps.Claim]], None] | None = None,
     publish_messages: Publish | None = None,
+    publish_deliveries: Callable[[deliveries.Batch], None] | None = None,
 ) -> PassResult:
     """Process due events, steps and emails as of clock.now(): in this process
     when `sync`, else handed to the publishers (Celery)."""
@@ -178,5 +181,13 @@ def run_pass(
     outbox.release_lapsed(now)
     result.emails = outbox.dispatch(
         now, send_here if sync or publish_messages is None else publish_messages
+    )
+
+    def deliver_here(batch: deliveries.Batch) -> None:
+        for outcome in deliveries.send(batch, settings).values():
+            result.count(f"webhook_{outcome}")
+
+    result.webhooks = deliveries.dispatch(
+        now, deliver_here if sync or publish_deliveries is None else publish_deliveries
     )
     return result

@@ -185,6 +185,8 @@ class State:
     # Payment-mode Checkout Sessions whose card is saved on their customer
     # (payment_intent_data[setup_future_usage]; not on Stripe's object).
     saves_card: set[str] = field(default_factory=set)
+    # API keys rolled or revoked on the Dashboard: Stripe answers them 401.
+    revoked_keys: set[str] = field(default_factory=set)
 
 
 class StripeSim:
@@ -915,6 +917,18 @@ class StripeSim:
         if not path.startswith("/v1/"):
             return 404, {"error": {"type": "invalid_request_error", "message": "Not found"}}, {}
         auth = headers.get("authorization", "")
+        if auth.removeprefix("Bearer ") in self.state.revoked_keys:
+            return (
+                401,
+                {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "api_key_expired",
+                        "message": "Expired API Key provided",
+                    }
+                },
+                {},
+            )
         if not auth.startswith("Bearer sk_") and not auth.startswith("Bearer rk_"):
             return (
                 401,
