@@ -64,6 +64,25 @@ def add_endpoint(app: BusinessApp, *options: str) -> int:
     return endpoint_id
 
 
+def documented() -> dict[str, set[str]]:
+    """Each event's `data` properties, as docs/webhooks.md's schemas give them."""
+    import json
+
+    from .conftest import ROOT
+
+    page = (ROOT / "docs" / "webhooks.md").read_text()
+    schemas = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", page, re.S)]
+    return {schema["title"]: set(schema["properties"]) for schema in schemas}
+
+
+def matches_the_docs(received) -> None:
+    schemas = documented()
+    for r in received:
+        assert set(r.data) == schemas[r.type], r.type
+        if "case" in r.data:
+            assert set(r.data["case"]) == schemas["case"]
+
+
 def deliver(now=None) -> dict[int, str]:
     """One dispatch pass, sent in this process."""
     outcomes: dict[int, str] = {}
@@ -98,6 +117,7 @@ def test_a_case_told_from_failure_to_recovery_every_delivery_verified(stack, app
     assert final["at"] > T0.isoformat()[:10]
     # Nothing personal: the customer is their Stripe id.
     assert all("@" not in str(r.data) for r in got)
+    matches_the_docs(got)
 
 
 def test_customer_action_required_carries_a_fresh_link_and_leaves_the_emails(stack, app, local_ok):
@@ -111,6 +131,7 @@ def test_customer_action_required_carries_a_fresh_link_and_leaves_the_emails(sta
     assert data["action"] == "update_card" and data["link"]["url"].startswith(
         get_settings().public_base_url + "/r/"
     )
+    matches_the_docs(got)
     token = data["link"]["url"].rsplit("/", 1)[-1]
     from recovery.customers.links import token_hash
 
@@ -311,6 +332,34 @@ def test_endpoints_test_pings_and_prints_the_answer(db, app, local_ok):
     result = run("endpoints", "test", str(endpoint_id))
     assert result.exit_code == 0, result.output
     assert "HTTP 200" in result.output and app.types() == ["ping"]
+    matches_the_docs(app.accepted().values())
     app.statuses = [503]
     failed = run("endpoints", "test", str(endpoint_id))
     assert failed.exit_code == 1 and "HTTP 503" in failed.output
+
+
+def test_an_operators_pause_resume_and_cancel_are_told_in_order(stack, app, local_ok):
+    add_endpoint(app)
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    invoice = scenario["invoice"]
+    for action in ("pause", "resume", "cancel"):
+        result = run(action, invoice, "--reason", "support asked")
+        assert result.exit_code == 0, result.output
+    deliver()
+    got = sorted(app.accepted().values(), key=lambda r: r.data["sequence"])
+    assert [r.type for r in got] == [
+        "case.opened",
+        "case.final_action_scheduled",
+        "case.paused",
+        "case.resumed",
+        "case.closed",
+    ]
+    closed = got[-1].data
+    assert (closed["reason"], closed["by"], closed["final_action"]) == (
+        "canceled",
+        "operator",
+        None,
+    )
+    assert "support asked" not in str([r.data for r in got])  # an operator's words stay here
+    matches_the_docs(got)
