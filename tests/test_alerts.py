@@ -192,3 +192,28 @@ def test_the_daily_digest_and_alerts_test(db, sink):
 def test_alerts_test_without_urls_says_so(db):
     result = CliRunner().invoke(cli, ["alerts", "test"])
     assert result.exit_code == 1 and "ALERT_URLS is empty" in result.output
+
+
+def test_an_endpoint_disabled_alerts_until_it_is_enabled(db, sink, monkeypatch):
+    from recovery import clock
+    from recovery.business import announce, deliveries
+
+    from .business_app import BusinessApp, start
+
+    monkeypatch.setenv("OUTBOUND_ALLOWED_NETWORKS", "127.0.0.0/8")
+    get_settings.cache_clear()
+    app = BusinessApp(statuses=[410])
+    server = start(app)
+    try:
+        added = CliRunner().invoke(cli, ["endpoints", "add", app.url])
+        app.secrets.append(added.output.split()[-1])
+        with session_scope() as session:
+            announce.case_event(session, make_case(session), announce.PAUSED, clock.now())
+        deliveries.dispatch(clock.now(), lambda b: deliveries.send(b, get_settings()))
+        assert sink.titles() == ["⚠ recovery: endpoint_disabled:1"]
+        assert "410 Gone" in sink.received[0]["message"] and "whsec_" not in str(sink.received)
+        assert CliRunner().invoke(cli, ["endpoints", "enable", "1"]).exit_code == 0
+        assert sink.titles()[-1] == "✓ recovery: endpoint_disabled:1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -363,3 +363,51 @@ def test_an_operators_pause_resume_and_cancel_are_told_in_order(stack, app, loca
     )
     assert "support asked" not in str([r.data for r in got])  # an operator's words stay here
     matches_the_docs(got)
+
+
+def test_on_sqlite_too_a_case_is_told(sqlite_stack, app, local_ok):
+    add_endpoint(app)
+    sqlite_stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
+    sqlite_stack.tick()
+    assert app.types() == ["case.opened", "case.final_action_scheduled"]
+    assert all(r.verified_by for r in app.accepted().values())
+
+
+def test_an_answer_is_kept_to_its_first_kib_and_no_secret_is_logged(db, local_ok, capfd):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Chatty(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = b"x" * 5000
+            self.send_response(500)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Chatty)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+        added = run("endpoints", "add", url)
+        secret = re.search(r"(whsec_\S+)", added.output).group(1)
+        capfd.readouterr()
+        rotated = run("endpoints", "rotate-secret", "1")
+        new_secret = re.search(r"(whsec_\S+)", rotated.output).group(1)
+        capfd.readouterr()
+        with session_scope() as session:
+            announce.case_event(session, make_case(session), announce.PAUSED, clock.now())
+        deliver()
+        with session_scope() as session:
+            delivery = session.scalars(select(Delivery)).one()
+            assert delivery.last_status_code == 500 and len(delivery.response_body) == 1024
+        logged = capfd.readouterr()
+        assert secret not in logged.out + logged.err and new_secret not in logged.out + logged.err
+        assert "whsec_" not in run("endpoints", "list", "--json").output
+    finally:
+        server.shutdown()
+        server.server_close()
