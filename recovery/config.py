@@ -135,6 +135,11 @@ class Settings:
     # apprise URLs operators are alerted through; none: alerts are only logged.
     alert_urls: tuple[str, ...] = field(default=(), repr=False)
     alert_overdue_minutes: int = 15
+    # The business's app (docs/app.md): the status API's rate per key, the
+    # notice's signing secret (none: no notice) and who may frame it.
+    api_requests_per_minute: int = 600
+    notice_secret: str | None = field(default=None, repr=False)
+    embed_allowed_origins: tuple[str, ...] = ()
 
     @property
     def production(self) -> bool:
@@ -243,6 +248,28 @@ def _networks(env: _Env, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(found)
 
 
+def _notice_secret(env: _Env, name: str) -> str | None:
+    secret = env.get(name, "").strip()
+    if secret and len(secret) < 32:
+        return env.refuse(f"{name} must be 32 characters or more (e.g. openssl rand -hex 32)", None)
+    return secret or None
+
+
+def _origins(env: _Env, name: str) -> tuple[str, ...]:
+    origins = tuple(
+        part.strip().rstrip("/") for part in env.get(name, "").split(",") if part.strip()
+    )
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("https", "http") or not parts.netloc or parts.path:
+            return env.refuse(
+                f"{name} must be origins such as https://app.example.com, comma-separated;"
+                f" got {origin[:60]!r}",
+                (),
+            )
+    return origins
+
+
 def _alert_urls(env: _Env, name: str) -> tuple[str, ...]:
     # Apprise URLs hold tokens: a bad one is named by its scheme alone.
     urls = tuple(part.strip() for part in env.get(name, "").replace(",", " ").split())
@@ -337,6 +364,9 @@ def load_settings(values: Mapping[str, str] | None = None) -> Settings:
         outbound_allowed_networks=_networks(env, "OUTBOUND_ALLOWED_NETWORKS"),
         alert_urls=_alert_urls(env, "ALERT_URLS"),
         alert_overdue_minutes=_int(env, "ALERT_OVERDUE_MINUTES", 15, 1, 10_080),
+        api_requests_per_minute=_int(env, "API_REQUESTS_PER_MINUTE", 600, 1, 1_000_000),
+        notice_secret=_notice_secret(env, "NOTICE_SECRET"),
+        embed_allowed_origins=_origins(env, "EMBED_ALLOWED_ORIGINS"),
     )
     if production:
         # A value already refused is not judged again as a production value.

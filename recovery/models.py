@@ -603,3 +603,20 @@ class AlertState(Base):
     detail: Mapped[str | None] = mapped_column(String(400))
     since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApiKey(Base):
+    """A key the business's app calls the status API with. Only a hash of its
+    secret part is kept; the whole key is shown once, when made."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    # What it may read: "status" (a customer's standing), "links" (a fresh
+    # link to fix it, in the same answer).
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -6,6 +6,8 @@ links and the health routes.
     GET  /r/card-saved     ← Stripe Checkout returns here; /r/not-saved on cancel
     GET  /u/<token>        → "stop reminders?" (mail scanners fetch links: GET changes nothing)
     POST /u/<token>        → stopped (also RFC 8058 one-click from the mail client)
+    GET  /api/v1/customers/<id>/recovery → the customer's standing, for the business's app
+    GET  /embed/notice[.js] → the notice the business embeds (signed URL), /go, /state
     GET  /healthz, /readyz
     GET  /metrics          → Prometheus (metrics.py), behind METRICS_TOKEN when set
 
@@ -25,26 +27,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import json
 import logging
 import re
+import secrets
 import threading
 import time
-from functools import lru_cache
+from datetime import UTC, datetime
 from ipaddress import IPv4Network, IPv6Network, ip_address
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 import structlog
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from recovery import clock, metrics
+from recovery.business import status_api
 from recovery.config import Settings
-from recovery.customers import i18n, links
+from recovery.customers import i18n, links, notice, standing
+from recovery.customers.pages import PAGES as PAGES
+from recovery.customers.pages import ends_on, render_page
 from recovery.db import get_engine, session_scope
 from recovery.inbox.receiver import (
     InboxWriter,
@@ -55,7 +60,6 @@ from recovery.inbox.receiver import (
     receive_webhook,
     respond,
 )
-from recovery.money import format_money
 from recovery.ratelimit import LocalBucket, RedisBucket
 
 log = structlog.get_logger("recovery.web")
@@ -88,53 +92,21 @@ def page_headers(settings: Settings) -> Headers:
     ]
 
 
-# The pages customers see (templates/pages/<name>.html); each names its own
-# title, in the words of its language.
-PAGES = (
-    "choose",
-    "link_invalid",
-    "all_set",
-    "card_saved",
-    "card_not_saved",
-    "opt_out",
-    "opt_out_confirm",
-    "too_many",
-    "unavailable",
-)
-
-
-@lru_cache(maxsize=4)
-def _pages(templates_dir: Path) -> Environment:
-    pages = i18n.install(
-        Environment(
-            loader=FileSystemLoader(str(templates_dir / "pages")),
-            autoescape=select_autoescape(default=True),
-        )
-    )
-    # Amounts are written in the page's locale, which each render passes.
-    pages.globals["format_money"] = format_money
-    return pages
-
-
-def render_page(name: str, settings: Settings, locale: str = i18n.ENGLISH, **values: Any) -> bytes:
-    brand = {
-        "name": settings.brand_name,
-        "support_email": settings.brand_support_email,
-        "accent": settings.brand_accent_color,
-    }
-    page = _pages(settings.templates_dir).get_template(f"{name}.html")
-    with i18n.speaking(settings.templates_dir / "locales", locale) as lang:
-        return page.render(brand=brand, lang=lang, locale=locale, **values).encode()
-
-
 class ClientLimiter:
     """Clicks per minute per client address: enough to make guessing tokens
     pointless (2^256 of them) and to stop a client hammering Stripe session
     creation through us. In Redis where the broker is Redis, so the limit
     holds across web processes; else in this process."""
 
-    def __init__(self, per_minute: int, redis_url: str | None = None, max_clients: int = 50_000):
+    def __init__(
+        self,
+        per_minute: int,
+        redis_url: str | None = None,
+        max_clients: int = 50_000,
+        kind: str = "clicks",
+    ):
         self.per_minute = per_minute
+        self.kind = kind
         self.max_clients = max_clients
         self._buckets: dict[str, LocalBucket] = {}
         self._lock = threading.Lock()
@@ -144,7 +116,7 @@ class ClientLimiter:
         # A minute's clicks may come at once, then they refill over the minute.
         rate, burst = self.per_minute / 60.0, float(self.per_minute)
         if self._redis is not None:
-            key = f"recovery:ratelimit:clicks:{client}"
+            key = f"recovery:ratelimit:{self.kind}:{client}"
             try:
                 return RedisBucket(self._redis, rate, key, burst).try_take() == 0
             except redis.RedisError as exc:
@@ -267,6 +239,157 @@ async def _choice(scope: Scope, receive: Receive) -> links.Choice | None:
         return None
 
 
+def embed_headers(settings: Settings, nonce: str, content_type: bytes = b"text/html") -> Headers:
+    """The notice's headers: framed only by EMBED_ALLOWED_ORIGINS, its one
+    script by nonce, its one request to this origin."""
+    ancestors = " ".join(settings.embed_allowed_origins) or "'none'"
+    policy = (
+        f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}';"
+        f" connect-src 'self'; img-src https:; base-uri 'none'; form-action 'none';"
+        f" frame-ancestors {ancestors}"
+    )
+    return [
+        (b"content-type", content_type + b"; charset=utf-8"),
+        (b"cache-control", b"no-store"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-robots-tag", b"noindex, nofollow"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"content-security-policy", policy.encode()),
+    ]
+
+
+# notice.js places the notice's iframe where the script tag is, sizes it to
+# what the notice says, and takes it away when there is nothing to show.
+_NOTICE_JS = """(function () {
+  var here = document.currentScript, frame = document.createElement("iframe");
+  frame.src = %(src)s;
+  frame.title = %(title)s;
+  frame.style.cssText = %(style)s;
+  window.addEventListener("message", function (e) {
+    if (e.source !== frame.contentWindow || typeof e.data !== "string") return;
+    if (e.data === "recovery-notice:none") frame.remove();
+    var h = /^recovery-notice:height:(\\d+)$/.exec(e.data);
+    if (h && %(banner)s) frame.style.height = h[1] + "px";
+  });
+  here.parentNode.insertBefore(frame, here.nextSibling);
+})();
+"""
+_FRAME_STYLE = {
+    "banner": "display:block;width:100%;height:64px;border:0",
+    "wall": "position:fixed;top:0;left:0;width:100%;height:100%;border:0;z-index:2147483647",
+}
+
+
+def make_embed_app(settings: Settings) -> Any:
+    """The notice a business embeds, behind URLs its backend signs (customers/notice.py)."""
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if settings.notice_secret is None or scope["method"] not in ("GET", "HEAD"):
+            return await respond(send, 404, {"error": "not found"})
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        params = {k: v[0] for k, v in query.items()}
+        mode = params.get("mode", "banner")
+        mode = mode if mode in notice.MODES else "banner"
+        # The business's backend signs with its wall clock; so is it checked.
+        customer = notice.verified(settings.notice_secret, params, datetime.now(UTC))
+        nonce = secrets.token_urlsafe(12)
+        signed = notice.signed_query(
+            settings.notice_secret, customer or "", int(params.get("expires", "0") or 0), mode
+        )
+        if path == "/embed/notice.js":
+            script = ""
+            if customer is not None:
+                script = _NOTICE_JS % {
+                    "src": json.dumps(f"{settings.public_base_url}/embed/notice?{signed}"),
+                    "title": json.dumps(settings.brand_name),
+                    "style": json.dumps(_FRAME_STYLE[mode]),
+                    "banner": "true" if mode == "banner" else "false",
+                }
+            headers = embed_headers(settings, nonce, b"application/javascript")
+            return await _page(send, 200, script.encode(), base=headers)
+        if path == "/embed/notice/state":
+            found = customer is not None and await asyncio.to_thread(_is_open, customer)
+            return await respond(send, 200, {"open": bool(found)})
+        if path == "/embed/notice/go":
+            location = customer and await asyncio.to_thread(_link_for, customer, settings)
+            if not location:
+                return await _page(send, 404, b"", base=embed_headers(settings, nonce))
+            return await _page(send, 303, location=location, base=embed_headers(settings, nonce))
+        if path != "/embed/notice":
+            return await respond(send, 404, {"error": "not found"})
+        found_standing = None
+        if customer is not None:
+            found_standing = await asyncio.to_thread(_standing_of, customer)
+        asked = dict(scope["headers"]).get(b"accept-language", b"").decode("latin-1")
+        locale = i18n.from_accept_language(asked)
+        ends = None
+        if found_standing:
+            # The customer's own language where Stripe knows it.
+            locale = i18n.choose(found_standing.locale) if found_standing.locale else locale
+            ends = ends_on(found_standing, locale)
+        body = render_page(
+            "notice",
+            settings,
+            locale,
+            standing=found_standing,
+            mode=mode,
+            ends_on=ends,
+            go=f"/embed/notice/go?{signed}",
+            state=f"/embed/notice/state?{signed}",
+            nonce=nonce,
+        )
+        return await _page(send, 200, body, base=embed_headers(settings, nonce))
+
+    return handle
+
+
+def _standing_of(customer: str) -> standing.Standing | None:
+    with session_scope() as session:
+        return standing.of_customer(session, customer)
+
+
+def _is_open(customer: str) -> bool:
+    with session_scope() as session:
+        return standing.is_open(session, customer)
+
+
+def _link_for(customer: str, settings: Settings) -> str | None:
+    with session_scope() as session:
+        found = standing.of_customer(session, customer)
+        if found is None:
+            return None
+        url, _expires = standing.fresh_link(session, found, clock.now(), settings)
+        return url
+
+
+def make_api_app(settings: Settings) -> Any:
+    """The status API the business's app reads (business/status_api.py)."""
+    shared = settings.broker_url.startswith(("redis://", "rediss://"))
+    limiter = ClientLimiter(
+        settings.api_requests_per_minute, settings.broker_url if shared else None, kind="api"
+    )
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        found = status_api.PATH.fullmatch(scope["path"])
+        if found is None:
+            return await respond(send, 404, {"error": "not found"})
+        if scope["method"] != "GET":
+            return await respond(send, 405, {"error": "use GET"})
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        presented = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        key_id = status_api.key_id_of(presented)
+        who = f"key:{key_id}" if key_id else client_address(scope, settings.trusted_proxies)
+        if not await asyncio.to_thread(limiter.allow, who):
+            return await respond(send, 429, {"error": "too many requests; slow down"})
+        status, body = await asyncio.to_thread(
+            status_api.answer, presented, found.group(1), clock.now(), settings
+        )
+        return await respond(send, status, body)
+
+    return handle
+
+
 def database_ready() -> bool:
     try:
         with get_engine().connect() as conn:
@@ -381,6 +504,8 @@ METRICS_TIMEOUT_SECONDS = 5.0
 def make_app(settings: Settings) -> Any:
     writer = InboxWriter(get_engine())
     customer_pages = make_links_app(settings)
+    embedded = make_embed_app(settings)
+    api = make_api_app(settings)
     readiness = ReadinessProbe()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -395,6 +520,10 @@ def make_app(settings: Settings) -> Any:
             return await receive_webhook(scope, receive, send, settings, writer)
         if path.startswith(("/r/", "/u/")):
             return await customer_pages(scope, receive, send)
+        if path.startswith("/embed/"):
+            return await embedded(scope, receive, send)
+        if path.startswith("/api/"):
+            return await api(scope, receive, send)
         if path == "/healthz":
             return await respond(send, 200, {"status": "ok"})
         if path == "/metrics":

@@ -23,7 +23,7 @@ COMMAND_MODULES = {
     **dict.fromkeys(("emails", "links"), "customers"),
     **dict.fromkeys(("stats", "report", "status"), "figures"),
     "plans": "plans",
-    **dict.fromkeys(("endpoints", "alerts"), "business"),
+    **dict.fromkeys(("endpoints", "alerts", "api-keys"), "business"),
 }
 
 
@@ -73,6 +73,8 @@ def cli() -> None:
       recovery endpoints add | list | test | deliveries | replay
                                          signed webhooks to the business's systems
       recovery alerts test | list        operators' alerts (ALERT_URLS)
+      recovery api-keys create | list | revoke
+                                         keys for the status API the business's app reads
       recovery sync                      backfill failed invoices at install
       recovery events replay --since     catch up after downtime
       recovery simulate                  backtest plans side by side

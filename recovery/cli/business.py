@@ -1,4 +1,4 @@
-"""Operator commands for telling the business: webhook endpoints and alerts."""
+"""Operator commands for the business's side: webhook endpoints, alerts, API keys."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import click
 from sqlalchemy import func, select
 
 from recovery import clock
-from recovery.business import alerts, announce, deliveries, endpoints
+from recovery.business import alerts, announce, api_keys, deliveries, endpoints
 from recovery.cli.common import DatabaseGroup, emit_json, first, instant_option
 from recovery.config import get_settings
 from recovery.db import session_scope
-from recovery.models import AlertState, Announcement, Delivery, DeliveryStatus, Endpoint
+from recovery.models import AlertState, Announcement, ApiKey, Delivery, DeliveryStatus, Endpoint
 
 
 def _refused(exc: endpoints.EndpointRefused) -> click.ClickException:
@@ -321,4 +321,70 @@ def alerts_list() -> None:
     click.echo(f"\n{firing_now} condition(s) firing.")
 
 
-COMMANDS = [endpoints_group, alerts_group]
+@click.group("api-keys", cls=DatabaseGroup)
+def api_keys_group() -> None:
+    """Keys for the status API the business's app calls (docs/app.md)."""
+
+
+@api_keys_group.command("create")
+@click.option("--name", required=True, help="Who uses it, e.g. app.")
+@click.option(
+    "--scopes",
+    default="status,links",
+    show_default=True,
+    help="status: read a customer's standing; links: with a fresh link to fix it.",
+)
+def api_keys_create(name: str, scopes: str) -> None:
+    """Make a key; it is printed once (only its hash is kept).
+
+    \b
+    Example:
+      recovery api-keys create --name app
+    """
+    try:
+        wanted = api_keys.scopes_of(scopes)
+        with session_scope() as session:
+            key = api_keys.create(session, name, wanted, clock.now())
+    except api_keys.KeyRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"API key {name!r} ({', '.join(wanted)}), shown once:\n{key}")
+
+
+@api_keys_group.command("list")
+def api_keys_list() -> None:
+    """Every key: name, scopes, last used, revoked (never the key).
+
+    \b
+    Example:
+      recovery api-keys list
+    """
+    with session_scope() as session:
+        rows = [
+            (k.id, k.name, k.scopes, k.last_used_at, k.revoked_at)
+            for k in session.scalars(select(ApiKey).order_by(ApiKey.id))
+        ]
+    for key_id, name, scopes, used, revoked in rows:
+        state = f"revoked {revoked:%Y-%m-%d %H:%M}Z" if revoked else "live"
+        last = f"last used {used:%Y-%m-%d %H:%M}Z" if used else "never used"
+        click.echo(f"{key_id:>4}  {name:<20} {','.join(scopes):<14} {state}, {last}")
+    click.echo(f"\n{len(rows)} key(s).")
+
+
+@api_keys_group.command("revoke")
+@click.argument("key_id", type=int)
+def api_keys_revoke(key_id: int) -> None:
+    """Refuse a key from its next request on.
+
+    \b
+    Example:
+      recovery api-keys revoke 3
+    """
+    try:
+        with session_scope() as session:
+            api_keys.revoke(session, key_id, clock.now())
+    except api_keys.KeyRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"API key {key_id} revoked: refused from now on.")
+
+
+COMMANDS = [endpoints_group, alerts_group, api_keys_group]

@@ -123,6 +123,17 @@ def mint_many(
     return tokens
 
 
+def handed_out(
+    session: Session, purpose: LinkPurpose, case_id: int, now: datetime, settings: Settings
+) -> tuple[str, datetime]:
+    """A link for the business's app to hand its customer (a webhook, the
+    status API, the notice): the link in the customer's email keeps working
+    beside it. Its URL, and when it expires."""
+    ttl = timedelta(days=settings.link_ttl_days)
+    token = mint_many(session, [Wanted(purpose, case_id=case_id)], now, ttl, supersede=False)[0]
+    return url(settings, purpose, token), now + ttl
+
+
 def mint(
     session: Session,
     purpose: LinkPurpose,
