@@ -63,6 +63,12 @@ def test_the_app_reads_what_the_customer_must_do_in_their_language(stack, expire
     assert body["link"]["url"].startswith(get_settings().public_base_url + "/r/")
     # Nothing personal beyond the id the app asked with.
     assert "@" not in json.dumps(body)
+    # The documented example has every field the answer has.
+    from .conftest import ROOT
+
+    page = (ROOT / "docs" / "app.md").read_text()
+    example = json.loads(re.findall(r"```json\n(.*?)```", page, re.S)[0])
+    assert set(example) == set(body) and set(example["says"]) == set(says)
 
 
 def test_no_open_case_answers_open_false(stack):
