@@ -30,6 +30,13 @@ SCHEDULE = {
         "schedule": 60.0,
         "options": {"expires": 55},
     },
+    # Send the SMS that are due (their quiet hours over), and settle any a
+    # dead worker left in doubt by asking the provider.
+    "send-texts": {
+        "task": "recovery.send_texts",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
     # Deliver what the business's endpoints are owed that is due: a retry
     # 5 s after a failure, and what a worker's own dispatch missed. On the
     # webhooks queue, with its own workers.

@@ -140,6 +140,15 @@ class Settings:
     api_requests_per_minute: int = 600
     notice_secret: str | None = field(default=None, repr=False)
     embed_allowed_origins: tuple[str, ...] = ()
+    # SMS (customers/texting.py): Twilio when an account is set, else .txt
+    # files in SMS_DIR. Only to customers whose Stripe metadata holds consent.
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = field(default=None, repr=False)
+    twilio_from: str | None = None
+    twilio_api_base: str | None = None
+    sms_dir: str = "var/sms"
+    sms_consent_metadata_key: str = "sms_consent"
+    sms_max_per_case: int = 2
 
     @property
     def production(self) -> bool:
@@ -367,6 +376,13 @@ def load_settings(values: Mapping[str, str] | None = None) -> Settings:
         api_requests_per_minute=_int(env, "API_REQUESTS_PER_MINUTE", 600, 1, 1_000_000),
         notice_secret=_notice_secret(env, "NOTICE_SECRET"),
         embed_allowed_origins=_origins(env, "EMBED_ALLOWED_ORIGINS"),
+        twilio_account_sid=env.get("TWILIO_ACCOUNT_SID", "").strip() or None,
+        twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip() or None,
+        twilio_from=env.get("TWILIO_FROM", "").strip() or None,
+        twilio_api_base=_url(env, "TWILIO_API_BASE", None, ("https", "http")),
+        sms_dir=env.get("SMS_DIR", "").strip() or "var/sms",
+        sms_consent_metadata_key=env.get("SMS_CONSENT_METADATA_KEY", "").strip() or "sms_consent",
+        sms_max_per_case=_int(env, "SMS_MAX_PER_CASE", 2, 0, 20),
     )
     if production:
         # A value already refused is not judged again as a production value.

@@ -620,3 +620,50 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class TextStatus(enum.StrEnum):
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    SENDING = "sending"  # committed before the provider is called
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not ours to send: no consent, opted out, the case moved on
+
+
+class TextMessage(Base):
+    """An SMS to a customer, a row per case and step, sent at most once
+    (customers/texting.py)."""
+
+    __tablename__ = "texts"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(160), unique=True)
+    case_id: Mapped[int | None] = mapped_column(ForeignKey("recovery_cases.id"), index=True)
+    step: Mapped[str] = mapped_column(String(64))
+    template: Mapped[str] = mapped_column(String(64))
+    status: Mapped[TextStatus] = mapped_column(Enumerated(TextStatus), default=TextStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The number it went to (E.164), kept to ask the provider after a crash.
+    to_number: Mapped[str | None] = mapped_column(String(32))
+    body: Mapped[str | None] = mapped_column(Text)
+    sending_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    in_doubt: Mapped[bool] = mapped_column(Boolean, default=False)
+    provider_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    delivery_status: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(String(255))
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    _enums = coerced("status")
+
+
+class SmsOptOut(Base):
+    """A number that answered STOP: nothing is sent to it until it answers START."""
+
+    __tablename__ = "sms_opt_outs"
+
+    phone: Mapped[str] = mapped_column(String(32), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

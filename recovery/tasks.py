@@ -15,7 +15,7 @@ from celery.signals import setup_logging, worker_process_init
 from recovery import clock, preflight
 from recovery.business import alerts, deliveries
 from recovery.config import ConfigError, explain, get_settings
-from recovery.customers import delivery, outbox
+from recovery.customers import delivery, outbox, texting
 from recovery.db import reset_engine
 from recovery.engine import scheduler, steps
 from recovery.inbox import relay
@@ -188,3 +188,8 @@ def check_alerts() -> int:
 @app.task(name="recovery.alert_digest")
 def alert_digest() -> None:
     alerts.digest(_now(), get_settings())
+
+
+@app.task(name="recovery.send_texts")
+def send_texts() -> int:
+    return len(texting.send_due(_now(), get_settings()))

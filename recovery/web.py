@@ -8,6 +8,7 @@ links and the health routes.
     POST /u/<token>        → stopped (also RFC 8058 one-click from the mail client)
     GET  /api/v1/customers/<id>/recovery → the customer's standing, for the business's app
     GET  /embed/notice[.js] → the notice the business embeds (signed URL), /go, /state
+    POST /twilio/inbound, /twilio/status → customers' SMS replies, delivery reports
     GET  /healthz, /readyz
     GET  /metrics          → Prometheus (metrics.py), behind METRICS_TOKEN when set
 
@@ -34,6 +35,7 @@ import secrets
 import threading
 import time
 from datetime import UTC, datetime
+from html import escape
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -47,9 +49,9 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from recovery import clock, metrics
 from recovery.business import status_api
 from recovery.config import Settings
-from recovery.customers import i18n, links, notice, standing
+from recovery.customers import i18n, links, notice, standing, texting
 from recovery.customers.pages import PAGES as PAGES
-from recovery.customers.pages import ends_on, render_page
+from recovery.customers.pages import ends_on, render_help, render_page
 from recovery.db import get_engine, session_scope
 from recovery.inbox.receiver import (
     InboxWriter,
@@ -390,6 +392,60 @@ def make_api_app(settings: Settings) -> Any:
     return handle
 
 
+# A form post from Twilio is small; anything larger is not Twilio's.
+_TWILIO_BODY_MAX = 16_384
+
+
+def make_twilio_app(settings: Settings) -> Any:
+    """What Twilio posts: customers' replies (STOP, START, HELP) and delivery
+    reports, each checked with the SDK's validator of X-Twilio-Signature."""
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if settings.twilio_auth_token is None or path not in ("/twilio/inbound", "/twilio/status"):
+            return await respond(send, 404, {"error": "not found"})
+        if scope["method"] != "POST":
+            return await respond(send, 405, {"error": "use POST"})
+        try:
+            body = await read_body(scope, receive, _TWILIO_BODY_MAX)
+        except WebhookRejected:
+            return await respond(send, 413, {"error": "too large"})
+        params = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        signature = dict(scope["headers"]).get(b"x-twilio-signature", b"").decode("latin-1")
+        url = settings.public_base_url + path
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        if not _twilio_signed(settings.twilio_auth_token, url, params, signature):
+            return await respond(send, 403, {"error": "bad signature"})
+        if path == "/twilio/status":
+            await asyncio.to_thread(
+                texting.delivery_reported,
+                params.get("MessageSid", ""),
+                params.get("MessageStatus", ""),
+            )
+            return await _page(send, 204, base=[])
+        said = await asyncio.to_thread(
+            texting.answer, params.get("From", ""), params.get("Body", ""), clock.now()
+        )
+        reply = ""
+        if said == "help":
+            locale = await asyncio.to_thread(texting.locale_of_number, params.get("From", ""))
+            reply = render_help(settings, locale)
+        twiml = '<?xml version="1.0" encoding="UTF-8"?><Response>'
+        if reply:
+            twiml += f"<Message>{escape(reply)}</Message>"
+        twiml += "</Response>"
+        return await _page(send, 200, twiml.encode(), base=[(b"content-type", b"text/xml")])
+
+    return handle
+
+
+def _twilio_signed(token: str, url: str, params: dict[str, str], signature: str) -> bool:
+    from twilio.request_validator import RequestValidator
+
+    return bool(RequestValidator(token).validate(url, params, signature))
+
+
 def database_ready() -> bool:
     try:
         with get_engine().connect() as conn:
@@ -506,6 +562,7 @@ def make_app(settings: Settings) -> Any:
     customer_pages = make_links_app(settings)
     embedded = make_embed_app(settings)
     api = make_api_app(settings)
+    twilio = make_twilio_app(settings)
     readiness = ReadinessProbe()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -524,6 +581,8 @@ def make_app(settings: Settings) -> Any:
             return await embedded(scope, receive, send)
         if path.startswith("/api/"):
             return await api(scope, receive, send)
+        if path.startswith("/twilio/"):
+            return await twilio(scope, receive, send)
         if path == "/healthz":
             return await respond(send, 200, {"status": "ok"})
         if path == "/metrics":

@@ -101,6 +101,7 @@ def explain(top: int, as_json: bool) -> None:
                     "plan": category.value,
                     "retries": _retries(plan),
                     "emails": [f"day {e.day:g}: {e.template}" for e in plan.emails],
+                    "sms": [e.template for e in plan.emails if e.template in plan.sms],
                     "window_days": plan.window_days,
                     "final_action": plan.final_action.value,
                     "outcomes": sum(c.n for c in counts.values()),
@@ -116,6 +117,10 @@ def explain(top: int, as_json: bool) -> None:
         click.echo(f"{described(row['plan'])}")
         click.echo(f"  retries:  {row['retries']}")
         click.echo(f"  emails:   {'; '.join(row['emails']) or 'none'}")
+        click.echo(
+            f"  also SMS: {', '.join(dict.fromkeys(row['sms'])) or 'none'}"
+            " (to customers who consented)"
+        )
         click.echo(f"  window:   {row['window_days']:g} days, then {row['final_action']}")
         if row["retries"] != "none":
             click.echo(

@@ -51,8 +51,10 @@ log = structlog.get_logger("recovery.links")
 OPT_OUT_TTL = timedelta(days=365)
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
+def new_token(short: bool = False) -> str:
+    # An SMS holds 70 characters in most scripts: its link's token is 96
+    # bits, still past guessing behind the clicks-per-minute limit.
+    return secrets.token_urlsafe(12 if short else 32)
 
 
 def token_hash(token: str) -> str:
@@ -79,6 +81,7 @@ def mint_many(
     now: datetime,
     ttl: timedelta,
     supersede: bool = True,
+    short: bool = False,
 ) -> list[str]:
     """New links, superseding older ones of the same owner and purpose unless
     told not to (a link handed to the business's app leaves the one in the
@@ -104,7 +107,7 @@ def mint_many(
             )
             .values(revoked_at=now, revoked_reason=LinkRevoked.SUPERSEDED)
         )
-    tokens = [new_token() for _ in wanted]
+    tokens = [new_token(short) for _ in wanted]
     session.execute(
         insert(RecoveryLink),
         [
@@ -124,13 +127,19 @@ def mint_many(
 
 
 def handed_out(
-    session: Session, purpose: LinkPurpose, case_id: int, now: datetime, settings: Settings
+    session: Session,
+    purpose: LinkPurpose,
+    case_id: int,
+    now: datetime,
+    settings: Settings,
+    short: bool = False,
 ) -> tuple[str, datetime]:
-    """A link for the business's app to hand its customer (a webhook, the
-    status API, the notice): the link in the customer's email keeps working
-    beside it. Its URL, and when it expires."""
+    """A link handed to the customer beside the email's, which keeps working
+    (a webhook, the status API, the notice, an SMS with `short`). Its URL,
+    and when it expires."""
     ttl = timedelta(days=settings.link_ttl_days)
-    token = mint_many(session, [Wanted(purpose, case_id=case_id)], now, ttl, supersede=False)[0]
+    wanted = [Wanted(purpose, case_id=case_id)]
+    token = mint_many(session, wanted, now, ttl, supersede=False, short=short)[0]
     return url(settings, purpose, token), now + ttl
 
 

@@ -3,6 +3,7 @@ and the words the notice and the status API say to them."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,40 @@ def standing_words(standing: Standing, settings: Settings, locale: str) -> dict[
             "ends": str(words.ends(date)) if date else None,  # type: ignore[attr-defined]
             "button": str(words.button()),  # type: ignore[attr-defined]
         }
+
+
+@lru_cache(maxsize=4)
+def _texts(templates_dir: Path) -> Environment:
+    # Plain text: nothing to escape in an SMS.
+    return i18n.install(
+        Environment(loader=FileSystemLoader(str(templates_dir / "sms")), autoescape=False)  # noqa: S701
+    )
+
+
+def render_sms(
+    name: str,
+    settings: Settings,
+    locale: str,
+    link: str,
+    amount: int,
+    currency: str,
+    ends: datetime | None,
+) -> str:
+    template = _texts(settings.templates_dir).get_template(f"{name}.txt")
+    date = format_date(ends.date(), format="long", locale=locale) if ends else None
+    with i18n.speaking(settings.templates_dir / "locales", locale):
+        return template.render(
+            brand=settings.brand_name,
+            amount=format_money(amount, currency, locale),
+            date=date,
+            link=link,
+        )
+
+
+def render_help(settings: Settings, locale: str) -> str:
+    """The answer to an SMS that says HELP."""
+    template = _texts(settings.templates_dir).get_template("_help.txt")
+    with i18n.speaking(settings.templates_dir / "locales", locale):
+        return template.render(
+            brand=settings.brand_name, email=settings.brand_support_email
+        ).strip()

@@ -57,6 +57,10 @@ class Plan:
     jitter_minutes: int = 20
     flag_for_review: bool = False
     retry_on: RetryOn = RetryOn.DAYS
+    # The emails whose first sending also goes by SMS to customers who
+    # consented (customers/texting.py): by default the reminder asking the
+    # customer to act, and the final notice.
+    sms: tuple[str, ...] = ("card_update_needed", "authentication_required", "final_notice")
 
     @property
     def window(self) -> timedelta:
@@ -237,6 +241,10 @@ def _override(plan: Plan, values: dict, where: str) -> Plan:
             changes[key] = bool(value)
         elif key == "retry_on":
             changes[key] = _member(RetryOn, key, value, where)
+        elif key == "sms":
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise PlanFileError(f"{where}: sms is a list of email templates")
+            changes[key] = tuple(value)
         else:
             raise PlanFileError(f"{where}: unknown setting {key!r}")
     plan = replace(plan, **changes)

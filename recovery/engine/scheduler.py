@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session
 from recovery import clock, stripe_api
 from recovery.business import deliveries
 from recovery.config import Settings
-from recovery.customers import delivery, outbox
+from recovery.customers import delivery, outbox, texting
 from recovery.db import session_scope
-from recovery.engine import cases, events, retries, steps
+from recovery.engine import cases, events, planner, retries, steps
 from recovery.inbox import relay
-from recovery.models import RecoveryCase, StepKind, StepOutcome
+from recovery.models import Customer, RecoveryCase, StepKind, StepOutcome
 
 log = structlog.get_logger("recovery.scheduler")
 
@@ -62,6 +62,10 @@ def execute_email(step: steps.Step, now: datetime, settings: Settings) -> str:
         key = outbox.case_key(case.id, step.name)
         template = step.template or "payment_failed"
         outbox.enqueue(session, key, template, step.name, now, case_id=case.id)
+        if case.category and template in planner.plan_for(case.category, settings).sms:
+            customer = session.get(Customer, case.customer_id) if case.customer_id else None
+            tz = customer.timezone if customer else None
+            texting.enqueue(session, case, step.name, template, now, tz, settings)
         steps.finish(session, step, now, StepOutcome.QUEUED)
     # Sent here and now; a failure is retried by the outbox, not by the step.
     return delivery.send_now(key, now, settings) or StepOutcome.QUEUED
@@ -190,4 +194,7 @@ def run_pass(
     result.webhooks = deliveries.dispatch(
         now, deliver_here if sync or publish_deliveries is None else publish_deliveries
     )
+    if sync or publish_deliveries is None:
+        for outcome in texting.send_due(now, settings).values():
+            result.count(f"sms_{outcome.split(':')[0]}")
     return result

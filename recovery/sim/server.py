@@ -861,6 +861,9 @@ class StripeSim:
                 "next_payment_attempt": body.get("next_payment_attempt"),
             },
         )
+        # A phone and metadata on the customer (SMS consent lives there).
+        customer["phone"] = body.get("phone", customer.get("phone"))
+        customer["metadata"].update(body.get("metadata") or {})
         if body.get("address"):
             # Stripe copies the customer's address onto the invoice it finalizes.
             customer["address"].update(body["address"])
