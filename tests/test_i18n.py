@@ -25,7 +25,13 @@ PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 def template_messages() -> set[str]:
     methods = [
         (pattern, "jinja2.ext:babel_extract")
-        for pattern in ("emails/**.txt", "emails/**.html", "emails/**.j2", "pages/**.html")
+        for pattern in (
+            "emails/**.txt",
+            "emails/**.html",
+            "emails/**.j2",
+            "pages/**.html",
+            "sms/**.txt",
+        )
     ]
     options = {"**": {"extensions": "jinja2.ext.i18n"}}
     return {
