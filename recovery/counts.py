@@ -7,7 +7,11 @@
   a charge (no other card to try, the declined card again, the invoice found
   settled at Stripe, a network limit's stop code, a refusal) is a step that
   charged nothing, counted by what stopped it; a canceled one is canceled.
-- An **email sent** is a message the SMTP server accepted.
+- An **email sent** is a message the SMTP server accepted; an **SMS sent**
+  one the SMS provider accepted.
+- A **channel** is where a customer's link was handed out: email, sms,
+  notice (the embedded notice), app (the status API), webhook. A recovery
+  counts for the channel of the link the customer clicked last.
 - A case is **recovered** when its invoice was paid, however; the amount
   recovered is what Stripe says was paid, per currency.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, func, select
 from sqlalchemy.orm import Session
@@ -26,8 +31,11 @@ from recovery.models import (
     MessageStatus,
     RecoveryAttempt,
     RecoveryCase,
+    RecoveryLink,
     StepKind,
     StepOutcome,
+    TextMessage,
+    TextStatus,
 )
 
 # Stripe's answers to a charge: only these outcomes mean a charge was made.
@@ -84,6 +92,64 @@ def retry_steps(session: Session, since: datetime | None = None) -> RetrySteps:
 def is_sent() -> ColumnElement[bool]:
     """The emails sent: accepted by the SMTP server."""
     return Message.status == MessageStatus.SENT
+
+
+def is_text_sent() -> ColumnElement[bool]:
+    """The SMS sent: accepted by the provider."""
+    return TextMessage.status == TextStatus.SENT
+
+
+CHANNELS = ("email", "sms", "notice", "app", "webhook")
+
+
+def by_channel(session: Session, case_ids: list[int], won: set[int]) -> list[dict[str, Any]]:
+    """Per channel: messages sent (emails, SMS; links handed out for the
+    others), cases reached, cases that clicked its link, and recovered cases
+    whose last click was its."""
+    emails = (
+        session.execute(select(Message.case_id).where(Message.case_id.in_(case_ids), is_sent()))
+        .scalars()
+        .all()
+    )
+    texts = (
+        session.execute(
+            select(TextMessage.case_id).where(TextMessage.case_id.in_(case_ids), is_text_sent())
+        )
+        .scalars()
+        .all()
+    )
+    handed = session.execute(
+        select(
+            RecoveryLink.case_id,
+            RecoveryLink.channel,
+            RecoveryLink.click_count,
+            RecoveryLink.last_clicked_at,
+        ).where(RecoveryLink.case_id.in_(case_ids))
+    ).all()
+    last: dict[int, tuple[datetime, str]] = {}
+    for case_id, channel, clicks, at in handed:
+        if case_id is None or not clicks or at is None:
+            continue
+        if case_id not in last or at > last[case_id][0]:
+            last[case_id] = (at, channel)
+    rows = []
+    for channel in CHANNELS:
+        links = [row for row in handed if row.channel == channel]
+        messages = {"email": list(emails), "sms": list(texts)}.get(
+            channel, [row.case_id for row in links]
+        )
+        rows.append(
+            {
+                "name": channel,
+                "sent": len(messages),
+                "reached": len(set(messages)),
+                "clicked": len({row.case_id for row in links if row.click_count}),
+                "recovered_after_click": sum(
+                    1 for case_id, (_, ch) in last.items() if ch == channel and case_id in won
+                ),
+            }
+        )
+    return rows
 
 
 def cases_by_status(session: Session, since: datetime | None = None) -> dict[str, int]:

@@ -464,6 +464,8 @@ class RecoveryLink(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     purpose: Mapped[LinkPurpose] = mapped_column(Enumerated(LinkPurpose))
+    # Where it was handed out: email, sms, notice, app (the status API), webhook.
+    channel: Mapped[str] = mapped_column(String(16), default="email", server_default="email")
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_reason: Mapped[LinkRevoked | None] = mapped_column(Enumerated(LinkRevoked))

@@ -149,6 +149,7 @@ def compute(session: Session, since: datetime | None = None) -> dict[str, Any]:
             "recovered_emailed": len(emailed & won_ids),
         },
         "emails_by_template": dict(sorted(Counter(t for _, t in sent).items())),
+        "by_channel": counts.by_channel(session, ids, won_ids),
         "over_time": [
             {
                 "day": day,

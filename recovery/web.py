@@ -361,7 +361,7 @@ def _link_for(customer: str, settings: Settings) -> str | None:
         found = standing.of_customer(session, customer)
         if found is None:
             return None
-        url, _expires = standing.fresh_link(session, found, clock.now(), settings)
+        url, _expires = standing.fresh_link(session, found, clock.now(), settings, "notice")
         return url
 
 

@@ -242,3 +242,23 @@ def test_gsm7_and_ucs2_limits():
 def test_sim_customer_has_the_phone(sim):
     made = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {"phone": PHONE})
     assert sim.state.objects[made["customer"]]["phone"] == PHONE
+
+
+def test_stats_count_sent_clicked_and_recovered_by_channel(sms_stack, twilio):
+    import re
+    import urllib.request
+
+    from recovery import stats
+
+    stack = sms_stack
+    stack.at(at_new_york(10))
+    failing(stack)
+    stack.tick()
+    link = re.search(r"(http\S+/r/\S+)", twilio.sent_to(PHONE)[0]["body"]).group(1)
+    with urllib.request.urlopen(link, timeout=10) as answer:  # the customer taps it
+        assert answer.status == 200
+    with session_scope() as session:
+        rows = {r["name"]: r for r in stats.compute(session)["by_channel"]}
+    assert (rows["sms"]["sent"], rows["sms"]["reached"], rows["sms"]["clicked"]) == (1, 1, 1)
+    assert rows["email"]["sent"] >= 1 and rows["email"]["clicked"] == 0
+    assert set(rows) == {"email", "sms", "notice", "app", "webhook"}

@@ -181,7 +181,9 @@ def _fresh_link(
         else LinkPurpose.UPDATE_CARD
     )
     assert announcement.case_id is not None  # noqa: S101 - a case event's
-    url, expires = links.handed_out(session, purpose, announcement.case_id, now, settings)
+    url, expires = links.handed_out(
+        session, purpose, announcement.case_id, now, settings, "webhook"
+    )
     return {"link": {"url": url, "expires_at": announce.iso(expires)}}
 
 

@@ -51,6 +51,6 @@ def answer(presented: str, customer: str, now: datetime, settings: Settings) -> 
             "says": pages.standing_words(found, settings, i18n.choose(found.locale)),
         }
         if "links" in key.scopes:
-            url, expires = standing.fresh_link(session, found, now, settings)
+            url, expires = standing.fresh_link(session, found, now, settings, "app")
             body["link"] = {"url": url, "expires_at": announce.iso(expires)}
     return 200, body

@@ -51,6 +51,12 @@ def print_summary(stats: dict[str, Any]) -> None:
             f"{named[row['name']]:<{width}}{row['cases']:>7}{row['recovered']:>11}"
             f"{row['rate'] * 100:>7.1f}%  {format_totals(row['amount'])}"
         )
+    click.echo(f"\n{'channel':<10}{'sent':>7}{'reached':>9}{'clicked':>9}{'recovered':>11}")
+    for row in stats["by_channel"]:
+        click.echo(
+            f"{row['name']:<10}{row['sent']:>7}{row['reached']:>9}{row['clicked']:>9}"
+            f"{row['recovered_after_click']:>11}"
+        )
     click.echo(f"\n{'how it was recovered':<26}{'cases':>7}  amount")
     for row in stats["by_path"]:
         name, amount = row["name"].replace("_", " "), format_totals(row["amount"])

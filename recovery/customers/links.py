@@ -82,6 +82,7 @@ def mint_many(
     ttl: timedelta,
     supersede: bool = True,
     short: bool = False,
+    channel: str = "email",
 ) -> list[str]:
     """New links, superseding older ones of the same owner and purpose unless
     told not to (a link handed to the business's app leaves the one in the
@@ -118,6 +119,7 @@ def mint_many(
                 "purpose": w.purpose,
                 "expires_at": now + (OPT_OUT_TTL if w.purpose is LinkPurpose.OPT_OUT else ttl),
                 "click_count": 0,
+                "channel": channel,
                 "created_at": now,
             }
             for w, token in zip(wanted, tokens, strict=True)
@@ -132,6 +134,7 @@ def handed_out(
     case_id: int,
     now: datetime,
     settings: Settings,
+    channel: str,
     short: bool = False,
 ) -> tuple[str, datetime]:
     """A link handed to the customer beside the email's, which keeps working
@@ -139,7 +142,7 @@ def handed_out(
     and when it expires."""
     ttl = timedelta(days=settings.link_ttl_days)
     wanted = [Wanted(purpose, case_id=case_id)]
-    token = mint_many(session, wanted, now, ttl, supersede=False, short=short)[0]
+    token = mint_many(session, wanted, now, ttl, supersede=False, short=short, channel=channel)[0]
     return url(settings, purpose, token), now + ttl
 
 

@@ -75,10 +75,11 @@ def of_customer(session: Session, stripe_customer_id: str) -> Standing | None:
 
 
 def fresh_link(
-    session: Session, standing: Standing, now: datetime, settings: Settings
+    session: Session, standing: Standing, now: datetime, settings: Settings, channel: str
 ) -> tuple[str, datetime]:
-    """A new link to do what is asked."""
-    return links.handed_out(session, PURPOSE[standing.action], standing.case_id, now, settings)
+    """A new link to do what is asked, counted as `channel`'s (notice, app)."""
+    purpose = PURPOSE[standing.action]
+    return links.handed_out(session, purpose, standing.case_id, now, settings, channel)
 
 
 def is_open(session: Session, stripe_customer_id: str) -> bool:

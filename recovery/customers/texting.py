@@ -271,7 +271,7 @@ def send_one(text_id: int, now: datetime, settings: Settings, to: sms.Transport)
             return _settle(text_id, TextStatus.SENT, "", provider_id=found, sent_at=now)
     with session_scope() as session:
         purpose = PURPOSE.get(facts.action or "", LinkPurpose.PAY)
-        url, _ = links.handed_out(session, purpose, facts.case_id, now, settings, short=True)
+        url, _ = links.handed_out(session, purpose, facts.case_id, now, settings, "sms", short=True)
         body = compose(
             facts.template,
             settings,
