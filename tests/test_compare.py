@@ -201,9 +201,16 @@ def test_days_to_recovery_is_the_stats_mean_in_days_and_infinite_with_none_recov
             "cases": {"total": 2},
             "by_currency": [{"cases": 2, "at_stake": 2000, "recovered": 1000 * recovered}],
             "time_to_recover_hours": {"mean": mean_hours},
+            "by_channel": [
+                {"name": "email", "sent": 6},
+                {"name": "sms", "sent": 2},
+                {"name": "notice", "sent": 5},  # links handed out, not messages
+            ],
         }
 
     assert compare.figures_of(Outcome(stats(2, 96.0), {})).days_to_recovery == pytest.approx(4.0)
+    # Messages are emails and SMS: (6 + 2) / 2 recoveries.
+    assert compare.figures_of(Outcome(stats(2, 96.0), {})).messages_per_recovery == 4.0
     assert compare.figures_of(Outcome(stats(0, None), {})).days_to_recovery == math.inf
 
 
@@ -333,3 +340,34 @@ def test_a_difference_adds_up_from_the_figures_as_shown():
     paired = Interval(0.17798, 0.16, 0.19, 5)
     assert (str(ours), str(base)) == ("0.713 [0.700, 0.720]", "0.536 [0.500, 0.550]")
     assert str(as_shown(paired, ours, base)) == "0.177 [0.160, 0.190]"
+
+
+def test_the_channels_reach_the_simulated_customers_only_where_a_policy_adds_them(tmp_path):
+    from recovery.sim import demo, population
+
+    members = population.synthetic(40, 5, demo.START, 4)
+    assert any(m.phone for m in members) and any(m.app_visits_per_week for m in members)
+    # The channel traits come from a generator of their own: the rest of the
+    # population is what it was before they existed.
+    assert [m.truth for m in members] == [
+        m.truth for m in population.synthetic(40, 5, demo.START, 4)
+    ]
+    seen = {}
+    for name in ("defaults", "defaults+notice+sms"):
+        policy = compare.BUILT_IN[name]
+        outcome = demo.run(
+            members, 5, 12, tmp_path / name, policy.plans_file, settings=dict(policy.settings)
+        )
+        assert all(outcome.checks.values()), outcome.checks
+        seen[name] = ({r["name"]: r for r in outcome.stats["by_channel"]}, outcome)
+    alone, _ = seen["defaults"]
+    assert alone["sms"]["sent"] == 0 and alone["notice"]["sent"] == 0
+    both, outcome = seen["defaults+notice+sms"]
+    assert both["sms"]["sent"] > 0 and outcome.sms_read > 0
+    assert outcome.notices_seen > 0 and both["notice"]["sent"] > 0
+    # Only customers who consented got an SMS.
+    consented = {m.phone for m in members if m.phone}
+    sent = list((tmp_path / "defaults+notice+sms" / "sms").glob("*.txt"))
+    import json
+
+    assert sent and all(json.loads(p.read_text())["to"] in consented for p in sent)

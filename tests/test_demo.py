@@ -57,7 +57,11 @@ def test_demo_command_prints_a_summary_and_writes_the_report(tmp_path):
     assert "against Stripe&#39;s recommended schedule" in opening
     from markupsafe import escape
 
-    told = [line.split("ok", 1)[1].strip() for line in result.output.splitlines() if "ok  " in line]
+    told = [
+        line.split("ok", 1)[1].strip()
+        for line in result.output.splitlines()
+        if line.startswith("  ok ")
+    ]
     assert told and opening.count('<li class="ok">') == len(told)
     assert all(f'<li class="ok">{escape(name)}</li>' in opening for name in told)
 

@@ -38,11 +38,21 @@ class Policy:
 # What Stripe's schedule and the previous defaults did: nothing learned, no
 # other saved card tried.
 _FIXED = (("RETRY_LEARNING", "off"), ("BACKUP_CARDS", "off"))
+# The notice needs a secret to sign with; any will do in a simulation.
+_NOTICE = ("NOTICE_SECRET", "simulated-notice-secret-0123456789abcdef")
+_SMS = ("SMS_MAX_PER_CASE", "2")
+_DEFAULTS = (("RETRY_LEARNING", "off"), ("BACKUP_CARDS", "on"))
 # Named policies a comparison can include besides plans files of one's own.
+# Every run is by email alone unless its policy adds SMS or the notice.
 BUILT_IN: dict[str, Policy] = {
     # The engine as shipped: the default plans as written, other saved cards
     # tried once the card on file has no try left.
-    "defaults": Policy(None, (("RETRY_LEARNING", "off"), ("BACKUP_CARDS", "on"))),
+    "defaults": Policy(None, _DEFAULTS),
+    # The same, with the business's app showing the notice to its visitors,
+    # with the plans' SMS steps sent to the customers who consented, or both.
+    "defaults+notice": Policy(None, (*_DEFAULTS, _NOTICE)),
+    "defaults+sms": Policy(None, (*_DEFAULTS, _SMS)),
+    "defaults+notice+sms": Policy(None, (*_DEFAULTS, _NOTICE, _SMS)),
     # The same, each retry timed by the learner from the run's own outcomes.
     "learning": Policy(None, (("RETRY_LEARNING", "on"), ("BACKUP_CARDS", "on"))),
     "stripe-recommended": Policy(str(POLICIES_DIR / "stripe_recommended.toml"), _FIXED),
@@ -117,6 +127,8 @@ class RunFigures:
     # Mean days from the failure to the recovery, over the recovered cases:
     # what a later retry costs the customer whose service waits on it.
     days_to_recovery: float = math.inf
+    # Emails and SMS: what reaching the customer cost per recovery.
+    messages_per_recovery: float = math.inf
 
 
 def recovered_share(stats: dict) -> float:
@@ -163,6 +175,9 @@ def figures_of(outcome: demo.Outcome, warm_from: datetime | None = None) -> RunF
         recovered_share=recovered_share(stats),
         retries_per_recovery=per(stats["retries"]["made"]),
         emails_per_recovery=per(stats["funnel"]["emails_sent"]),
+        messages_per_recovery=per(
+            sum(row["sent"] for row in stats["by_channel"] if row["name"] in ("email", "sms"))
+        ),
         rule_violations=sum(outcome.violations.values()),
         checks_passed=all(outcome.checks.values()),
         warm_recovered_share=share_of(warm_cases) if warm_from is not None else None,
@@ -178,6 +193,7 @@ METRICS: dict[str, Metric] = {
     "recovered share of the failed amount": lambda f: f.recovered_share,
     "retries per recovery": lambda f: f.retries_per_recovery,
     "emails per recovery": lambda f: f.emails_per_recovery,
+    "messages per recovery (emails and SMS)": lambda f: f.messages_per_recovery,
     "days from failure to recovery": lambda f: f.days_to_recovery,
     "card-network rule violations": lambda f: f.rule_violations,
 }

@@ -14,11 +14,14 @@ pages, save a new card or authenticate. Recoveries are whatever follows.
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
 import os
 import random
+import re
 import shutil
+import socket
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -77,6 +80,8 @@ class Outcome:
     cards_saved: int = 0
     authenticated: int = 0
     paid_on_page: int = 0  # paid at once on the invoice's page, offered by our link
+    sms_read: int = 0
+    notices_seen: int = 0  # visits to the app that showed the notice
     # Attempts that broke a card network's rule, by rule (sim/rules.py).
     violations: dict[str, int] = field(default_factory=dict)
     cases: list[CaseRow] = field(default_factory=list)
@@ -96,6 +101,12 @@ def embedded(
         "STRIPE_WEBHOOK_SECRET": _SECRET,
         "OUTBOX_DIR": str(workdir / "outbox"),
         "SMTP_HOST": "",
+        "SMS_DIR": str(workdir / "sms"),
+        # Email alone unless a policy adds SMS (SMS_MAX_PER_CASE) or the
+        # notice in the business's app (NOTICE_SECRET): `recovery simulate`
+        # compares them.
+        "SMS_MAX_PER_CASE": "0",
+        "NOTICE_SECRET": "",
         # The simulator is in this process: no reason to pace requests to it.
         "STRIPE_WRITE_RATE": "10000",
         "STRIPE_READ_RATE": "10000",
@@ -165,19 +176,25 @@ def open_link(url: str, choice: str) -> tuple[str | None, bool]:
 class Customers:
     """The simulated people: they read their mail and sometimes act on it."""
 
-    def __init__(self, members: list[Member], seed: int, outbox: Path):
+    def __init__(self, members: list[Member], seed: int, outbox: Path, sms_dir: Path):
         self.by_email = {m.email: m for m in members}
+        self.by_phone = {m.phone: m for m in members if m.phone}
+        self.app_users = [m for m in members if m.app_visits_per_week > 0]
         self.seed = seed
         self.outbox = outbox
+        self.sms_dir = sms_dir
         self.seen: set[str] = set()
         self.received: Counter[int] = Counter()  # emails per member so far
         self.pending: list[Action] = []
+        self.customers: dict[int, str] = {}  # member index → Stripe customer id
         self.counts = {
             "opened": 0,
             "clicked": 0,
             "cards_saved": 0,
             "authenticated": 0,
             "paid_on_page": 0,
+            "sms_read": 0,
+            "notices_seen": 0,
         }
 
     def read_mail(self, now: datetime) -> None:
@@ -212,6 +229,62 @@ class Customers:
             delay = timedelta(hours=rng.uniform(*habits.delay_hours))
             self.pending.append(Action(now + delay, member, link))
 
+    def read_sms(self, now: datetime) -> None:
+        """The SMS the file sink wrote: read more than email, tapped less."""
+        if not self.sms_dir.exists():
+            return
+        for path in sorted(self.sms_dir.glob("*.txt")):
+            if path.name in self.seen:
+                continue
+            self.seen.add(path.name)
+            sent = json.loads(path.read_text())
+            member = self.by_phone.get(sent["to"])
+            if member is None:
+                continue
+            rng = random.Random(f"{self.seed}:{member.index}:sms:{path.name}")
+            if rng.random() >= member.habits.reads_sms:
+                continue
+            self.counts["sms_read"] += 1
+            link = next((w for w in sent["body"].split() if "/r/" in w), None)
+            if link is None or rng.random() >= member.habits.taps_sms:
+                continue
+            delay = timedelta(minutes=rng.uniform(5, 240))
+            self.pending.append(Action(now + delay, member, link))
+
+    def visit_app(self, now: datetime, web_url: str, secret: str) -> None:
+        """This hour's visits to the business's app, which shows the notice
+        while a payment is being recovered."""
+        from recovery.customers import notice, standing
+
+        for member in self.app_users:
+            if member.fails_at > now:
+                continue
+            rng = random.Random(f"{self.seed}:{member.index}:visit:{now.isoformat()}")
+            if rng.random() >= member.app_visits_per_week / (7 * 24):
+                continue
+            customer = self.customers.get(member.index)
+            if customer is None:
+                continue
+            with session_scope() as session:
+                if not standing.is_open(session, customer):
+                    continue
+            url = notice.signed_url(web_url, secret, customer)
+            with urllib.request.urlopen(url, timeout=30) as answer:  # noqa: S310 - ours
+                page = answer.read().decode()
+            if 'id="recovery-notice"' not in page:
+                continue
+            self.counts["notices_seen"] += 1
+            if rng.random() >= member.habits.acts_on_notice:
+                continue
+            go = re.search(r'href="(/embed/notice/go\?[^"]+)"', page)
+            if go is None:
+                continue
+            link = _location(web_url + html.unescape(go.group(1)))
+            if link is not None:
+                self.pending.append(
+                    Action(now + timedelta(minutes=rng.uniform(1, 20)), member, link)
+                )
+
     def act(self, now: datetime, sim_url: str) -> int:
         due = [a for a in self.pending if a.at <= now]
         self.pending = [a for a in self.pending if a.at > now]
@@ -227,6 +300,19 @@ class Customers:
             if done is not None:
                 self.counts[done] += 1
         return len(due)
+
+
+def _location(url: str) -> str | None:
+    """Where a GET of one of our URLs redirects to."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        answer = conn.getresponse()
+        answer.read()
+        return answer.getheader("Location") if answer.status == 303 else None
+    finally:
+        conn.close()
 
 
 def finish_on_page(target: str, chose: bool, card: dict) -> str | None:
@@ -267,7 +353,7 @@ def run(
 RUN_MARK = ".recovery-run"
 # What a run writes (a directory holding only these was made by an older run).
 RUN_FILES = frozenset(
-    {RUN_MARK, "report.html", "outbox", "compare"}
+    {RUN_MARK, "report.html", "outbox", "sms", "compare"}
     | {f"recovery.sqlite3{suffix}" for suffix in ("", "-journal", "-wal", "-shm")}
 )
 
@@ -308,12 +394,14 @@ def _run(
     sim.state.base_url = sim_server.url
     os.environ["STRIPE_API_BASE"] = sim_server.url
     _refresh_settings()
-    web = start_asgi_in_thread(make_app(get_settings()))
-    # Links in the emails point at this receiver, where the customers click.
-    os.environ["PUBLIC_BASE_URL"] = web.url
+    # Links point at this receiver, where the customers click: those the
+    # engine mints and those the web app itself mints (the notice's).
+    port = _free_port()
+    os.environ["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"
     _refresh_settings()
     settings = get_settings()
-    customers = Customers(members, seed, workdir / "outbox")
+    web = start_asgi_in_thread(make_app(settings), port=port)
+    customers = Customers(members, seed, workdir / "outbox", workdir / "sms")
     invoices: dict[str, Member] = {}
     try:
         _post(
@@ -337,15 +425,21 @@ def _run(
                         "card": member.card(),
                         "behavior": member.card()["behavior"],
                         "other_cards": [member.other_card] if member.other_card else [],
+                        "phone": member.phone,
+                        "metadata": {"sms_consent": "true"} if member.phone else {},
                     },
                 )[1]
                 invoices[made["invoice"]] = member
+                customers.customers[member.index] = made["customer"]
             customers.act(now, sim_server.url)
             sim.flush()
             if every_hour or scheduler.anything_due(now):
                 scheduler.run_pass(settings, sync=True)
                 sim.flush()
             customers.read_mail(now)
+            customers.read_sms(now)
+            if settings.notice_secret:
+                customers.visit_app(now, web.url, settings.notice_secret)
             if progress:
                 progress(1)
         with session_scope() as session:
@@ -391,7 +485,15 @@ def _run(
     outcome.cards_saved = customers.counts["cards_saved"]
     outcome.authenticated = customers.counts["authenticated"]
     outcome.paid_on_page = customers.counts["paid_on_page"]
+    outcome.sms_read = customers.counts["sms_read"]
+    outcome.notices_seen = customers.counts["notices_seen"]
     return outcome
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _refresh_settings() -> None:

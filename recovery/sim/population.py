@@ -35,6 +35,18 @@ to its charges and their clicks on its links.
 * **Customers read some mail.** They open about half the emails they get and
   act on a fraction of those, hours to a day later. Set your own from
   `recovery stats --json` (emails, clicks, recoveries) once you have data.
+* **Some can be reached elsewhere.** Four in ten gave a phone and consent to
+  SMS (ours: consumer subscriptions ask for the phone at checkout, fewer
+  record consent). SMS are read far more than email (the widely quoted
+  figure is 98% read; we take 90%) and a fifth of those read are tapped
+  (ours; SMS marketing benchmarks put click rates between 10% and 30%).
+  Six in ten use the business's app in a given week, three visits a week on
+  average, the rest not at all while the payment is due (ours); a visit
+  that shows the notice is acted on a quarter of the time (ours: Churnkey
+  reports 57-83% of failed payments recovered where an in-app wall backs
+  email, against the bottom of that range for email alone). These traits
+  are drawn from a generator of their own per subscriber, so adding them
+  left every earlier population as it was.
 
 Everything is drawn from one seeded random generator, so a seed names a
 population exactly.
@@ -102,6 +114,9 @@ class Habits:
     completes: float = 0.7  # finishes on Stripe's page (saves a card, authenticates)
     pays_now: float = 0.5  # offered both, pays now rather than saving a card
     delay_hours: tuple[float, float] = (0.5, 30.0)
+    reads_sms: float = 0.9
+    taps_sms: float = 0.2  # taps the link of an SMS read
+    acts_on_notice: float = 0.25  # acts on the notice seen on a visit
 
 
 @dataclass(frozen=True)
@@ -139,6 +154,8 @@ class Member:
     truth: CardTruth
     habits: Habits
     other_card: dict | None = None  # another card saved on the customer
+    phone: str | None = None  # with consent to SMS, or None
+    app_visits_per_week: float = 0.0
 
     def card(self) -> dict:
         behaviour = {"mode": "decline", **self.cause.behaviour, **self.truth.behaviour()}
@@ -241,9 +258,26 @@ def synthetic(size: int, seed: int, start: datetime, spread_days: float = 10.0) 
                 truth=draw_truth(cause, fails_at, rng, f"{seed}:{index}"),
                 habits=Habits(),
                 other_card=_other_card(rng, index),
+                **_channels(seed, index),
             )
         )
     return sorted(members, key=lambda m: (m.fails_at, m.index))
+
+
+SMS_CONSENT = 0.4
+USES_APP = 0.6
+APP_VISITS_PER_WEEK = 3.0
+
+
+def _channels(seed: int, index: int) -> dict:
+    """Phone with consent, and app use: a generator of their own, so the
+    rest of the population is drawn as before they existed."""
+    rng = random.Random(f"{seed}:channels:{index}")
+    consents, uses_app = rng.random() < SMS_CONSENT, rng.random() < USES_APP
+    return {
+        "phone": f"+1555{index:07d}" if consents else None,
+        "app_visits_per_week": APP_VISITS_PER_WEEK if uses_app else 0.0,
+    }
 
 
 _FIRST = ("Ada", "Ben", "Chloé", "Dev", "Elif", "Femi", "Grace", "Hiro", "Ines", "Jonas", "Kofi")
