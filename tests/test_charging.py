@@ -266,3 +266,29 @@ def test_invoice_paid_arriving_before_the_retry_records_its_answer_credits_the_r
         "retry",
         "retry:1",
     )
+
+
+def test_the_invoices_own_card_comes_before_its_subscriptions(stack):
+    """Stripe charges the invoice's default payment method, then the
+    subscription's: with both set, ours is the invoice's."""
+    scenario = stack.failed(
+        {"mode": "decline", "decline_code": "insufficient_funds"},
+        card_on="invoice",
+        subscription_card={"fingerprint": "fpSUBSCRIPTION", "last4": "1111"},
+    )
+    stack.tick()
+    invoice = stack.sim.get("invoice", scenario["invoice"])
+    subscription = stack.sim.get("subscription", scenario["subscription"])
+    assert invoice["default_payment_method"] != subscription["default_payment_method"] is not None
+    card = stripe_api.card_to_charge(stripe_api.retrieve_invoice_state(scenario["invoice"]))
+    assert card is not None and card.payment_method_id == invoice["default_payment_method"]
+    assert card.fingerprint != "fpSUBSCRIPTION"
+    # A retry charges that card too, and the case keeps its decline.
+    case = the_case(scenario["invoice"])
+    stack.run_until(T0 + timedelta(days=4), step=timedelta(hours=6))
+    for _invoice, charge_id, _key in stack.charges(scenario["invoice"]):
+        assert (
+            stack.sim.get("charge", charge_id)["payment_method"]
+            == invoice["default_payment_method"]
+        )
+    assert case.payment_method_id == invoice["default_payment_method"]

@@ -880,6 +880,17 @@ class StripeSim:
                 objects.payment_method(self.now(), customer["id"], {}, self.state.livemode)
             )
             customer["invoice_settings"]["default_payment_method"] = other["id"]
+            if body["card_on"] == "invoice" and body.get("subscription_card"):
+                # The subscription names yet another card, which Stripe does
+                # not charge: the invoice's own default comes first.
+                own = self.put(
+                    objects.payment_method(
+                        self.now(), customer["id"], body["subscription_card"], self.state.livemode
+                    )
+                )
+                self.get("subscription", invoice["subscription"])["default_payment_method"] = own[
+                    "id"
+                ]
         _intent, chg, error = self.attempt_payment(invoice, self.default_payment_method(invoice))
         return {
             "customer": customer["id"],
