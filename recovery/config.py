@@ -28,6 +28,10 @@ DEFAULT_STRIPE_API_VERSION = "2026-10-28.endive"
 # Development-only credentials: they let the embedded stack run without a
 # Stripe account. Production refuses to start without real ones.
 DEV_STRIPE_API_KEY = "sk_test_recovery_development"
+# Visa's rule: at most 15 reattempts of a declined card in 30 days (20 for
+# categories 2-4 from April 2026; plans.py has the sources). The setting's
+# default, and the one home of the number.
+VISA_MAX_ATTEMPTS_30D = 15
 DEV_WEBHOOK_SECRET = "whsec_recovery_development"  # noqa: S105 - development only
 
 # The emails, the customer pages and the report, beside the package.
@@ -95,7 +99,7 @@ class Settings:
     plans_file: str | None = None
     stripe_write_rate: float = 20.0
     stripe_read_rate: float = 20.0
-    visa_max_attempts_30d: int = 15
+    visa_max_attempts_30d: int = VISA_MAX_ATTEMPTS_30D
     # Time plan retries by what has paid before (engine/learner.py). Off by
     # default: on the simulated population it recovers under a point more
     # than the plans with fewer retries, but half a day later on average
@@ -347,7 +351,7 @@ def load_settings(values: Mapping[str, str] | None = None) -> Settings:
         plans_file=env.get("RECOVERY_PLANS_FILE", "").strip() or None,
         stripe_write_rate=float(_int(env, "STRIPE_WRITE_RATE", 20, 1, 10_000)),
         stripe_read_rate=float(_int(env, "STRIPE_READ_RATE", 20, 1, 10_000)),
-        visa_max_attempts_30d=_int(env, "VISA_MAX_ATTEMPTS_30D", 15, 1, 20),
+        visa_max_attempts_30d=_int(env, "VISA_MAX_ATTEMPTS_30D", VISA_MAX_ATTEMPTS_30D, 1, 20),
         retry_learning=_choice(env, "RETRY_LEARNING", ("on", "off"), "off") == "on",
         backup_cards=_choice(env, "BACKUP_CARDS", ("on", "off"), "on") == "on",
         backup_cards_exclude=_customer_ids(env, "BACKUP_CARDS_EXCLUDE"),

@@ -420,7 +420,9 @@ class Window:
     max_attempts: int
 
 
-def limits(brand: str | None, visa_max_30d: int = 15) -> tuple[Window, ...]:
+def limits(brand: str | None, visa_max_30d: int) -> tuple[Window, ...]:
+    """The rolling windows a card's brand allows attempts in; Visa's cap is
+    the VISA_MAX_ATTEMPTS_30D setting."""
     if (brand or "").lower() == "mastercard":
         return (Window(timedelta(days=30), 35), Window(timedelta(hours=24), 10))
     return (Window(timedelta(days=30), visa_max_30d),)
