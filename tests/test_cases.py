@@ -481,3 +481,18 @@ def test_closed_steps_outcomes_are_told_apart(session):
     closed = make_case(session, status=V)
     assert cases.idle_outcome(paused) is StepOutcome.SKIPPED_PAUSED
     assert cases.idle_outcome(closed) is StepOutcome.SKIPPED_CLOSED
+
+
+def test_no_closed_case_moves_back_to_open_and_recovered_or_voided_is_final():
+    from recovery.engine.cases import CASE_NEXT, can_move
+    from recovery.models import CaseStatus
+
+    closed = [status for status in CaseStatus if status is not CaseStatus.OPEN]
+    assert set(CASE_NEXT) == set(CaseStatus)
+    for status in closed:
+        assert not can_move(status, CaseStatus.OPEN), status
+        assert not can_move(status, status), status
+    assert CASE_NEXT[CaseStatus.RECOVERED] == CASE_NEXT[CaseStatus.VOIDED] == frozenset()
+    # A late failure event is the only thing that could try: it adds facts,
+    # never a state (test_order.py), and close() refuses the move.
+    assert not can_move(CaseStatus.UNCOLLECTIBLE, CaseStatus.CANCELED)
