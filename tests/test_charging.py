@@ -292,3 +292,38 @@ def test_the_invoices_own_card_comes_before_its_subscriptions(stack):
             == invoice["default_payment_method"]
         )
     assert case.payment_method_id == invoice["default_payment_method"]
+
+
+def test_a_retry_whose_answer_was_lost_sends_its_key_again_and_charges_once(stack):
+    """Stripe declines the charge and the answer is lost: the step backs off,
+    and its second run sends the same idempotency key, so Stripe answers
+    with the first charge's decline instead of charging again."""
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    invoice_id = scenario["invoice"]
+    case = the_case(invoice_id)
+    first = next(s for s in retries(case.id) if s.step == "retry:1")
+    sim_post(
+        stack.sim.url,
+        "/_sim/faults",
+        {
+            "path_prefix": f"/v1/invoices/{invoice_id}/pay",
+            "status": "timeout",
+            "when": "after",
+            "delay": 0.05,
+            "count": 1,
+        },
+    )
+    stack.tick(first.due_at)
+    [waiting] = [s for s in retries(case.id) if s.id == first.id]
+    assert (waiting.status, waiting.tries) == (StepStatus.SCHEDULED, 1)
+    stack.tick(waiting.due_at)
+    pays = [
+        key
+        for _method, path, key in stack.sim.state.requests_seen
+        if path == f"/v1/invoices/{invoice_id}/pay"
+    ]
+    assert len(pays) == 2 and pays[0] == pays[1] is not None
+    assert len(stack.charges(invoice_id)) == 1
+    [done] = [s for s in retries(case.id) if s.id == first.id]
+    assert done.outcome == "declined"
