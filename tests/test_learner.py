@@ -440,3 +440,33 @@ def test_plans_explain_prints_each_plan_and_what_its_retries_taught(db):
     top = json.loads(CliRunner().invoke(cli, ["plans", "explain", "--json", "--top", "1"]).output)
     funds = next(p for p in top["plans"] if p["plan"] == "funds")
     assert [(f["family"], len(f["slots"])) for f in funds["learned"]] == [("funds/p1/fresh", 1)]
+
+
+def test_a_learned_retry_is_planned_inside_the_networks_limits(db, settings):
+    """Not only the check before charging: the planner never puts a learned
+    retry where Visa's 15 in 30 days forbids it."""
+    from recovery.db import session_scope
+    from recovery.models import CardAttemptSource
+
+    now = datetime(2026, 11, 2, 12, tzinfo=UTC)
+    learning = replace(settings, retry_learning=True)
+    with session_scope() as session:
+        case = make_case(session, at=now - timedelta(hours=1))
+        # Fifteen attempts on this Visa card, the first 20 days ago: none more
+        # for 10 days.
+        for i in range(15):
+            at = now - timedelta(days=20) + timedelta(hours=i)
+            planner.record_card_attempt(
+                session, case, f"ch_limit_{i}", at, CardAttemptSource.STRIPE, False
+            )
+        cases.replan(session, case, now, learning)
+        planned = session.scalars(
+            select(RecoveryAttempt).where(
+                RecoveryAttempt.case_id == case.id,
+                RecoveryAttempt.kind == StepKind.RETRY,
+                RecoveryAttempt.status == StepStatus.SCHEDULED,
+            )
+        ).all()
+        allowed = planner.earliest_retry(session, case, now, learning)
+    assert allowed == now - timedelta(days=20) + timedelta(days=30)
+    assert planned and all(step.due_at >= allowed for step in planned)
