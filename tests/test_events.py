@@ -191,14 +191,15 @@ def test_customer_update_without_card_change_is_ignored(event_stack):
     assert set(event_stack.drain().values()) == {"ignored"}
 
 
-def test_unknown_types_and_other_mode_events_are_ignored(event_stack):
+def test_unknown_types_are_ignored_and_other_mode_events_refused_at_the_door(event_stack):
     post_event(
         event_stack.receiver, stripe_event("plan.created", {"id": "plan_1", "object": "plan"})
     )
-    post_event(
+    status, answer = post_event(
         event_stack.receiver,
         stripe_event("invoice.payment_failed", invoice_object(), livemode=True),
     )
+    assert status == 400 and "live-mode event" in answer["error"]
     assert set(event_stack.drain().values()) == {"ignored"}
     with session_scope() as session:
         assert session.scalars(select(RecoveryCase)).all() == []

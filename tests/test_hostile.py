@@ -64,6 +64,8 @@ HOSTILE_FIELDS = {
     "account over 255": {"account": "acct_" + "a" * 260},
     "account with a nul": {"account": "acct_a\x00"},
     "id not a string": {"id": 12},
+    "type over 255": {"type": "invoice." + "a" * 300},
+    "a live-mode event to a test-mode key": {"livemode": True},
     "livemode a string": {"livemode": "false"},
     "nested 1000 deep": {"data": {"object": {"id": "in_1", "lines": DEEP}}},
 }

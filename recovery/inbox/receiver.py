@@ -136,12 +136,31 @@ def _depth_within(payload: bytes, value: Any, limit: int) -> bool:
     return True
 
 
+def _column_length(column: str) -> int:
+    """The inbox column's own length: the one home of each limit."""
+    length = getattr(WebhookEvent.__table__.c[column].type, "length", None)
+    assert isinstance(length, int)  # noqa: S101 - every checked column is a VARCHAR
+    return length
+
+
+# The inbox columns each envelope field is stored in.
+_STORED_IN = {
+    "id": "stripe_event_id",
+    "type": "type",
+    "account": "account",
+    "api_version": "api_version",
+}
+_LIMITS = {name: _column_length(column) for name, column in _STORED_IN.items()}
+
+
 def _field(body: dict, name: str, pattern: re.Pattern[str], optional: bool = False) -> str | None:
     value = body.get(name)
     if value is None and optional:
         return None
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise WebhookRejected(f"event field {name!r} is missing or malformed")
+    if len(value) > _LIMITS[name]:
+        raise WebhookRejected(f"event field {name!r} is longer than {_LIMITS[name]} characters")
     return value
 
 
@@ -406,6 +425,11 @@ async def receive_webhook(scope, receive, send, settings: Settings, writer: Inbo
             time.time(),
         )
         event = parse_event(payload)
+        if event.livemode != settings.stripe_livemode:
+            # Stored, it would only be ignored: a webhook endpoint of the
+            # other mode is sending here, which its operator should see.
+            mode = "live" if event.livemode else "test"
+            raise WebhookRejected(f"a {mode}-mode event, and the API key is not {mode}-mode")
     except WebhookRejected as rejected:
         log.warning("webhook_rejected", reason=rejected.reason, status=rejected.status)
         return await respond(send, rejected.status, {"error": rejected.reason})
