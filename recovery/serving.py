@@ -12,6 +12,7 @@ other refusal of the receiver.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -27,6 +28,9 @@ from recovery.observability import configure_logging
 # KiB. gunicorn and nginx draw their lines at 100 headers and 8-32 KiB.
 MAX_HEAD_BYTES = 32 * 1024
 MAX_HEADERS = 100
+# After a refusal: how long, and how much, is read and dropped before closing.
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 128 * 1024 * 1024
 
 
 class _HeadTooLarge(Exception):
@@ -42,9 +46,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_size = 0  # bytes read while the head is open
         self._parsed_head = 0  # bytes of the head the parser has named
         self._refusal: tuple[int, str] | None = None
+        self._drained = 0
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
+            # Answered: what still arrives is read and dropped (see _refuse).
+            self._drained += len(data)
+            if self._drained > LINGER_MAX_BYTES:
+                self.transport.close()
             return
         if self._head_open:
             # httptools gathers a header's value before naming it to us, so
@@ -103,7 +112,14 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 ]
             )
         )
-        self.transport.close()
+        # A lingering close: closed while the client's bytes are still
+        # unread, the kernel resets the connection and a client still
+        # writing never reads the answer. So the write side is shut, what
+        # arrives is read and dropped, and the connection closes after a
+        # moment, or once more than a client could honestly send arrived.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
 
 
 class Worker(UvicornWorker):

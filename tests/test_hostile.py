@@ -298,3 +298,18 @@ def test_fuzzed_requests_get_no_5xx_and_every_stored_event_ends(event_stack):
             ).all()
         )
     assert set(statuses_left) <= FINAL, statuses_left
+
+
+def test_a_client_that_writes_its_whole_head_first_still_reads_the_431(receiver):
+    """The refusal is answered, then what the client goes on sending is read
+    and dropped before the connection closes: closed with unread data, the
+    client would get a reset instead of the answer."""
+    host, port = receiver.removeprefix("http://").split(":")
+    head = b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * (4 * 1024 * 1024)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head + b"\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert status_and_json(answer)[0] == 431
