@@ -39,6 +39,13 @@ _SENSITIVE_VALUE = re.compile(
     # PostgreSQL quotes the row it refused (a fingerprint, an address) in
     # its error's DETAIL line; SQLAlchemy's parameters are hidden at the engine.
     r"|(?<=DETAIL:)[^\n]*"
+    # psycopg2 fills the values into the statement on the client, so the
+    # statement PostgreSQL quotes back on its LINE carries them, and so does
+    # a value it could not read ('invalid input syntax for type integer:
+    # "…"', 'value "…" is out of range').
+    r"|(?<=\nLINE )\d+:[^\n]*"
+    r'|(?<=: )"[^"\n]*"(?=\n|$)'
+    r'|(?<=value )"[^"\n]*"(?= is out of range)'
 )
 _SAFE_KEYS = frozenset({"event", "event_type", "logger", "level", "timestamp"})
 

@@ -82,3 +82,39 @@ def test_sentry_events_lose_bodies_and_secret_headers():
     assert cleaned["request"]["headers"] == {"User-Agent": "Stripe"}
     assert cleaned["extra"] == {"customer_email": REDACTED, "api_key": REDACTED}
     assert "a@b.co" not in json.dumps(cleaned)
+
+
+def test_a_database_error_quoting_a_rows_values_logs_and_stores_none_of_them(db):
+    import structlog
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from recovery.db import get_engine
+    from recovery.inbox import relay
+
+    errors = []
+    for statement, value in (
+        ("SELECT CAST(:v AS integer)", "card 4242 of jenny.rosen@example.com"),
+        ("SELECT CAST(:v AS integer)", "4242424242"),
+    ):
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text(statement), {"v": value})
+        except DBAPIError as exc:
+            errors.append(exc)
+    # PostgreSQL does quote them back (psycopg2 filled them in on the client).
+    assert "4242" in str(errors[0]) and '"4242424242" is out of range' in str(errors[1])
+    stream = io.StringIO()
+    configure_logging(get_settings(), stream=stream)
+    log = structlog.get_logger("recovery.test")
+    for error in errors:
+        log.error("statement_failed", error=str(error))
+        try:
+            raise error
+        except DBAPIError:
+            log.exception("statement_failed_with_traceback")
+        stored = relay._describe(error)
+        assert "4242" not in stored and "jenny" not in stored, stored
+    logged = stream.getvalue()
+    assert "statement_failed" in logged
+    assert "4242" not in logged and "jenny" not in logged, logged[-2000:]
