@@ -146,6 +146,14 @@ class GunicornLogger(glogging.Logger):
 
 def uvicorn_config(app: Any) -> uvicorn.Config:
     # No uvicorn access log: the app writes its own line, tokens redacted.
+    # log_config=None: uvicorn's own logging config would give its loggers
+    # handlers of their own, and an exception in the app would never reach
+    # ours (scrubbed, JSON, on to Sentry).
     return uvicorn.Config(
-        app, access_log=False, log_level="warning", lifespan="on", http=BoundedHttpProtocol
+        app,
+        access_log=False,
+        log_level="warning",
+        log_config=None,
+        lifespan="on",
+        http=BoundedHttpProtocol,
     )

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -288,3 +289,55 @@ def test_the_in_process_app_writes_an_access_line_per_request(db):
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
     requests = [(line["path"], line["status"]) for line in lines if line["event"] == "request"]
     assert requests == [("/healthz", 200), ("/r/[redacted]", 404)]
+
+
+def test_a_step_given_up_reaches_sentry(db, sentry):
+    from recovery.config import load_settings
+    from recovery.db import session_scope
+    from recovery.engine import steps
+    from recovery.observability import init_sentry
+
+    from .factories import make_case, make_step
+
+    configure_logging(get_settings(), stream=io.StringIO())
+    init_sentry(load_settings({**BASE_ENV, "SENTRY_DSN": sentry.dsn}))
+    now = datetime.now(UTC)
+    lease = timedelta(minutes=5)
+    with session_scope() as session:
+        make_step(session, make_case(session), due_at=now, tries=steps.MAX_TRANSIENT_TRIES - 1)
+    [claim] = steps.claim_due(now, 10, lease)
+    step = steps.start(claim, now, lease)
+    assert step is not None
+    with session_scope() as session:
+        outcome = steps.back_off(session, step, now, "APIConnectionError")
+    assert outcome == "failed_unavailable"
+    import sentry_sdk
+
+    sentry_sdk.get_client().close(timeout=5)
+    assert any("step_given_up" in json.dumps(e) for e in sentry.events())
+
+
+def test_an_exception_in_the_app_served_in_process_reaches_our_log_and_sentry(sentry):
+    from recovery.config import load_settings
+    from recovery.observability import init_sentry
+    from recovery.sim.servers import start_asgi_in_thread
+
+    stream = io.StringIO()
+    configure_logging(get_settings(), stream=stream)
+    init_sentry(load_settings({**BASE_ENV, "SENTRY_DSN": sentry.dsn}))
+
+    async def broken(scope, receive, send):
+        if scope["type"] == "http":
+            raise RuntimeError("the app broke")
+
+    server = start_asgi_in_thread(broken)
+    try:
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{server.url}/", timeout=10)
+    finally:
+        server.stop()
+    import sentry_sdk
+
+    sentry_sdk.get_client().close(timeout=5)
+    assert "Exception in ASGI application" in stream.getvalue()
+    assert any("the app broke" in json.dumps(e) for e in sentry.events())

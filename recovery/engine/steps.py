@@ -521,6 +521,8 @@ def back_off(session: Session, step: Step, now: datetime, error: str) -> StepOut
     tries = step.tries + 1
     if tries >= MAX_TRANSIENT_TRIES:
         finish(session, step, now, StepOutcome.FAILED_UNAVAILABLE, last_error=error)
+        # At error level: Sentry hears of a step nothing will run again.
+        log.error("step_given_up", tries=tries, error=error[:200])
         return StepOutcome.FAILED_UNAVAILABLE
     reschedule(session, step, now + clock.doubling(tries, STEP_RETRY_CAP), error, tries)
     log.warning("step_deferred", tries=tries)
