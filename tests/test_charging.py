@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from recovery import stripe_api
 from recovery.db import session_scope
-from recovery.engine import scheduler, steps
+from recovery.engine import cases, scheduler, steps
 from recovery.models import AuditEntry, Message, StepKind, StepOrigin, StepStatus
 
 from .conftest import T0
@@ -327,3 +327,25 @@ def test_a_retry_whose_answer_was_lost_sends_its_key_again_and_charges_once(stac
     assert len(stack.charges(invoice_id)) == 1
     [done] = [s for s in retries(case.id) if s.id == first.id]
     assert done.outcome == "declined"
+
+
+def test_a_plan_change_keeps_a_step_that_backs_off_on_its_backoff(stack, settings):
+    """Stripe was unavailable for a retry: it backs off. The failure's webhook
+    then replans the case, and the retry stays on its backoff, not on the
+    plan's moment."""
+    scenario = stack.failed({"mode": "decline", "decline_code": "insufficient_funds"})
+    stack.tick()
+    case = the_case(scenario["invoice"])
+    first = next(s for s in retries(case.id) if s.step == "retry:1")
+    sim_post(
+        stack.sim.url,
+        "/_sim/faults",
+        {"path_prefix": f"/v1/invoices/{scenario['invoice']}", "status": 503, "count": 1},
+    )
+    stack.tick(first.due_at)
+    [backing_off] = [s for s in retries(case.id) if s.id == first.id]
+    assert backing_off.tries == 1 and backing_off.due_at > first.due_at
+    with session_scope() as session:
+        cases.replan(session, cases.locked(session, case.id), first.due_at, settings)
+    [after] = [s for s in retries(case.id) if s.id == first.id]
+    assert (after.status, after.due_at) == (StepStatus.SCHEDULED, backing_off.due_at)

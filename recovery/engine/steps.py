@@ -261,8 +261,9 @@ class Planned:
 def sync(session: Session, case: RecoveryCase, wanted: dict[str, Planned]) -> None:
     """Make the case's scheduled steps (all but an operator's) exactly `wanted`:
     a missing one is added (or revived if it was canceled before it ran), one
-    due at another moment is moved, any other is canceled. Steps under way or
-    done are left as they are: a done step's name is never scheduled again."""
+    due at another moment is moved unless it is backing off, any other is
+    canceled. Steps under way or done are left as they are: a done step's
+    name is never scheduled again."""
     scheduled = {
         row.step: row
         for row in session.execute(
@@ -271,6 +272,7 @@ def sync(session: Session, case: RecoveryCase, wanted: dict[str, Planned]) -> No
                 RecoveryAttempt.step,
                 RecoveryAttempt.due_at,
                 RecoveryAttempt.why,
+                RecoveryAttempt.tries,
             ).where(
                 RecoveryAttempt.case_id == case.id,
                 RecoveryAttempt.status == StepStatus.SCHEDULED,
@@ -292,6 +294,10 @@ def sync(session: Session, case: RecoveryCase, wanted: dict[str, Planned]) -> No
                 template=planned.template,
                 why=planned.why,
             )
+        elif row.tries:
+            # Backing off after Stripe was unavailable: its next try is when
+            # the backoff says, whatever moment the plan now names.
+            continue
         elif row.due_at != planned.due_at or row.why != planned.why:
             session.execute(
                 update(RecoveryAttempt)
