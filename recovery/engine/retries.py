@@ -108,6 +108,17 @@ def _saved_card(session: Session, case: RecoveryCase, step: steps.Step) -> str |
     return customer.saved_payment_method if customer else None
 
 
+def _ours_already(case: RecoveryCase, step: steps.Step) -> bool:
+    """A retry claimed before, whose case was since recovered: the same
+    reading settle_from_stripe makes of an invoice found paid."""
+    return (
+        step.kind is StepKind.RETRY
+        and step.claim > 1
+        and case.status is CaseStatus.RECOVERED
+        and case.recovery_path is RecoveryPath.PAID_ELSEWHERE
+    )
+
+
 def _nothing_to_do(
     session: Session,
     case: RecoveryCase,
@@ -118,6 +129,11 @@ def _nothing_to_do(
     """Finish the step, and say with what, when the invoice as Stripe has it
     now or the case (paused, closed) leaves it nothing to do."""
     found = settle_from_stripe(session, case, invoice, now, step) if invoice else None
+    if found is None and _ours_already(case, step):
+        # invoice.paid closed the case while this retry's first worker, dead
+        # waiting for Stripe's answer, had charged: the recovery is the retry's.
+        cases.credit_recovery(session, case, _path_of(step), step.label)
+        found = _FOUND["paid"]
     found = found or cases.idle_outcome(case)
     if found is not None:
         steps.finish(session, step, now, found)
