@@ -122,9 +122,29 @@ def publish_event_batch(event_ids: list[int]) -> None:
     process_events.apply_async(args=[event_ids], retry=False)
 
 
+# Set in the broker's own memory: gone, the broker restarted and lost the
+# messages it held.
+BROKER_MARK = "recovery:broker-remembers"
+
+
+def _broker_forgot(broker_url: str) -> bool:
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return False
+    import redis
+
+    try:
+        client = redis.Redis.from_url(broker_url, socket_timeout=2)
+        return bool(client.set(BROKER_MARK, "1", nx=True))
+    except redis.RedisError:
+        return False  # down: nothing is published now, and the next sweep asks again
+
+
 @app.task(name="recovery.relay_inbox")
 def relay_inbox() -> int:
-    return relay.relay(publish_event_batch, _now(), get_settings().relay_batch_size)
+    settings = get_settings()
+    if _broker_forgot(settings.broker_url):
+        relay.republish_lost(_now())
+    return relay.relay(publish_event_batch, _now(), settings.relay_batch_size)
 
 
 @app.task(name="recovery.execute_steps")

@@ -332,3 +332,39 @@ def test_celery_users_tools_find_the_app_and_see_the_workers_tasks(db, flushed_r
         watcher.wait(20)
         errors = stop(worker)
     assert "Traceback" not in errors, errors[-3000:]
+
+
+def test_events_redis_lost_when_it_died_go_out_again_within_seconds(
+    db, sim, receiver, private_redis, tmp_path
+):
+    """Published to Redis, then Redis restarts empty: the events are handed
+    out again as soon as it is back, not when their five-minute lease ends."""
+    private_redis.start()
+    reload_settings(DATABASE_URL=db, BROKER_URL=private_redis.url, STRIPE_API_BASE=sim.url)
+    from recovery.tasks import make_celery
+
+    app = make_celery()
+
+    def publish(ids):
+        app.send_task("recovery.process_events", args=[ids], retry=False)
+
+    scenario = sim_post(sim.url, "/_sim/scenarios/failed_invoice", {})
+    failed = next(e for e in sim.state.events if e["type"] == "invoice.payment_failed")
+    assert post_event(receiver, failed)[0] == 200
+    # Published, with no worker to take it yet; then Redis dies with it.
+    assert relay.relay(publish, datetime.now(UTC), 100) == 1
+    with session_scope() as session:
+        assert session.scalars(select(WebhookEvent.enqueued_at)).one() is not None
+    private_redis.stop()
+    private_redis.start()
+    started = time.monotonic()
+    worker = start_worker(db, private_redis.url, sim.url, tmp_path, "--beat")
+    try:
+        # Far below the five-minute lease a lost message used to wait for.
+        wait_for(lambda: case_status(scenario["invoice"]) == "open", 120)
+    finally:
+        errors = stop(worker)
+    assert time.monotonic() - started < relay.LEASE.total_seconds() / 2
+    assert "Traceback" not in errors, errors[-2000:]
+    with session_scope() as session:
+        assert session.scalars(select(RecoveryCase)).one().invoice_id == scenario["invoice"]

@@ -74,6 +74,27 @@ def relay(publish: Callable[[list[int]], None], now: datetime, page_size: int) -
     return total
 
 
+def republish_lost(now: datetime) -> int:
+    """The broker lost what it held (Redis restarted with an empty memory):
+    every event published and not yet taken by a worker is due again now,
+    rather than when its lease runs out. A second message for an event a
+    worker did take changes nothing: workers claim events in the database."""
+    with session_scope() as session:
+        count = rows_changed(
+            session.execute(
+                update(WebhookEvent)
+                .where(
+                    WebhookEvent.status == EventStatus.PENDING,
+                    WebhookEvent.enqueued_at.is_not(None),
+                )
+                .values(enqueued_at=None)
+            )
+        )
+    if count:
+        log.warning("relay_republishing_lost", events=count)
+    return count
+
+
 def _relay_page(
     publish: Callable[[list[int]], None], now: datetime, page_size: int
 ) -> tuple[int, bool]:
