@@ -99,14 +99,7 @@ def ping(session: Session, endpoint: Endpoint, now: datetime) -> Delivery:
     )
     session.add(announcement)
     session.flush()
-    delivery = Delivery(
-        endpoint_id=endpoint.id,
-        announcement_id=announcement.id,
-        status=DeliveryStatus.PENDING,
-        attempts=0,
-        next_attempt_at=now,
-        created_at=now,
-    )
+    delivery = _owed(endpoint, announcement, now)
     session.add(delivery)
     session.flush()
     return delivery
@@ -123,18 +116,23 @@ def _announce(session: Session, announcement: Announcement, now: datetime) -> An
         select(Endpoint).where(Endpoint.status == EndpointStatus.ENABLED)
     ).all()
     session.add_all(
-        Delivery(
-            endpoint_id=endpoint.id,
-            announcement_id=announcement.id,
-            status=DeliveryStatus.PENDING,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
+        _owed(endpoint, announcement, now)
         for endpoint in endpoints
         if hears(endpoint, announcement.type)
     )
     return announcement
+
+
+def _owed(endpoint: Endpoint, announcement: Announcement, now: datetime) -> Delivery:
+    """The delivery of `announcement` that `endpoint` is owed, due now."""
+    return Delivery(
+        endpoint_id=endpoint.id,
+        announcement_id=announcement.id,
+        status=DeliveryStatus.PENDING,
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+    )
 
 
 def iso(at: datetime | None) -> str | None:
