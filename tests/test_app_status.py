@@ -61,6 +61,16 @@ def test_the_app_reads_what_the_customer_must_do_in_their_language(stack, expire
     assert says["action"] == "Fügen Sie eine neue Karte hinzu, um Ihr Abonnement zu behalten."
     assert says["due"].startswith("20,00") and says["ends"].startswith("Ihr Dienst endet am")
     assert body["link"]["url"].startswith(get_settings().public_base_url + "/r/")
+    from recovery.customers.links import token_hash
+    from recovery.models import RecoveryLink
+
+    with session_scope() as session:
+        handed = session.scalars(
+            select(RecoveryLink).where(
+                RecoveryLink.token_hash == token_hash(body["link"]["url"].rsplit("/", 1)[-1])
+            )
+        ).one()
+        assert (handed.purpose, handed.channel) == ("update_card", "app")
     # Nothing personal beyond the id the app asked with.
     assert "@" not in json.dumps(body)
     # The documented example has every field the answer has.

@@ -143,6 +143,9 @@ def test_customer_action_required_carries_a_fresh_link_and_leaves_the_emails(sta
             )
         ).all()
         assert token_hash(token) in {link.token_hash for link in live}
+        # The link the customer needs: a new card, not only paying.
+        handed = next(link for link in live if link.token_hash == token_hash(token))
+        assert (handed.purpose, handed.channel) == ("update_card", "webhook")
         # The email's link still works beside the app's.
         assert len(live) >= 2
         assert session.scalar(select(func.count()).select_from(Announcement)) >= 1

@@ -32,7 +32,7 @@ from standardwebhooks.webhooks import Webhook
 from recovery import __version__, clock
 from recovery.business import alerts, announce, egress
 from recovery.config import Settings
-from recovery.customers import links
+from recovery.customers import links, standing
 from recovery.db import dialect_of, session_scope
 from recovery.models import (
     Announcement,
@@ -40,7 +40,6 @@ from recovery.models import (
     DeliveryStatus,
     Endpoint,
     EndpointStatus,
-    LinkPurpose,
 )
 
 log = structlog.get_logger("recovery.deliveries")
@@ -175,11 +174,7 @@ def _fresh_link(
 ) -> dict[str, Any]:
     """A link for the customer to act through, minted for this attempt: its
     token is never stored."""
-    purpose = (
-        LinkPurpose.AUTHENTICATE
-        if announcement.data.get("action") == "authenticate"
-        else LinkPurpose.UPDATE_CARD
-    )
+    purpose = standing.link_purpose(announcement.data.get("action"))
     assert announcement.case_id is not None  # noqa: S101 - a case event's
     url, expires = links.handed_out(
         session, purpose, announcement.case_id, now, settings, "webhook"

@@ -286,7 +286,7 @@ def alerts_test() -> None:
 
     \b
     Example:
-      ALERT_URLS=slack://T000/B000/XXXX recovery alerts test
+      ALERT_URLS=json://alerts.example.com/recovery recovery alerts test
     """
     settings = get_settings()
     if not settings.alert_urls:

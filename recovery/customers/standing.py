@@ -32,6 +32,12 @@ PURPOSE = {
 }
 
 
+def link_purpose(action: str | None) -> LinkPurpose:
+    """The link for a case's `customer_action` (None: nothing only the
+    customer can do, so the link offers to pay)."""
+    return PURPOSE[action or PAY]
+
+
 @dataclass(frozen=True)
 class Standing:
     customer: str
@@ -78,7 +84,7 @@ def fresh_link(
     session: Session, standing: Standing, now: datetime, settings: Settings, channel: str
 ) -> tuple[str, datetime]:
     """A new link to do what is asked, counted as `channel`'s (notice, app)."""
-    purpose = PURPOSE[standing.action]
+    purpose = link_purpose(standing.action)
     return links.handed_out(session, purpose, standing.case_id, now, settings, channel)
 
 

@@ -27,12 +27,11 @@ from sqlalchemy.orm import Session
 
 from recovery import stripe_api
 from recovery.config import Settings
-from recovery.customers import i18n, links, sms
+from recovery.customers import i18n, links, sms, standing
 from recovery.db import insert_ignore, session_scope
 from recovery.models import (
     CaseStatus,
     Customer,
-    LinkPurpose,
     RecoveryCase,
     SmsOptOut,
     TextMessage,
@@ -46,10 +45,6 @@ LEASE = timedelta(minutes=5)
 RETRY_AFTER = timedelta(minutes=10)
 MAX_ATTEMPTS = 5
 CONSENTED = ("true", "yes", "1")
-PURPOSE = {
-    "authenticate": LinkPurpose.AUTHENTICATE,
-    "update_card": LinkPurpose.UPDATE_CARD,
-}
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
 START_WORDS = frozenset({"START", "UNSTOP", "YES"})
 HELP_WORDS = frozenset({"HELP", "INFO"})
@@ -270,7 +265,7 @@ def send_one(text_id: int, now: datetime, settings: Settings, to: sms.Transport)
         if found is not None:
             return _settle(text_id, TextStatus.SENT, "", provider_id=found, sent_at=now)
     with session_scope() as session:
-        purpose = PURPOSE.get(facts.action or "", LinkPurpose.PAY)
+        purpose = standing.link_purpose(facts.action)
         url, _ = links.handed_out(session, purpose, facts.case_id, now, settings, "sms", short=True)
         body = compose(
             facts.template,

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from recovery import stripe_api
 from recovery.business import announce
 from recovery.config import Settings
-from recovery.customers import links, outbox
+from recovery.customers import links, outbox, standing
 from recovery.db import insert_ignore
 from recovery.engine import planner, steps
 from recovery.engine.classify import Classification, Failure, classify
@@ -341,18 +341,13 @@ def replan(session: Session, case: RecoveryCase, now: datetime, settings: Settin
         _tell_business(session, case, reading, final_at, now, settings)
 
 
-# What the customer must do, named as the business's app would ask for it.
-AUTHENTICATE = "authenticate"
-UPDATE_CARD = "update_card"
-
-
 def customer_action(case: RecoveryCase, reading: Classification) -> str | None:
     """What only the customer can do for the case now, if anything."""
     if case.flag_reason is not None or not reading.contacts_customer:
         return None
     if case.needs_authentication:
-        return AUTHENTICATE
-    return None if reading.may_retry_card else UPDATE_CARD
+        return standing.AUTHENTICATE
+    return None if reading.may_retry_card else standing.UPDATE_CARD
 
 
 def _tell_business(
