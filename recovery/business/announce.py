@@ -47,7 +47,6 @@ CASE_EVENTS = (
     PAUSED,
     RESUMED,
 )
-EVENT_TYPES = (*CASE_EVENTS, PING)
 
 
 def new_public_id() -> str:

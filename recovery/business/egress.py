@@ -16,7 +16,6 @@ import http.client
 import ipaddress
 import socket
 import ssl
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -46,7 +45,6 @@ class Refused(Exception):
 class Answer:
     status: int
     body: str
-    seconds: float
 
 
 def why_refused(address: Address, allowed: Sequence[Network]) -> str | None:
@@ -143,7 +141,6 @@ def post(
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
     address = resolve(host, port, allowed)
-    started = time.monotonic()
     kind = _PinnedTLS if tls else _Pinned
     connection = kind(host, port, address, timeout)
     try:
@@ -151,11 +148,7 @@ def post(
         connection.request("POST", path, body=body, headers=headers)
         response = connection.getresponse()
         kept = response.read(BODY_KEPT)
-        return Answer(
-            response.status,
-            kept.decode("utf-8", "replace"),
-            time.monotonic() - started,
-        )
+        return Answer(response.status, kept.decode("utf-8", "replace"))
     except http.client.HTTPException as exc:
         raise OSError(f"bad HTTP answer: {type(exc).__name__}") from None
     finally:
