@@ -127,3 +127,20 @@ def test_requests_beyond_the_keys_rate_are_refused(monkeypatch, db, sim):
         server.stop()
         monkeypatch.delenv("API_REQUESTS_PER_MINUTE")
         get_settings.cache_clear()
+
+
+def test_a_key_with_unknown_scopes_or_no_name_is_refused_and_nothing_is_made(db):
+    from sqlalchemy import func
+
+    for options in (["--name", "app", "--scopes", "status,admin"], ["--name", " "]):
+        result = CliRunner().invoke(cli, ["api-keys", "create", *options])
+        assert result.exit_code == 1 and "rcv_" not in result.output, options
+    assert (
+        "scopes are some of: status, links"
+        in CliRunner()
+        .invoke(cli, ["api-keys", "create", "--name", "app", "--scopes", "admin"])
+        .output
+    )
+    assert CliRunner().invoke(cli, ["api-keys", "revoke", "9"]).exit_code == 1
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(ApiKey)) == 0

@@ -55,6 +55,15 @@ def test_several_webhook_secrets_for_rotation():
         ({"RETRY_LEARNING": "maybe"}, "RETRY_LEARNING='maybe' is not one of"),
         ({"BACKUP_CARDS": "yes"}, "BACKUP_CARDS='yes' is not one of"),
         ({"BACKUP_CARDS_EXCLUDE": "cus_ok1, jenny@example.com"}, "not Stripe customer ids"),
+        ({"OUTBOUND_ALLOWED_NETWORKS": "10.0.0.0/33"}, "OUTBOUND_ALLOWED_NETWORKS must be IP"),
+        ({"ALERT_URLS": "slack-webhook-token"}, "ALERT_URLS must be apprise URLs"),
+        ({"ALERT_OVERDUE_MINUTES": "0"}, "ALERT_OVERDUE_MINUTES=0 is out of range"),
+        ({"API_REQUESTS_PER_MINUTE": "fast"}, "API_REQUESTS_PER_MINUTE='fast' is not a whole"),
+        ({"NOTICE_SECRET": "short"}, "NOTICE_SECRET must be 32 characters or more"),
+        ({"EMBED_ALLOWED_ORIGINS": "app.example.com"}, "EMBED_ALLOWED_ORIGINS must be origins"),
+        ({"EMBED_ALLOWED_ORIGINS": "https://a.example/path"}, "must be origins"),
+        ({"TWILIO_API_BASE": "ftp://x"}, "TWILIO_API_BASE must be a URL"),
+        ({"SMS_MAX_PER_CASE": "50"}, "SMS_MAX_PER_CASE=50 is out of range"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):

@@ -414,3 +414,15 @@ def test_an_answer_is_kept_to_its_first_kib_and_no_secret_is_logged(db, local_ok
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_bad_event_list_or_an_unknown_endpoint_is_a_clear_error_and_changes_nothing(db):
+    refused = run("endpoints", "add", "https://app.example.com/hooks", "--events", "case.won")
+    assert refused.exit_code == 1 and "unknown event type 'case.won'" in refused.output
+    for action in ("disable", "enable", "rotate-secret", "test"):
+        missing = run("endpoints", action, "42")
+        assert missing.exit_code == 1 and "no endpoint 42" in missing.output, action
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Endpoint)) == 0
+    bad_since = run("endpoints", "replay", "--since", "yesterday")
+    assert bad_since.exit_code == 2 and "ISO 8601" in bad_since.output
